@@ -1,0 +1,338 @@
+"""Read training records from disk (or the hub), detect their format by keys, normalise them.
+
+Formats (chosen by the keys present, like mlx-lm's tuner/datasets.py):
+  alpaca      instruction + output (optional input, system, history=[[q, a], ...])
+  sharegpt    conversations: [{from, value}]  (human/user, gpt/assistant/model, system, tool, ...)
+  messages    messages: [{role, content}]     (OpenAI; content a string or [{type: text, text}])
+  completion  prompt + completion             (rendered through the chat template as user/assistant)
+  text        text                            (raw text, every token trained)
+
+Every record carries a location string ("file:LINE", "file:[i]", "file:row N") so that each error
+names where the bad record is. No torch/mlx imports here.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qlocal.errors import UserError
+
+FORMATS = ("alpaca", "sharegpt", "messages", "completion", "text")
+EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+SKIP_HINT = "fix the record or pass --skip-bad-lines"
+
+# ShareGPT / LLaMA-Factory role tags -> chat roles. function_call is the model calling a tool, so it
+# is an assistant turn (trained); observation is the tool's answer.
+ROLES = {
+    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+    "bot": "assistant", "chatgpt": "assistant", "function_call": "assistant", "system": "system",
+    "tool": "tool", "observation": "tool", "function": "tool", "ipython": "tool",
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class Sample:
+    """One normalised record: a chat (list of {role, content}) or a plain text."""
+
+    kind: str  # "chat" or "text"
+    messages: list[dict[str, str]] = field(default_factory=list)
+    text: str = ""
+    where: str = ""  # "file:LINE" of the record, for error messages further down the line
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def _decode_lines(data: bytes, path: str) -> list[str]:
+    """Split into lines and decode each as UTF-8, naming the first line that is not."""
+    if data.startswith(b"\xef\xbb\xbf"):  # a BOM from Windows editors is harmless
+        data = data[3:]
+    lines = data.split(b"\n")
+    out = []
+    for i, raw in enumerate(lines, 1):
+        try:
+            out.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}:{i}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                            "re-save the file as UTF-8") from None
+    return out
+
+
+def _json_error(e: json.JSONDecodeError) -> str:
+    return f"{e.msg}: column {e.colno}"
+
+
+def _parse_jsonl(lines: list[str], path: str, skipped: list[str] | None, first: int = 1) -> list[tuple[Any, str]]:
+    out = []
+    for i, line in enumerate(lines, first):
+        if not line.strip():
+            continue
+        try:
+            out.append((json.loads(line), f"{path}:{i}"))
+        except json.JSONDecodeError as e:
+            if skipped is not None:
+                skipped.append(f"{path}:{i}")
+                continue
+            raise UserError(f"{path}:{i}: not valid JSON ({_json_error(e)}); fix the line or pass --skip-bad-lines") from None
+    return out
+
+
+def _load_json(lines: list[str], path: str, skipped: list[str] | None) -> list[tuple[Any, str]]:
+    text = "\n".join(lines)
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        # A .json file holding JSON Lines is common; treat it as such when its first line parses.
+        first = next((ln for ln in lines if ln.strip()), "")
+        try:
+            json.loads(first)
+        except json.JSONDecodeError:
+            raise UserError(f"{path}:{e.lineno}: not valid JSON ({_json_error(e)}); fix the file") from None
+        return _parse_jsonl(lines, path, skipped)
+    if isinstance(doc, dict) and isinstance(doc.get("data"), list):
+        doc = doc["data"]
+    if isinstance(doc, list):
+        return [(rec, f"{path}:[{i}]") for i, rec in enumerate(doc)]
+    return [(doc, f"{path}:1")]
+
+
+def _load_csv(lines: list[str], path: str) -> list[tuple[Any, str]]:
+    reader = csv.DictReader(io.StringIO("\n".join(lines)))
+    out = []
+    start = 2  # line 1 is the header
+    try:
+        for row in reader:
+            if None in row:  # more cells than header columns
+                raise UserError(f"{path}:{start}: more cells than the header has columns; quote cells that contain commas")
+            out.append(({k: v for k, v in row.items() if k is not None}, f"{path}:{start}"))
+            start = reader.line_num + 1  # quoted cells may span lines
+    except csv.Error as e:
+        raise UserError(f"{path}:{reader.line_num}: not valid CSV ({e}); fix the line") from None
+    if reader.fieldnames is None:
+        raise UserError(f"{path}: empty file; it needs a header row and at least one record")
+    return out
+
+
+def _load_parquet(path: str) -> list[tuple[Any, str]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{path}: reading .parquet needs pyarrow: pip install 'qlocal[data]'") from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises many types for a corrupt file
+        raise UserError(f"{path}: not a readable parquet file ({e})") from None
+    return [(r, f"{path}:row {i}") for i, r in enumerate(rows)]
+
+
+def _load_hub(name: str, split: str) -> list[tuple[Any, str]]:
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"{name}: not a local file, and loading hub datasets needs `datasets`: "
+                        "pip install 'qlocal[data]'") from None
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{name}: no such local file, and loading it as a hub dataset failed ({msg}); "
+                        "check the path or the dataset id and split (data.split)") from None
+    return [(dict(r), f"{name}[{split}]:row {i}") for i, r in enumerate(ds)]
+
+
+def looks_like_hub_id(path: str) -> bool:
+    """True for `org/name` that is not a local path (no known file extension, no local folder)."""
+    if not _HUB_ID.match(path) or path.lower().endswith(EXTENSIONS + (".txt",)):
+        return False
+    return not Path(path.split("/")[0]).is_dir()
+
+
+def load_records(path: str, split: str = "train", skipped: list[str] | None = None) -> list[tuple[dict, str]]:
+    """Read every record of a .jsonl/.json/.csv/.parquet file or a hub dataset id.
+
+    Returns (record, location) pairs. When `skipped` is a list, malformed lines and non-object
+    records are appended to it (by location) instead of raising.
+    """
+    p = Path(path)
+    if not p.exists():
+        if looks_like_hub_id(path):
+            pairs = _load_hub(path, split)
+        else:
+            raise UserError(f"{path}: file not found; check data.path (or --data), "
+                            "or give a hub dataset id like org/name")
+    elif p.is_dir():
+        raise UserError(f"{path}: is a folder; point data.path at a .jsonl, .json, .csv or .parquet file")
+    else:
+        suffix = p.suffix.lower()
+        if suffix not in EXTENSIONS:
+            raise UserError(f"{path}: unsupported file type '{suffix or '(none)'}'; "
+                            "use .jsonl, .json, .csv or .parquet (plain text goes in .jsonl as {\"text\": ...})")
+        if suffix == ".parquet":
+            pairs = _load_parquet(path)
+        else:
+            lines = _decode_lines(p.read_bytes(), path)
+            if not any(ln.strip() for ln in lines):
+                raise UserError(f"{path}: empty file; it needs at least one record")
+            if suffix == ".jsonl":
+                pairs = _parse_jsonl(lines, path, skipped)
+            elif suffix == ".json":
+                pairs = _load_json(lines, path, skipped)
+            else:
+                pairs = _load_csv(lines, path)
+    out = []
+    for rec, where in pairs:
+        if not isinstance(rec, dict):
+            if skipped is not None:
+                skipped.append(where)
+                continue
+            raise UserError(f"{where}: a record must be a JSON object with keys like instruction/output, "
+                            f"messages or text, got {type(rec).__name__}; {SKIP_HINT}")
+        out.append((rec, where))
+    if not out:
+        raise UserError(f"{path}: no records found (every record was empty or skipped)")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Detection and normalisation
+
+
+def detect_format(record: dict) -> str | None:
+    """Name the format of one record from its keys, or None when no format fits."""
+    if "messages" in record:
+        turns = record["messages"]
+        # LLaMA-Factory allows sharegpt-style {from, value} turns under a `messages` key.
+        if isinstance(turns, list) and turns and isinstance(turns[0], dict) and "from" in turns[0]:
+            return "sharegpt"
+        return "messages"
+    if "conversations" in record:
+        return "sharegpt"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    if "prompt" in record and "completion" in record:
+        return "completion"
+    if "text" in record:
+        return "text"
+    return None
+
+
+def _str(record: dict, key: str, fmt: str, where: str, optional: bool = False) -> str:
+    value = record.get(key)
+    if value is None and optional:
+        return ""
+    if key not in record:
+        raise UserError(f"{where}: missing '{key}' ({fmt} record); {SKIP_HINT}")
+    if not isinstance(value, str):
+        raise UserError(f"{where}: '{key}' must be a string ({fmt} record), got {type(value).__name__}; {SKIP_HINT}")
+    return value
+
+
+def _content(value: Any, where: str, key: str) -> str:
+    """A turn's content: a string, or OpenAI-style parts [{type: text, text}] joined."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(p, dict) for p in value):
+        texts = [p.get("text") for p in value if p.get("type", "text") == "text"]
+        if all(isinstance(t, str) for t in texts) and texts:
+            return "".join(texts)
+    raise UserError(f"{where}: '{key}' must be a string or a list of {{type: text, text}} parts; {SKIP_HINT}")
+
+
+def _turns(record: dict, key: str, fmt: str, where: str) -> list[dict[str, str]]:
+    turns = record.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise UserError(f"{where}: '{key}' must be a non-empty list of turns ({fmt} record); {SKIP_HINT}")
+    role_key, content_key = ("from", "value") if fmt == "sharegpt" else ("role", "content")
+    messages = []
+    for i, turn in enumerate(turns):
+        loc = f"{key}[{i}]"
+        if not isinstance(turn, dict):
+            raise UserError(f"{where}: '{loc}' must be an object with '{role_key}' and '{content_key}'; {SKIP_HINT}")
+        # Accept either spelling of the keys; files mixing the two conventions are common.
+        role = turn.get(role_key, turn.get("role", turn.get("from")))
+        content = turn.get(content_key, turn.get("content", turn.get("value")))
+        if not isinstance(role, str) or role.lower() not in ROLES:
+            raise UserError(f"{where}: '{loc}.{role_key}' is {role!r}; use one of "
+                            f"{', '.join(sorted(set(ROLES)))}; {SKIP_HINT}")
+        if content is None:
+            raise UserError(f"{where}: '{loc}' has no '{content_key}'; {SKIP_HINT}")
+        messages.append({"role": ROLES[role.lower()], "content": _content(content, where, f"{loc}.{content_key}")})
+    return messages
+
+
+def normalise(record: dict, fmt: str, where: str) -> Sample:
+    """Turn one record of format `fmt` into a Sample; a missing or mistyped field is a UserError."""
+    if fmt == "text":
+        return Sample("text", text=_str(record, "text", fmt, where), where=where)
+    if fmt in ("messages", "sharegpt"):
+        messages = _turns(record, "messages" if "messages" in record else "conversations", fmt, where)
+        system = record.get("system")  # LLaMA-Factory sharegpt keeps the system prompt beside the turns
+        if isinstance(system, str) and system and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": system})
+    elif fmt == "alpaca":
+        instruction = _str(record, "instruction", fmt, where)
+        extra = _str(record, "input", fmt, where, optional=True)
+        output = _str(record, "output", fmt, where)
+        system = _str(record, "system", fmt, where, optional=True)
+        messages = [{"role": "system", "content": system}] if system else []
+        history = record.get("history") or []
+        if not isinstance(history, list) or not all(
+                isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in history):
+            raise UserError(f"{where}: 'history' must be a list of [question, answer] string pairs (alpaca record); {SKIP_HINT}")
+        for q, a in history:
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    elif fmt == "completion":
+        messages = [{"role": "user", "content": _str(record, "prompt", fmt, where)},
+                    {"role": "assistant", "content": _str(record, "completion", fmt, where)}]
+    else:
+        raise UserError(f"data.format '{fmt}' is not known; use auto, {', '.join(FORMATS)}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise UserError(f"{where}: the conversation has no assistant turn, so there is nothing to train on; {SKIP_HINT}")
+    return Sample("chat", messages=messages, where=where)
+
+
+def load_samples(path: str, fmt: str = "auto", split: str = "train",
+                 skip_bad_lines: bool = False) -> tuple[list[Sample], dict[str, Any]]:
+    """Load, detect and normalise every record of `path`.
+
+    With fmt="auto" all records must share one format. Returns (samples, stats) where stats is
+    {"format": name, "counts": {name: n}, "skipped": n, "skipped_where": [first few locations]}.
+    """
+    if fmt != "auto" and fmt not in FORMATS:
+        raise UserError(f"data.format '{fmt}' is not known; use auto, {', '.join(FORMATS)}")
+    skipped: list[str] = []
+    records = load_records(path, split, skipped if skip_bad_lines else None)
+    chosen, first_where = (None, "") if fmt == "auto" else (fmt, "--format")
+    samples: list[Sample] = []
+    for rec, where in records:
+        try:
+            this = fmt if fmt != "auto" else detect_format(rec)
+            if this is None:
+                keys = ", ".join(sorted(map(str, rec))[:8]) or "none"
+                raise UserError(f"{where}: cannot tell the format from the keys ({keys}); expected instruction+output "
+                                "(alpaca), conversations (sharegpt), messages, prompt+completion or text")
+            if chosen is None:
+                chosen, first_where = this, where
+            elif this != chosen:
+                raise UserError(f"{where}: record is {this} but the file's first record ({first_where}) is {chosen}; "
+                                "one file must hold one format: fix the record or pass --skip-bad-lines")
+            samples.append(normalise(rec, this, where))
+        except UserError:
+            if not skip_bad_lines:
+                raise
+            skipped.append(where)
+    if not samples:
+        raise UserError(f"{path}: no usable records ({len(skipped)} skipped as bad)")
+    stats = {"format": chosen, "counts": {chosen: len(samples)}, "skipped": len(skipped),
+             "skipped_where": skipped[:5]}
+    return samples, stats
