@@ -1,0 +1,54 @@
+"""`qlocal data check FILE --model M`: what the data looks like after templating and masking."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from qlocal.data.formats import load_samples
+from qlocal.data.render import Example, render, render_for_display
+
+
+def _stats_line(name: str, values: list[int]) -> str:
+    a = np.asarray(values, dtype=np.float64)
+    return (f"  {name:<15} min {int(a.min())}  mean {a.mean():.1f}  median {np.median(a):.0f}  "
+            f"p95 {np.percentile(a, 95):.0f}  max {int(a.max())}")
+
+
+def check_report(path: str, tokenizer: Any, template: str, cfg_data: Any) -> str:
+    """Text report for a data file: records per format, token-length statistics, truncation at
+    max_seq_len, and the first example rendered with its trained spans marked [[ ... ]]."""
+    samples, stats = load_samples(path, cfg_data.format, getattr(cfg_data, "split", "train"),
+                                  skip_bad_lines=getattr(cfg_data, "skip_bad_lines", False))
+    max_len = cfg_data.max_seq_len
+    # Render untruncated so the statistics show the real lengths.
+    examples: list[Example] = [render(s, tokenizer, template, cfg_data.train_on_prompt) for s in samples]
+    lengths = [len(e.input_ids) for e in examples]
+    targets = [sum(e.loss_mask[1:]) for e in examples]
+    too_long = [i for i, n in enumerate(lengths) if n > max_len]
+    empty_after_cut = sum(1 for i in too_long if sum(examples[i].loss_mask[1:max_len]) == 0)
+
+    counts = ", ".join(f"{fmt}: {n}" for fmt, n in stats["counts"].items())
+    lines = [f"{path}: {len(samples)} records ({counts})"]
+    if stats["skipped"]:
+        lines.append(f"  skipped {stats['skipped']} bad records (first: {', '.join(stats['skipped_where'])})")
+    mode = ("all text tokens" if stats["format"] == "text" else
+            "all tokens (train_on_prompt)" if cfg_data.train_on_prompt else "assistant turns only")
+    lines += ["", f"tokens per example (trained: {mode}):",
+              _stats_line("input", lengths), _stats_line("trained", targets),
+              f"  total           {sum(lengths)} tokens, {sum(targets)} trained"]
+    if too_long:
+        worst = max(too_long, key=lambda i: lengths[i])
+        lines.append(f"  {len(too_long)} of {len(samples)} examples exceed max_seq_len={max_len} and will be "
+                     f"truncated (longest: {samples[worst].where}, {lengths[worst]} tokens)")
+        if empty_after_cut:
+            lines.append(f"  {empty_after_cut} of them keep no trained tokens after truncation; raise max_seq_len")
+    else:
+        lines.append(f"  none exceed max_seq_len={max_len}")
+    no_targets = [s.where for s, n in zip(samples, targets) if n == 0]
+    if no_targets:
+        lines.append(f"  {len(no_targets)} examples have no trained tokens (first: {no_targets[0]})")
+    first = render(samples[0], tokenizer, template, cfg_data.train_on_prompt, max_len)
+    lines += ["", f"example {samples[0].where} (trained spans in [[ ]]):", render_for_display(first, tokenizer)]
+    return "\n".join(lines)
