@@ -1,0 +1,230 @@
+"""PyTorch backend: transformers + PEFT LoRA, bitsandbytes NF4/int8 for QLoRA, on CUDA or CPU."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qlocal.backends.base import Batch, StepStats
+from qlocal.config import Config
+from qlocal.errors import UserError, missing_extra
+
+# Leaf module names that are never adapted: output heads and embeddings.
+_NEVER_ADAPT = {"lm_head", "embed_tokens", "embed_out", "output", "score"}
+
+
+def _import_torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise missing_extra("torch", "torch") from None
+    return torch
+
+
+def pick_dtype(name: str, device: str) -> Any:
+    """Resolve the compute dtype: bf16 on CUDA when supported, fp32 on CPU (bf16 matmuls are slow there)."""
+    torch = _import_torch()
+    if name != "auto":
+        return getattr(torch, name)
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """Leaf names of every linear layer inside the transformer blocks (what `all-linear` means)."""
+    torch = _import_torch()
+    linear_types: tuple[type, ...] = (torch.nn.Linear,)
+    try:
+        import bitsandbytes as bnb
+
+        linear_types += (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    except ImportError:
+        pass
+    head = model.get_output_embeddings()
+    names = set()
+    for full, module in model.named_modules():
+        if isinstance(module, linear_types) and module is not head:
+            leaf = full.rsplit(".", 1)[-1]
+            if leaf not in _NEVER_ADAPT:
+                names.add(leaf)
+    return sorted(names)
+
+
+def num_layers(model: Any) -> int:
+    cfg = model.config
+    return int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg.get_text_config(), "num_hidden_layers"))
+
+
+class TorchBackend:
+    """Trains a PEFT LoRA adapter on a transformers causal LM."""
+
+    name = "torch"
+
+    def __init__(self) -> None:
+        self.model: Any = None
+        self.optimizer: Any = None
+        self.device = "cpu"
+
+    def setup(self, model_path: Path, cfg: Config) -> dict[str, Any]:
+        torch = _import_torch()
+        try:
+            import peft
+            from transformers import AutoModelForCausalLM
+        except ImportError:
+            raise missing_extra("peft", "torch") from None
+        tc, lc = cfg.train, cfg.lora
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = pick_dtype(tc.dtype, self.device)
+        if self.device == "cpu" and dtype == torch.float16:
+            raise UserError("train.dtype=float16 is not supported on CPU; use float32 or bfloat16")
+        kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.model.trust_remote_code}
+        if tc.quantize != "none":
+            kwargs["quantization_config"] = self._bnb_config(tc.quantize, dtype)
+            kwargs["device_map"] = {"": self.device if self.device == "cpu" else 0}
+        model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
+        if tc.quantize == "none":
+            model.to(self.device)
+        model.config.use_cache = False
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if tc.quantize != "none":
+            # Casts norms to fp32 and enables input grads, as QLoRA expects.
+            model = peft.prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=tc.grad_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif tc.grad_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+
+        targets = linear_module_names(model) if lc.target_modules == ["all-linear"] else list(lc.target_modules)
+        layers_total = num_layers(model)
+        layers = None
+        if lc.layers is not None and lc.layers < layers_total:
+            layers = list(range(layers_total - lc.layers, layers_total))
+        lora = peft.LoraConfig(r=lc.rank, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                               target_modules=targets, layers_to_transform=layers, bias="none",
+                               task_type="CAUSAL_LM")
+        torch.manual_seed(tc.seed)  # LoRA A init draws from the global RNG
+        try:
+            self.model = peft.get_peft_model(model, lora)
+        except ValueError as e:
+            raise UserError(f"lora.target_modules: {e}") from None
+        self.model.train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        self.max_grad_norm = tc.max_grad_norm
+        self.dtype = dtype
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        return {
+            "device": self.device,
+            "dtype": str(dtype).replace("torch.", ""),
+            "target_modules": targets,
+            "layers_adapted": layers or list(range(layers_total)),
+            "trainable_params": int(sum(p.numel() for p in params)),
+            "total_params": int(sum(p.numel() for p in self.model.parameters())),
+        }
+
+    @staticmethod
+    def _bnb_config(quantize: str, dtype: Any) -> Any:
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError:
+            raise missing_extra("bitsandbytes", "torch") from None
+        if quantize == "4bit":
+            return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        return BitsAndBytesConfig(load_in_8bit=True)
+
+    def _tensors(self, batch: Batch) -> tuple[Any, Any, Any]:
+        torch = _import_torch()
+        ids = torch.from_numpy(np.ascontiguousarray(batch["input_ids"])).to(self.device)
+        att = torch.from_numpy(np.ascontiguousarray(batch["attention_mask"])).to(self.device)
+        mask = torch.from_numpy(np.ascontiguousarray(batch["loss_mask"])).to(self.device)
+        return ids, att, mask
+
+    def _summed_loss(self, batch: Batch) -> tuple[Any, int]:
+        """Summed CE over target tokens; the head runs only on target positions to spare memory."""
+        torch = _import_torch()
+        ids, att, mask = self._tensors(batch)
+        base = self.model.get_base_model()
+        hidden = base.get_decoder()(input_ids=ids, attention_mask=att).last_hidden_state
+        select = mask[:, 1:].bool()
+        h = hidden[:, :-1][select]
+        targets = ids[:, 1:][select]
+        logits = base.get_output_embeddings()(h).float()
+        cap = getattr(base.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        return loss, int(targets.numel())
+
+    def train_step(self, micro_batches: list[Batch], lr: float) -> StepStats:
+        torch = _import_torch()
+        total = sum(int(b["loss_mask"][:, 1:].sum()) for b in micro_batches)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for batch in micro_batches:
+            loss, _ = self._summed_loss(batch)
+            (loss / max(total, 1)).backward()
+            loss_sum += float(loss.detach())
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        clip = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        self.optimizer.step()
+        return StepStats(loss=loss_sum / max(total, 1), grad_norm=grad_norm)
+
+    def eval_loss(self, batches: list[Batch]) -> tuple[float, int]:
+        torch = _import_torch()
+        self.model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for batch in batches:
+                loss, n = self._summed_loss(batch)
+                total += float(loss)
+                count += n
+        self.model.train()
+        return total, count
+
+    def save_adapter(self, path: Path) -> None:
+        self.model.save_pretrained(str(path), safe_serialization=True)
+
+    def save_state(self, path: Path) -> None:
+        torch = _import_torch()
+        torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, path / "rng.pt")
+
+    def load_state(self, path: Path) -> None:
+        torch = _import_torch()
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        weights = load_file(str(path / "adapter" / "adapter_model.safetensors"), device=self.device)
+        result = set_peft_model_state_dict(self.model, weights)
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing:
+            raise UserError(f"{path}: checkpoint does not match this model/LoRA setup (missing {missing[0]})")
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device))
+        rng = torch.load(path / "rng.pt", weights_only=False)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def peak_memory_mb(self) -> float:
+        torch = _import_torch()
+        if self.device == "cuda":
+            return torch.cuda.max_memory_allocated() / 2**20
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+

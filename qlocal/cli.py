@@ -1,0 +1,161 @@
+"""qlocal command line. Each command resolves its config and makes one call; heavy libraries are
+imported inside those calls so `qlocal --help` stays instant."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from qlocal.errors import UserError
+
+# CLI flag -> config key. Flags left unset (None) do not override the YAML file or defaults.
+TRAIN_FLAGS: dict[str, str] = {
+    "model": "model.name", "revision": "model.revision", "chat_template": "model.chat_template",
+    "trust_remote_code": "model.trust_remote_code",
+    "data": "data.path", "val_data": "data.val_path", "val_split": "data.val_split", "split": "data.split",
+    "data_format": "data.format", "max_seq_len": "data.max_seq_len", "train_on_prompt": "data.train_on_prompt",
+    "rank": "lora.rank", "alpha": "lora.alpha", "dropout": "lora.dropout",
+    "target_modules": "lora.target_modules", "layers": "lora.layers",
+    "backend": "train.backend", "quantize": "train.quantize", "iters": "train.iters", "epochs": "train.epochs",
+    "batch_size": "train.batch_size", "grad_accum": "train.grad_accum", "lr": "train.lr",
+    "lr_schedule": "train.lr_schedule", "warmup": "train.warmup_steps", "warmup_ratio": "train.warmup_ratio",
+    "weight_decay": "train.weight_decay", "max_grad_norm": "train.max_grad_norm",
+    "grad_checkpointing": "train.grad_checkpointing", "dtype": "train.dtype", "seed": "train.seed",
+    "eval_every": "train.eval_every", "save_every": "train.save_every", "keep_last": "train.keep_last",
+    "output_dir": "run.output_dir", "name": "run.name", "overwrite": "run.overwrite",
+}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="qlocal")
+def cli() -> None:
+    """Fine-tune an open LLM with LoRA/QLoRA on this machine and export it for Ollama / llama.cpp.
+
+    \b
+      qlocal train --model gemma-3-270m --data data/alpaca_sample.jsonl
+      qlocal data check data/alpaca_sample.jsonl --model gemma-3-270m
+      qlocal doctor
+    """
+
+
+def _opt(*names: str, **kw: Any) -> Any:
+    kw.setdefault("default", None)
+    return click.option(*names, **kw)
+
+
+@cli.command(context_settings={"show_default": False})
+@_opt("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config file (sections model/data/lora/train/run).")
+@_opt("--set", "sets", multiple=True, default=(), metavar="KEY=VALUE", help="Override any config key, e.g. --set lora.rank=16. Repeatable.")
+@_opt("--resume", type=click.Path(file_okay=False), metavar="RUN_DIR", help="Continue a stopped run from its last checkpoint (its saved config is used).")
+@_opt("--model", "-m", help="Base model: local HF folder, hub id or alias. [default: gemma-3-270m]")
+@_opt("--revision", help="Hub revision of --model.")
+@_opt("--data", "-d", help="Training data: .jsonl/.json/.csv/.parquet or a datasets hub id.")
+@_opt("--val-data", help="Validation data file.")
+@_opt("--val-split", type=float, help="Fraction of training records held out for validation.")
+@_opt("--split", help="Split of a hub dataset. [default: train]")
+@_opt("--format", "data_format", type=click.Choice(["auto", "alpaca", "sharegpt", "messages", "completion", "text"]), help="Data format. [default: auto]")
+@_opt("--chat-template", help="chatml|llama3|gemma|mistral|alpaca or a .jinja file. [default: the model's own]")
+@_opt("--train-on-prompt/--no-train-on-prompt", default=None, help="Also train on prompt tokens.")
+@_opt("--max-seq-len", type=int, help="Truncate examples to this many tokens. [default: 1024]")
+@_opt("--backend", "-b", type=click.Choice(["auto", "torch", "mlx"]), help="Training backend. [default: auto]")
+@_opt("--quantize", "-q", type=click.Choice(["none", "4bit", "8bit"]), help="Quantise the base: 4bit = QLoRA. [default: none]")
+@_opt("--rank", "-r", type=int, help="LoRA rank. [default: 8]")
+@_opt("--alpha", type=float, help="LoRA alpha (scale = alpha/rank). [default: 16]")
+@_opt("--dropout", type=float, help="LoRA dropout. [default: 0]")
+@_opt("--target-modules", help="Comma-separated module names, or all-linear. [default: all-linear]")
+@_opt("--layers", type=int, help="Adapt only the last N layers. [default: all]")
+@_opt("--lr", type=float, help="Peak learning rate. [default: 2e-4]")
+@_opt("--lr-schedule", type=click.Choice(["cosine", "linear", "constant"]), help="[default: cosine]")
+@_opt("--warmup", type=int, help="Warmup steps. [default: 0]")
+@_opt("--warmup-ratio", type=float, help="Warmup as a fraction of the steps.")
+@_opt("--weight-decay", type=float, help="AdamW weight decay. [default: 0]")
+@_opt("--max-grad-norm", type=float, help="Clip gradients to this norm, 0 = off. [default: 1.0]")
+@_opt("--iters", type=int, help="Optimizer steps (overrides --epochs).")
+@_opt("--epochs", type=float, help="Passes over the data. [default: 1]")
+@_opt("--batch-size", type=int, help="Examples per micro-batch. [default: 4]")
+@_opt("--grad-accum", type=int, help="Micro-batches per optimizer step. [default: 1]")
+@_opt("--grad-checkpointing/--no-grad-checkpointing", default=None, help="Recompute activations to save memory.")
+@_opt("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="[default: auto]")
+@_opt("--seed", type=int, help="[default: 0]")
+@_opt("--eval-every", type=int, help="Validate every N steps. [default: 50]")
+@_opt("--save-every", type=int, help="Checkpoint every N steps. [default: 100]")
+@_opt("--keep-last", type=int, help="Checkpoints kept. [default: 2]")
+@_opt("--output-dir", "-o", help="Folder for run folders. [default: outputs]")
+@_opt("--name", help="Run folder name. [default: <model>-<date>-<time>]")
+@_opt("--overwrite", is_flag=True, default=None, help="Replace an existing run folder of that name.")
+@_opt("--trust-remote-code", is_flag=True, default=None, help="Allow model code from the hub to run.")
+@_opt("--quiet", is_flag=True, default=False, help="No header or progress bar.")
+def train(config_file: str | None, sets: tuple[str, ...], resume: str | None, quiet: bool, **flags: Any) -> None:
+    """Fine-tune a LoRA/QLoRA adapter; writes outputs/<run>/ (config.yaml, adapter/, metrics, loss.png)."""
+    from qlocal import config as config_mod
+    from qlocal.train import train as run_train
+
+    if resume:
+        given = [k for k, v in flags.items() if v is not None]
+        if given or config_file or sets:
+            raise UserError("--resume uses the run's saved config.yaml; drop the other options "
+                            f"({', '.join('--' + k.replace('_', '-') for k in given) or '--config/--set'})")
+        if not Path(resume, "config.yaml").is_file():
+            raise UserError(f"{resume}: not a qlocal run folder (no config.yaml); give outputs/<run>")
+        run_train(config_mod.Config(), resume=Path(resume), quiet=quiet)
+        return
+    mapped = {TRAIN_FLAGS[k]: v for k, v in flags.items() if v is not None}
+    cfg = config_mod.build(config_file, mapped, sets)
+    run_train(cfg, quiet=quiet)
+
+
+@cli.group()
+def data() -> None:
+    """Inspect training data."""
+
+
+@data.command("check")
+@click.argument("file")
+@_opt("--model", "-m", default="gemma-3-270m", show_default=True, help="Model whose tokenizer and template to use.")
+@_opt("--chat-template", help="chatml|llama3|gemma|mistral|alpaca or a .jinja file.")
+@_opt("--format", "data_format", default="auto", show_default=True)
+@_opt("--max-seq-len", type=int, default=1024, show_default=True)
+@_opt("--train-on-prompt", is_flag=True, default=False)
+def data_check(file: str, model: str, chat_template: str | None, data_format: str, max_seq_len: int,
+               train_on_prompt: bool) -> None:
+    """Counts per format, token-length statistics, truncation and one rendered example."""
+    from qlocal.config import DataConfig
+    from qlocal.data.check import check_report
+    from qlocal.data.templates import resolve_chat_template
+    from qlocal.models import resolve_model
+    from qlocal.train import load_tokenizer
+
+    resolved = resolve_model(model)
+    tokenizer = load_tokenizer(resolved.path)
+    template, _ = resolve_chat_template(tokenizer, chat_template or resolved.default_chat_template)
+    dc = DataConfig(path=file, format=data_format, max_seq_len=max_seq_len, train_on_prompt=train_on_prompt)
+    click.echo(check_report(file, tokenizer, template, dc))
+
+
+@cli.command()
+def doctor() -> None:
+    """Print the platform, accelerators, installed extras and which backend `auto` picks and why."""
+    from qlocal.doctor import doctor_report
+
+    click.echo(doctor_report())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one line on stderr and exit status 2, never a traceback."""
+    try:
+        cli.main(args=argv, prog_name="qlocal", standalone_mode=False)
+    except UserError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,149 @@
+"""The run folder: outputs/<run>/{config.yaml, adapter/, checkpoints/, metrics.jsonl, loss.png}.
+
+Everything here writes to a temporary name and renames, so a killed run never leaves a
+half-written file at a final path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from qlocal import config as config_mod
+from qlocal.config import Config
+from qlocal.errors import UserError
+
+_CKPT = re.compile(r"^step-(\d+)$")
+
+
+def create(path: Path, overwrite: bool) -> None:
+    """Make a fresh run folder; an existing one is replaced only with overwrite."""
+    if path.exists():
+        if not overwrite:
+            raise UserError(f"{path}: run folder already exists; pass --overwrite to replace it, "
+                            f"--resume {path} to continue it, or --name to pick another")
+        shutil.rmtree(path)
+    try:
+        path.mkdir(parents=True)
+        (path / "checkpoints").mkdir()
+    except OSError as e:
+        raise UserError(f"{path}: cannot create run folder ({e.strerror}); choose another --output-dir") from None
+
+
+def load_config(run: Path) -> tuple[Config, dict[str, Any]]:
+    """Read a run's resolved config.yaml: (Config, resolved facts)."""
+    cfg_path = run / "config.yaml"
+    if not cfg_path.is_file():
+        raise UserError(f"{run}: not a qlocal run folder (no config.yaml)")
+    doc = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
+    resolved = doc.pop("resolved", {}) or {}
+    return config_mod.from_dict(doc, str(cfg_path)), resolved
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_dir_atomic(final: Path, fill: Callable[[Path], None]) -> None:
+    """Create a folder by filling a temp sibling and renaming it over `final`."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def checkpoints(run: Path) -> list[tuple[int, Path]]:
+    """Completed checkpoints, oldest first."""
+    found = []
+    folder = run / "checkpoints"
+    if folder.is_dir():
+        for p in folder.iterdir():
+            m = _CKPT.match(p.name)
+            if m and (p / "state.json").is_file():
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def save_checkpoint(run: Path, step: int, state: dict[str, Any], backend: Any, keep_last: int) -> Path:
+    """Write checkpoints/step-N (adapter, optimizer, RNG, state.json) and drop the oldest beyond keep_last."""
+    final = run / "checkpoints" / f"step-{step:08d}"
+
+    def fill(tmp: Path) -> None:
+        backend.save_adapter(tmp / "adapter")
+        backend.save_state(tmp)
+        (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+
+    save_dir_atomic(final, fill)
+    for _, old in checkpoints(run)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+class Metrics:
+    """Append-only metrics.jsonl; on resume, lines past the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+        self.path = path
+        if resume_step is not None and path.exists():
+            kept = [ln for ln in path.read_text(encoding="utf-8").splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            write_atomic(path, "".join(ln + "\n" for ln in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(ln) for ln in self.path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+def plot_losses(metrics: Metrics, out: Path, title: str) -> None:
+    """loss.png: training loss per step and validation loss where measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = metrics.read()
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1.2)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    tmp = out.with_name(".loss.tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, out)
+
+
+def save_config_with_template(run: Path, cfg: Config, resolved: dict[str, Any], template: str) -> None:
+    """config.yaml (settings + resolved facts) and chat_template.jinja: all export needs to know."""
+    write_atomic(run / "chat_template.jinja", template)
+    config_mod.save(cfg, run / "config.yaml", extra=resolved)

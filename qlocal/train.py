@@ -1,0 +1,275 @@
+"""Run orchestration shared by every backend: data, run folder, schedule, progress, metrics,
+checkpoints and resume. The backend only loads the model and takes optimizer steps.
+
+Resume is exact because everything that decides the next step is either restored (adapter,
+optimizer, RNG) or a pure function of (seed, step): the learning rate and the data order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qlocal import rundir
+from qlocal.config import Config
+from qlocal.errors import UserError
+
+
+@dataclass
+class PreparedData:
+    train: list[Any]
+    val: list[Any]
+    format: str
+    truncated: int
+    template_name: str
+    template: str
+
+
+def lr_at(step: int, total: int, peak: float, schedule: str, warmup: int) -> float:
+    """Learning rate for 0-based optimizer step `step`: linear warmup, then cosine/linear/constant."""
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    if schedule == "constant":
+        return peak
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return peak * max(0.0, 1.0 - progress)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+
+
+def prepare_data(cfg: Config, tokenizer: Any, template_choice: str | None) -> PreparedData:
+    """Load, normalise and render the training (and validation) data into Examples."""
+    from qlocal.data.formats import load_samples
+    from qlocal.data.render import render
+    from qlocal.data.templates import resolve_chat_template
+
+    template, template_name = resolve_chat_template(tokenizer, template_choice)
+    dc = cfg.data
+    samples, stats = load_samples(dc.path, dc.format, dc.split)
+    val_samples: list[Any] = []
+    if dc.val_path:
+        val_samples, _ = load_samples(dc.val_path, dc.format, dc.split)
+    elif dc.val_split > 0:
+        order = np.random.default_rng(cfg.train.seed).permutation(len(samples))
+        n_val = max(1, round(len(samples) * dc.val_split))
+        if n_val >= len(samples):
+            raise UserError(f"data.val_split={dc.val_split} leaves no training records out of {len(samples)}")
+        val_samples = [samples[i] for i in sorted(order[:n_val])]
+        samples = [samples[i] for i in sorted(order[n_val:])]
+
+    def render_all(items: list[Any]) -> list[Any]:
+        return [render(s, tokenizer, template, train_on_prompt=dc.train_on_prompt, max_seq_len=dc.max_seq_len)
+                for s in items]
+
+    train, val = render_all(samples), render_all(val_samples)
+    train = [e for e in train if sum(e.loss_mask[1:]) > 0]
+    if not train:
+        raise UserError(f"{dc.path}: no example has a trained token left after truncation to "
+                        f"data.max_seq_len={dc.max_seq_len}; raise it")
+    truncated = sum(e.truncated for e in train) + sum(e.truncated for e in val)
+    return PreparedData(train, val, stats.get("format", "?"), truncated, template_name, template)
+
+
+class _Schedule:
+    """Maps optimizer steps to micro-batches: a pure function of (seed, step), so resume can jump."""
+
+    def __init__(self, examples: list[Any], batch_size: int, grad_accum: int, seed: int, pad_id: int) -> None:
+        from qlocal.data.batching import epoch_batches
+
+        self.examples, self.bs, self.ga, self.seed, self.pad_id = examples, batch_size, grad_accum, seed, pad_id
+        self.lengths = [len(e.input_ids) for e in examples]
+        self._epoch_batches = epoch_batches
+        self._cache: dict[int, list[list[int]]] = {}
+        self.per_epoch = len(epoch_batches(self.lengths, batch_size, seed, 0))
+
+    def _epoch(self, e: int) -> list[list[int]]:
+        if e not in self._cache:
+            self._cache = {e: self._epoch_batches(self.lengths, self.bs, self.seed, e)}
+        return self._cache[e]
+
+    def micro_batches(self, step: int) -> tuple[list[dict[str, np.ndarray]], float]:
+        """Collated micro-batches of 0-based optimizer step `step`, and the epoch position reached."""
+        from qlocal.data.batching import collate
+
+        out = []
+        for m in range(step * self.ga, (step + 1) * self.ga):
+            e, i = divmod(m, self.per_epoch)
+            out.append(collate([self.examples[j] for j in self._epoch(e)[i]], self.pad_id))
+        return out, (step + 1) * self.ga / self.per_epoch
+
+
+def _default_run_name(model_name: str) -> str:
+    short = Path(model_name.rstrip("/")).name.replace("/", "-") or "model"
+    return f"{short}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+class _StopFlag:
+    """First Ctrl-C (or SIGTERM) asks the loop to checkpoint and stop after the current step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __enter__(self) -> "_StopFlag":
+        self._old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in self._old:
+            signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
+    """Train a LoRA adapter as configured (or continue `resume`) and return the run folder."""
+    from qlocal.backends.base import create_backend
+    from qlocal.backends.select import select_backend
+    from qlocal.models import resolve_model
+
+    if resume is not None:
+        cfg, _ = rundir.load_config(resume)
+    backend_name, reason = select_backend(cfg.train.backend)
+    model = resolve_model(cfg.model.name, cfg.model.revision)
+    tokenizer = load_tokenizer(model.path, cfg.model.trust_remote_code)
+    data = prepare_data(cfg, tokenizer, cfg.model.chat_template or model.default_chat_template)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+    tc = cfg.train
+    sched = _Schedule(data.train, tc.batch_size, tc.grad_accum, tc.seed, pad_id)
+    total = tc.iters or max(1, math.ceil(tc.epochs * sched.per_epoch / tc.grad_accum))
+    warmup = tc.warmup_steps or int(tc.warmup_ratio * total)
+
+    if resume is not None:
+        run = resume
+    else:
+        run = Path(cfg.run.output_dir) / (cfg.run.name or _default_run_name(cfg.model.name))
+        rundir.create(run, cfg.run.overwrite)
+
+    backend = create_backend(backend_name)
+    facts = backend.setup(model.path, cfg)
+    start, elapsed_before = 0, 0.0
+    ckpts = rundir.checkpoints(run)
+    if resume is not None and ckpts:
+        step_done, ckpt = ckpts[-1]
+        backend.load_state(ckpt)
+        state = json.loads((ckpt / "state.json").read_text())
+        start, elapsed_before = step_done, state.get("elapsed_s", 0.0)
+    resolved = {
+        "backend": backend_name, "backend_reason": reason, "model_path": str(model.path),
+        "model_source": model.source, "chat_template": data.template_name, "data_format": data.format,
+        "train_examples": len(data.train), "val_examples": len(data.val), "total_steps": total, **facts,
+    }
+    rundir.save_config_with_template(run, cfg, resolved, data.template)
+    metrics = rundir.Metrics(run / "metrics.jsonl", resume_step=start if resume is not None else None)
+    if not quiet:
+        _print_header(run, cfg, resolved, data, start)
+
+    val_batches = []
+    if data.val:
+        from qlocal.data.batching import collate, epoch_batches
+
+        lengths = [len(e.input_ids) for e in data.val]
+        val_batches = [collate([data.val[j] for j in b], pad_id) for b in epoch_batches(lengths, tc.batch_size, 0, 0)]
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=quiet, dynamic_ncols=True,
+               file=sys.stderr)
+    t_run = time.perf_counter()
+    last_saved = start
+    last_val: float | None = None
+    with _StopFlag() as stop:
+        for step in range(start, total):
+            micro, epoch_pos = sched.micro_batches(step)
+            lr = lr_at(step, total, tc.lr, tc.lr_schedule, warmup)
+            t0 = time.perf_counter()
+            stats = backend.train_step(micro, lr)
+            dt = max(time.perf_counter() - t0, 1e-9)
+            done = step + 1
+            if not math.isfinite(stats.loss):
+                bar.close()
+                kept = f"; the last good checkpoint is {rundir.checkpoints(run)[-1][1]}" if rundir.checkpoints(run) else ""
+                raise UserError(f"loss became {stats.loss} at step {done}; lower the learning rate "
+                                f"(now train.lr={tc.lr}, try {tc.lr / 4:g}){kept}")
+            tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+            trained = sum(int(b["loss_mask"][:, 1:].sum()) for b in micro)
+            record: dict[str, Any] = {
+                "step": done, "epoch": round(epoch_pos, 4), "loss": round(stats.loss, 6), "lr": lr,
+                "grad_norm": round(stats.grad_norm, 6), "tokens": tokens, "trained_tokens": trained,
+                "tokens_per_s": round(tokens / dt, 2), "trained_tokens_per_s": round(trained / dt, 2),
+                "peak_memory_mb": round(backend.peak_memory_mb(), 1),
+            }
+            if val_batches and (done % tc.eval_every == 0 or done == total):
+                s, n = backend.eval_loss(val_batches)
+                last_val = record["val_loss"] = round(s / max(n, 1), 6)
+            if done % tc.log_every == 0 or done == total or "val_loss" in record:
+                metrics.write(record)
+            post = {"loss": f"{stats.loss:.4f}", "tok/s": f"{tokens / dt:.0f}"}
+            if last_val is not None:
+                post["val"] = f"{last_val:.4f}"
+            bar.set_postfix(post)
+            bar.update(1)
+            if done % tc.save_every == 0 or done == total or stop.requested:
+                elapsed = elapsed_before + time.perf_counter() - t_run
+                rundir.save_checkpoint(run, done, {"step": done, "total_steps": total, "elapsed_s": elapsed},
+                                       backend, tc.keep_last)
+                last_saved = done
+            if stop.requested:
+                bar.close()
+                rundir.plot_losses(metrics, run / "loss.png", run.name)
+                print(f"stopped at step {done}/{total}; continue with: qlocal train --resume {run}", file=sys.stderr)
+                raise SystemExit(130)
+    bar.close()
+    assert last_saved == total
+    rundir.save_dir_atomic(run / "adapter", backend.save_adapter)
+    rundir.plot_losses(metrics, run / "loss.png", run.name)
+    if not quiet:
+        _print_footer(run, metrics)
+    return run
+
+
+def _print_header(run: Path, cfg: Config, resolved: dict[str, Any], data: PreparedData, start: int) -> None:
+    lines = [
+        f"run       {run}" + (f"  (resuming at step {start})" if start else ""),
+        f"model     {cfg.model.name}  [{resolved['model_source']}: {resolved['model_path']}]",
+        f"backend   {resolved['backend']} on {resolved.get('device', '?')} ({resolved['backend_reason']}), "
+        f"dtype {resolved.get('dtype')}, quantize {cfg.train.quantize}",
+        f"data      {cfg.data.path}: {len(data.train)} train / {len(data.val)} val examples, format "
+        f"{data.format}, template {data.template_name}, {data.truncated} truncated to {cfg.data.max_seq_len}",
+        f"lora      rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, {resolved.get('trainable_params', 0):,} "
+        f"trainable params on {', '.join(resolved.get('target_modules', []))}",
+        f"steps     {resolved['total_steps']} x batch {cfg.train.batch_size} x accum {cfg.train.grad_accum}, "
+        f"lr {cfg.train.lr:g} {cfg.train.lr_schedule}",
+    ]
+    print("\n".join(lines), file=sys.stderr)
+
+
+def _print_footer(run: Path, metrics: rundir.Metrics) -> None:
+    rows = metrics.read()
+    losses = [r["loss"] for r in rows if "loss" in r]
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    msg = f"done: loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "done"
+    if vals:
+        msg += f", val loss {vals[-1]:.4f}"
+    print(f"{msg}\nadapter   {run / 'adapter'}\nnext      qlocal export {run} --gguf --quant q4_k_m", file=sys.stderr)
