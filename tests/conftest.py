@@ -1,0 +1,172 @@
+"""Shared pytest setup: offline env, the `slow` marker, tokenizer assets, tiny random models, CLI runner.
+
+Fixtures
+  tokenizer_dir(arch) -> Path         tests/assets/tokenizers/<arch>/ (skips if the asset is absent)
+  tiny_model_dir(arch) -> Path        complete HF folder with a tiny random model (session-cached)
+  qlocal_cli(*args, cwd=..., input=..., env=...) -> CompletedProcess of `python -m qlocal ...`
+Plain functions `make_tiny_model(arch, out_dir)` and `run_qlocal(*args)` do the same outside fixtures.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+# Set before anything imports torch/transformers/huggingface_hub: they read these at import time.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",  # avoids fork warnings/deadlocks in subprocess tests
+    "OMP_NUM_THREADS": "2",
+    "MKL_NUM_THREADS": "2",
+}
+os.environ.update(OFFLINE_ENV)
+
+# Model arch -> tokenizer asset folder name (the llama family uses the Llama 3 tokenizer).
+TOKENIZER_FOR_ARCH = {"qwen2": "qwen2", "llama": "llama3", "llama3": "llama3", "gemma3": "gemma3"}
+TINY_ARCHS = ("qwen2", "llama", "gemma3")
+
+
+# ---------------------------------------------------------------- options and markers
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="run tests marked slow (real Gemma 3 270M; minutes on CPU). Or set QLOCAL_SLOW=1.")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: uses the real Gemma 3 270M model (minutes on CPU)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow") or os.environ.get("QLOCAL_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow or QLOCAL_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline_session() -> None:
+    """Keep every test offline and cheap on a small CPU box."""
+    os.environ.update(OFFLINE_ENV)
+    if "torch" in sys.modules or _has("torch"):
+        import torch
+
+        torch.set_num_threads(2)
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+# ---------------------------------------------------------------- tokenizer assets
+
+def tokenizer_path(arch: str) -> Path:
+    """Path of the tiny real tokenizer for `arch` (qwen2, llama/llama3, gemma3); skips if absent."""
+    name = TOKENIZER_FOR_ARCH.get(arch)
+    if name is None:
+        raise ValueError(f"no tokenizer asset for arch {arch!r}; known: {sorted(TOKENIZER_FOR_ARCH)}")
+    path = ASSETS / "tokenizers" / name
+    if not (path / "tokenizer_config.json").is_file():
+        pytest.skip(f"tokenizer asset {path} is missing")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Callable[[str], Path]:
+    """Factory: tokenizer_dir("qwen2") -> tests/assets/tokenizers/qwen2."""
+    return tokenizer_path
+
+
+# ---------------------------------------------------------------- tiny random models
+
+def _tiny_config(arch: str, tok: Any) -> Any:
+    import transformers as tf
+
+    common: dict[str, Any] = dict(
+        vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+    )
+    # Tie embeddings as each family's small models do: Qwen2.5-0.5B and Gemma 3 tie, Llama 3 8B doesn't
+    # (so the suite covers both a tied and an untied lm_head).
+    if arch == "qwen2":
+        return tf.Qwen2Config(**common, tie_word_embeddings=True, rope_theta=1_000_000.0)
+    if arch == "llama":
+        return tf.LlamaConfig(**common, tie_word_embeddings=False, rope_theta=500_000.0)
+    if arch == "gemma3":
+        # Gemma 3 defaults head_dim=256; shrink it and its query scale. One sliding + one global
+        # layer exercises both attention kinds; the window matches the real 270M (512).
+        return tf.Gemma3TextConfig(**common, tie_word_embeddings=True, head_dim=16,
+                                   query_pre_attn_scalar=16, sliding_window=512,
+                                   layer_types=["sliding_attention", "full_attention"])
+    raise ValueError(f"unknown tiny arch {arch!r}; known: {TINY_ARCHS}")
+
+
+def make_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
+    """Build a tiny random `arch` model + its tokenizer as a complete HF folder (fp32 safetensors)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_path(arch))
+    config = _tiny_config(arch, tok)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    model.save_pretrained(tmp)  # safetensors is the only format in transformers 5
+    tok.save_pretrained(tmp)
+    tmp.replace(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Factory: tiny_model_dir("qwen2"|"llama"|"gemma3") -> HF model folder, built once per session.
+
+    Treat the folder as read-only: other tests share it (copy it first to modify it).
+    """
+    root = tmp_path_factory.mktemp("tiny_models")
+    cache: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in cache:
+            cache[arch] = make_tiny_model(arch, root / arch)
+        return cache[arch]
+
+    return get
+
+
+# ---------------------------------------------------------------- CLI runner
+
+def run_qlocal(*args: str, cwd: Path | str | None = None, input: str | None = None,
+               env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run `python -m qlocal *args` offline in a subprocess; never raises on a non-zero exit."""
+    full_env = {**os.environ, **OFFLINE_ENV, **(env or {})}
+    # So `python -m qlocal` finds this checkout from any cwd (e.g. a tmp_path).
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "qlocal", *map(str, args)], cwd=cwd, input=input,
+                          env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def qlocal_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Callable: qlocal_cli("train", "--help") -> CompletedProcess (stdout, stderr, returncode)."""
+    return run_qlocal
