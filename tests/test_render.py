@@ -200,3 +200,16 @@ def test_render_property(name: str, turns: list[tuple[str, str]], system: str | 
     trained = unicodedata.normalize("NFC", "".join(trained_spans(ex, t)))
     for _, answer in turns:
         assert unicodedata.normalize("NFC", answer.strip()) in trained
+
+
+def test_check_report() -> None:
+    from qlocal.config import DataConfig
+    from qlocal.data.check import check_report
+
+    t = tok("gemma3")
+    report = check_report(str(DATA / "messages_sample.jsonl"), t, resolve_chat_template(t, None)[0],
+                          DataConfig(max_seq_len=64))
+    assert "40 records (messages: 40)" in report
+    assert "input " in report and "trained " in report and "p95" in report
+    assert "exceed max_seq_len=64 and will be truncated" in report
+    assert "[[" in report and "]]" in report
