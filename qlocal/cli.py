@@ -17,6 +17,7 @@ TRAIN_FLAGS: dict[str, str] = {
     "trust_remote_code": "model.trust_remote_code",
     "data": "data.path", "val_data": "data.val_path", "val_split": "data.val_split", "split": "data.split",
     "data_format": "data.format", "max_seq_len": "data.max_seq_len", "train_on_prompt": "data.train_on_prompt",
+    "skip_bad_lines": "data.skip_bad_lines",
     "rank": "lora.rank", "alpha": "lora.alpha", "dropout": "lora.dropout",
     "target_modules": "lora.target_modules", "layers": "lora.layers",
     "backend": "train.backend", "quantize": "train.quantize", "iters": "train.iters", "epochs": "train.epochs",
@@ -60,6 +61,7 @@ def _opt(*names: str, **kw: Any) -> Any:
 @_opt("--chat-template", help="chatml|llama3|gemma|mistral|alpaca or a .jinja file. [default: the model's own]")
 @_opt("--train-on-prompt/--no-train-on-prompt", default=None, help="Also train on prompt tokens.")
 @_opt("--max-seq-len", type=int, help="Truncate examples to this many tokens. [default: 1024]")
+@_opt("--skip-bad-lines", is_flag=True, default=None, help="Skip malformed records (counted) instead of stopping.")
 @_opt("--backend", "-b", type=click.Choice(["auto", "torch", "mlx"]), help="Training backend. [default: auto]")
 @_opt("--quantize", "-q", type=click.Choice(["none", "4bit", "8bit"]), help="Quantise the base: 4bit = QLoRA. [default: none]")
 @_opt("--rank", "-r", type=int, help="LoRA rank. [default: 8]")
@@ -119,8 +121,9 @@ def data() -> None:
 @_opt("--format", "data_format", default="auto", show_default=True)
 @_opt("--max-seq-len", type=int, default=1024, show_default=True)
 @_opt("--train-on-prompt", is_flag=True, default=False)
+@_opt("--skip-bad-lines", is_flag=True, default=False)
 def data_check(file: str, model: str, chat_template: str | None, data_format: str, max_seq_len: int,
-               train_on_prompt: bool) -> None:
+               train_on_prompt: bool, skip_bad_lines: bool) -> None:
     """Counts per format, token-length statistics, truncation and one rendered example."""
     from qlocal.config import DataConfig
     from qlocal.data.check import check_report
@@ -131,7 +134,8 @@ def data_check(file: str, model: str, chat_template: str | None, data_format: st
     resolved = resolve_model(model)
     tokenizer = load_tokenizer(resolved.path)
     template, _ = resolve_chat_template(tokenizer, chat_template or resolved.default_chat_template)
-    dc = DataConfig(path=file, format=data_format, max_seq_len=max_seq_len, train_on_prompt=train_on_prompt)
+    dc = DataConfig(path=file, format=data_format, max_seq_len=max_seq_len, train_on_prompt=train_on_prompt,
+                    skip_bad_lines=skip_bad_lines)
     click.echo(check_report(file, tokenizer, template, dc))
 
 

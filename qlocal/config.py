@@ -47,6 +47,8 @@ class DataConfig:
     """Examples longer than this are truncated (and counted)."""
     train_on_prompt: bool = False
     """Train on prompt tokens too; by default only assistant turns carry loss."""
+    skip_bad_lines: bool = False
+    """Skip malformed records with a counted warning instead of stopping at the first."""
 
 
 @dataclass

@@ -46,8 +46,23 @@ def lr_at(step: int, total: int, peak: float, schedule: str, warmup: int) -> flo
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def quiet_transformers() -> None:
+    """Hide transformers' loading bars and deprecation chatter; our own progress is what users read."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
+    warnings.filterwarnings("ignore", message=r".*(use_reentrant|is_gradient_checkpointing|gradient_checkpointing_enable).*")
+
+
 def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
+    """The base model's HF tokenizer (shared by every backend)."""
     from transformers import AutoTokenizer
+
+    quiet_transformers()
 
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
 
@@ -60,10 +75,13 @@ def prepare_data(cfg: Config, tokenizer: Any, template_choice: str | None) -> Pr
 
     template, template_name = resolve_chat_template(tokenizer, template_choice)
     dc = cfg.data
-    samples, stats = load_samples(dc.path, dc.format, dc.split)
+    samples, stats = load_samples(dc.path, dc.format, dc.split, skip_bad_lines=dc.skip_bad_lines)
+    if stats.get("skipped"):
+        print(f"warning: skipped {stats['skipped']} bad records in {dc.path} "
+              f"(first: {', '.join(stats.get('skipped_where', []))})", file=sys.stderr)
     val_samples: list[Any] = []
     if dc.val_path:
-        val_samples, _ = load_samples(dc.val_path, dc.format, dc.split)
+        val_samples, _ = load_samples(dc.val_path, dc.format, dc.split, skip_bad_lines=dc.skip_bad_lines)
     elif dc.val_split > 0:
         order = np.random.default_rng(cfg.train.seed).permutation(len(samples))
         n_val = max(1, round(len(samples) * dc.val_split))

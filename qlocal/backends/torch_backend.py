@@ -77,6 +77,9 @@ class TorchBackend:
             from transformers import AutoModelForCausalLM
         except ImportError:
             raise missing_extra("peft", "torch") from None
+        from qlocal.train import quiet_transformers
+
+        quiet_transformers()
         tc, lc = cfg.train, cfg.lora
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = pick_dtype(tc.dtype, self.device)
