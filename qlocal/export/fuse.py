@@ -1,0 +1,170 @@
+"""Fuse a run's LoRA adapter into its 16-bit original base and save a plain HF safetensors folder.
+
+The base is always re-loaded from the run's `model_path` in 16/32-bit, never from 4-bit weights,
+even when the run trained QLoRA: merging into NF4 weights would bake the quantisation error of the
+training-time base into the export (see DESIGN.md, "Merging a QLoRA adapter").
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qlocal import rundir
+from qlocal.errors import UserError, missing_extra
+
+# Probe conversations for every parity check (fuse, GGUF verify): short, multilingual, digits.
+PROBE_CONVERSATIONS: list[list[dict[str, str]]] = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "List three primes below 20, then add 1234 and 5678."}],
+    [{"role": "user", "content": "Translate 'good morning' into German and Japanese: おはよう?"}],
+]
+
+
+@dataclass
+class RunInfo:
+    """What export needs from a run folder."""
+
+    run_dir: Path
+    name: str
+    base_path: Path
+    template: str
+    template_name: str
+    adapter_dir: Path
+    resolved: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FuseReport:
+    """Result of fuse_run; `max_abs_logit_diff` compares the saved fused model to base+adapter."""
+
+    out_dir: str
+    base_path: str
+    dtype: str
+    max_abs_logit_diff: float
+    """Saved fused model (in its saved dtype) vs unmerged base+adapter in fp32, over probe prompts."""
+    max_abs_logit_diff_fp32: float
+    """The merge arithmetic alone: fused fp32 vs unmerged fp32 (should be ~1e-5 or less)."""
+    max_abs_logit: float
+    """Scale of the logits, to read the differences against."""
+    probes: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_run(run_dir: Path) -> RunInfo:
+    """Check a run folder and return its base model, template and adapter, or raise UserError."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run folder; give outputs/<run>")
+    _, resolved = rundir.load_config(run_dir)
+    adapter = run_dir / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"{run_dir}: the run has no adapter/ (did training finish?); "
+                        f"resume it with `qlocal train --resume {run_dir}`")
+    base = resolved.get("model_path")
+    if not base:
+        raise UserError(f"{run_dir}/config.yaml: 'resolved.model_path' is missing; the run folder is incomplete")
+    base_path = Path(base)
+    if not (base_path / "config.json").is_file():
+        raise UserError(f"{run_dir}: its base model {base_path} is gone (no config.json there); restore it "
+                        "or re-resolve it (e.g. `qlocal train` once with the same --model) and retry")
+    tpl_file = run_dir / "chat_template.jinja"
+    if not tpl_file.is_file():
+        raise UserError(f"{run_dir}: chat_template.jinja is missing; the run folder is incomplete")
+    return RunInfo(run_dir, run_dir.resolve().name, base_path, tpl_file.read_text(encoding="utf-8"),
+                   str(resolved.get("chat_template", "model")), adapter, resolved)
+
+
+def probe_ids(tokenizer: Any, template: str) -> list[list[int]]:
+    """Token ids of the probe conversations rendered with `template` (generation prompt added)."""
+    out = []
+    for conv in PROBE_CONVERSATIONS:
+        text = render_chat(tokenizer, template, conv)
+        # The template already emits bos where the model wants one; don't add a second.
+        out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return out
+
+
+def render_chat(tokenizer: Any, template: str, messages: list[dict[str, str]]) -> str:
+    """Render `messages` with the run's template and a generation prompt, as text."""
+    return tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                         tokenize=False)
+
+
+def base_dtype_name(base_path: Path) -> str:
+    """The base model's own dtype from config.json ("bfloat16", "float16" or "float32")."""
+    cfg = json.loads((base_path / "config.json").read_text(encoding="utf-8"))
+    text_cfg = cfg.get("text_config") or {}
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or text_cfg.get("dtype") or text_cfg.get("torch_dtype")
+    return name if name in ("bfloat16", "float16", "float32") else "float32"
+
+
+def _logits(model: Any, ids: list[list[int]]) -> list[Any]:
+    import torch
+
+    with torch.no_grad():
+        return [model(input_ids=torch.tensor([x])).logits[0].float() for x in ids]
+
+
+def fuse_run(run_dir: Path, out_dir: Path) -> FuseReport:
+    """Merge the run's adapter into its original base and save an HF folder at `out_dir` atomically.
+
+    The merge is computed in fp32 and the result is saved in the base's own dtype, with the
+    tokenizer and the run's chat template (set as the tokenizer's chat_template).
+    """
+    import time
+
+    t0 = time.perf_counter()
+    info = read_run(run_dir)
+    try:
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise missing_extra("torch/peft", "torch") from None
+    from qlocal.train import load_tokenizer, quiet_transformers
+
+    quiet_transformers()
+    tokenizer = load_tokenizer(info.base_path)
+    tokenizer.chat_template = info.template
+    dtype_name = base_dtype_name(info.base_path)
+    # fp32 for the merge: W + (alpha/r)·B·A added in bf16 would lose most of a small update.
+    base = AutoModelForCausalLM.from_pretrained(str(info.base_path), dtype=torch.float32)
+    base.eval()
+    try:
+        peft_model = PeftModel.from_pretrained(base, str(info.adapter_dir))
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"{info.adapter_dir}: adapter does not fit base {info.base_path} ({str(e).splitlines()[0]})") from None
+    peft_model.eval()
+    ids = probe_ids(tokenizer, info.template)
+    unmerged = _logits(peft_model, ids)
+    fused = peft_model.merge_and_unload()
+    fused.eval()
+    merged32 = _logits(fused, ids)
+    fused = fused.to(getattr(torch, dtype_name))
+    merged_saved = _logits(fused, ids) if dtype_name != "float32" else merged32
+
+    def diff(a: list[Any], b: list[Any]) -> float:
+        return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+    def fill(tmp: Path) -> None:
+        fused.config.use_cache = True
+        fused.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "qlocal_fuse.json").write_text(json.dumps({
+            "run": str(info.run_dir.resolve()), "base": str(info.base_path), "dtype": dtype_name,
+            "adapter": str(info.adapter_dir.resolve()), "chat_template": info.template_name}, indent=1))
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    rundir.save_dir_atomic(out_dir, fill)
+    return FuseReport(
+        out_dir=str(out_dir), base_path=str(info.base_path), dtype=dtype_name,
+        max_abs_logit_diff=diff(merged_saved, unmerged), max_abs_logit_diff_fp32=diff(merged32, unmerged),
+        max_abs_logit=max(float(x.abs().max()) for x in unmerged), probes=len(ids),
+        seconds=round(time.perf_counter() - t0, 2))
