@@ -34,8 +34,12 @@ OFFLINE_ENV = {
 os.environ.update(OFFLINE_ENV)
 
 # Model arch -> tokenizer asset folder name (the llama family uses the Llama 3 tokenizer).
-TOKENIZER_FOR_ARCH = {"qwen2": "qwen2", "llama": "llama3", "llama3": "llama3", "gemma3": "gemma3"}
+TOKENIZER_FOR_ARCH = {"qwen2": "qwen2", "llama": "llama3", "llama3": "llama3", "gemma3": "gemma3",
+                      # GGUF-export families: Qwen3 shares Qwen2's tokenizer; llama31 is Llama with
+                      # Llama 3.1 rope scaling; Mistral 7B v0.x and Gemma 2 use SentencePiece-style vocabs.
+                      "qwen3": "qwen2", "llama31": "llama3", "mistral": "gemma3", "gemma2": "gemma3"}
 TINY_ARCHS = ("qwen2", "llama", "gemma3")
+EXPORT_ARCHS = ("qwen2", "qwen3", "llama", "llama31", "mistral", "gemma2", "gemma3")
 
 
 # ---------------------------------------------------------------- options and markers
@@ -110,7 +114,19 @@ def _tiny_config(arch: str, tok: Any) -> Any:
         return tf.Gemma3TextConfig(**common, tie_word_embeddings=True, head_dim=16,
                                    query_pre_attn_scalar=16, sliding_window=512,
                                    layer_types=["sliding_attention", "full_attention"])
-    raise ValueError(f"unknown tiny arch {arch!r}; known: {TINY_ARCHS}")
+    if arch == "qwen3":
+        # head_dim != hidden/heads (as in Qwen3-0.6B) exercises the GGUF key_length header.
+        return tf.Qwen3Config(**common, tie_word_embeddings=True, head_dim=32, rope_theta=1_000_000.0)
+    if arch == "llama31":
+        rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 1024, "rope_theta": 500_000.0}
+        return tf.LlamaConfig(**common, tie_word_embeddings=True, rope_parameters=rope)
+    if arch == "mistral":
+        return tf.MistralConfig(**common, tie_word_embeddings=False, rope_theta=1_000_000.0, sliding_window=None)
+    if arch == "gemma2":
+        return tf.Gemma2Config(**common, tie_word_embeddings=True, head_dim=16, query_pre_attn_scalar=16,
+                               sliding_window=512, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+    raise ValueError(f"unknown tiny arch {arch!r}; known: {EXPORT_ARCHS}")
 
 
 def make_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
