@@ -140,6 +140,63 @@ def data_check(file: str, model: str, chat_template: str | None, data_format: st
 
 
 @cli.command()
+@click.argument("target")
+@_opt("--prompt", "-p", help="One user message to answer.")
+@_opt("--system", help="System prompt.")
+@_opt("--input-file", type=click.Path(dir_okay=False, exists=True), help="JSONL of {prompt} or {messages} records.")
+@_opt("--output", type=click.Path(dir_okay=False), help="Where --input-file answers go (JSONL).")
+@_opt("--max-tokens", type=int, default=256, show_default=True)
+@_opt("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@_opt("--top-p", type=float, default=1.0, show_default=True)
+def generate(target: str, prompt: str | None, system: str | None, input_file: str | None, output: str | None,
+             max_tokens: int, temperature: float, top_p: float) -> None:
+    """Answer a prompt (or a file of prompts) with a run, an export folder or a GGUF."""
+    from qlocal.infer import Sampling, generate_file, open_generator
+
+    if (prompt is None) == (input_file is None):
+        raise UserError("give exactly one of --prompt TEXT or --input-file in.jsonl (with --output out.jsonl)")
+    if input_file and not output:
+        raise UserError("--input-file needs --output out.jsonl")
+    sampling = Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+    gen = open_generator(target)
+    if input_file:
+        n = generate_file(gen, Path(input_file), Path(output or ""), sampling)
+        click.echo(f"wrote {n} answers to {output}", err=True)
+        return
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt or ""}]
+    for piece in gen.chat(messages, sampling):
+        click.echo(piece, nl=False)
+    click.echo()
+
+
+@cli.command("export")
+@click.argument("run_dir", type=click.Path())
+@_opt("--gguf/--no-gguf", default=True, help="Write GGUF files (default on); --no-gguf writes only the fused HF folder.")
+@_opt("--quant", default="q4_k_m", show_default=True, help="Comma list: f32,f16,bf16,q8_0,q4_k_m,q4_k_s,q5_k_m,q5_k_s,q6_k,q3_k_m,q4_0,q5_0. The first is what the Modelfile uses.")
+@_opt("--out", type=click.Path(), help="Output folder. [default: export/<run>]")
+@_opt("--ollama-create", "ollama_name", metavar="NAME", help="Run `ollama create NAME` (or print the command when ollama is not installed).")
+@_opt("--no-verify", is_flag=True, default=False, help="Skip the llama-cpp-python checks (tokens, logits, greedy, stops).")
+@_opt("--adapter-only", is_flag=True, default=False, help="GGUF LoRA adapter + base GGUF + Modelfile with ADAPTER, instead of a fused GGUF.")
+@_opt("--system", help="System prompt for the Modelfile's SYSTEM line.")
+def export(run_dir: str, gguf: bool, quant: str, out: str | None, ollama_name: str | None, no_verify: bool,
+           adapter_only: bool, system: str | None) -> None:
+    """Fuse a run's adapter, convert to GGUF, quantise, verify and write an Ollama Modelfile.
+
+    \b
+      qlocal export outputs/<run> --gguf --quant q4_k_m,q8_0
+      qlocal export outputs/<run> --ollama-create my-model
+    """
+    from qlocal.export.pipeline import ExportOptions, export_run
+
+    result = export_run(Path(run_dir), ExportOptions(
+        quants=quant.split(","), out_dir=Path(out) if out else None, gguf=gguf, verify=not no_verify,
+        adapter_only=adapter_only, system=system, ollama_name=ollama_name), echo=click.echo)
+    if result.verify_passed is False:
+        click.echo(f"error: verification failed; see {result.out_dir}/verify.json", err=True)
+        sys.exit(1)
+
+
+@cli.command()
 def doctor() -> None:
     """Print the platform, accelerators, installed extras and which backend `auto` picks and why."""
     from qlocal.doctor import doctor_report
