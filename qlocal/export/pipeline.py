@@ -1,0 +1,200 @@
+"""`qlocal export`: run folder -> fused HF -> GGUF(s) -> quantised GGUF(s) -> verify -> Modelfile.
+
+Everything is built in a temp sibling of the output folder and renamed into place at the end, so a
+failure (unsupported architecture, missing base, Ctrl-C) leaves no half-written export behind.
+
+Output folder (default export/<run>/):
+    fused/              HF safetensors folder (adapter merged into the 16-bit original base)
+    model-<quant>.gguf  one per --quant (the first one is what the Modelfile uses)
+    Modelfile           FROM the first GGUF, TEMPLATE, PARAMETER stop, SYSTEM
+    verify.json         per-file checks (see qlocal.export.verify)
+    export.json         summary: run, base, files, sizes, timings, fuse report, verify result
+With --adapter-only the GGUFs are base-<quant>.gguf (the original base) + adapter.gguf (GGUF LoRA),
+and the Modelfile has FROM the base and ADAPTER the LoRA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from qlocal.errors import UserError
+
+
+@dataclass
+class ExportOptions:
+    """What `qlocal export` was asked to do."""
+
+    quants: list[str] = field(default_factory=lambda: ["q4_k_m"])
+    out_dir: Path | None = None
+    gguf: bool = True
+    verify: bool = True
+    adapter_only: bool = False
+    system: str | None = None
+    ollama_name: str | None = None
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    summary: dict[str, Any]
+    verify_passed: bool | None
+    """None when verification was skipped."""
+
+
+def _quiet_llama_cpp() -> None:
+    # llama.cpp logs every tensor while quantising/loading; our own table says what matters.
+    try:
+        import llama_cpp._logger as llog
+
+        llog.set_verbose(False)
+    except ImportError:
+        pass
+
+
+def _check_arch(base_path: Path) -> None:
+    """Fail before any work if the converter does not support the base's architecture."""
+    from qlocal.export.gguf_arch import find_family
+
+    find_family(json.loads((base_path / "config.json").read_text(encoding="utf-8")))
+
+
+def export_run(run_dir: Path, opts: ExportOptions, echo: Callable[[str], None] = print) -> ExportResult:
+    """Export a run folder as described in the module docstring; returns the summary written."""
+    from qlocal.export.fuse import read_run
+    from qlocal.export.quantize import DIRECT, parse_quants
+
+    t0 = time.perf_counter()
+    info = read_run(Path(run_dir))  # every "not a run / base gone" error before anything is written
+    quants = parse_quants(opts.quants) if opts.gguf else []
+    if opts.gguf:
+        _check_arch(info.base_path)
+    if opts.adapter_only and not opts.gguf:
+        raise UserError("--adapter-only writes GGUF files; drop --no-gguf")
+    final = Path(opts.out_dir) if opts.out_dir else Path("export") / info.name
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    _quiet_llama_cpp()
+    try:
+        summary = _build(info, opts, quants, tmp, echo)
+        summary["seconds"] = round(time.perf_counter() - t0, 2)
+        (tmp / "export.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
+        _replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    echo(f"export written to {final}/ in {summary['seconds']:.1f}s")
+    if opts.ollama_name:
+        from qlocal.export.ollama import ollama_create
+
+        ollama_create(opts.ollama_name, final, echo)
+    else:
+        echo(f"serve it: cd {final} && ollama create <name> -f Modelfile")
+    return ExportResult(final, summary, summary.get("verify", {}).get("passed"))
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def _build(info: Any, opts: ExportOptions, quants: list[str], tmp: Path, echo: Callable[[str], None]) -> dict[str, Any]:
+    from qlocal.export.fuse import fuse_run
+    from qlocal.export.ollama import build_modelfile
+
+    summary: dict[str, Any] = {"run": str(info.run_dir.resolve()), "base": str(info.base_path),
+                               "chat_template": info.template_name, "adapter_only": opts.adapter_only,
+                               "quants": quants}
+    echo(f"fusing adapter into {info.base_path} ...")
+    fuse = fuse_run(info.run_dir, tmp / "fused")
+    summary["fuse"] = fuse.to_dict()
+    echo(f"  fused ({fuse.dtype}); max |logit diff| vs base+adapter {fuse.max_abs_logit_diff:.2e} "
+         f"(logits up to {fuse.max_abs_logit:.1f})")
+    if not quants:
+        return summary
+    # GGUFs come from the fused model, or for --adapter-only from the untouched original base.
+    src = info.base_path if opts.adapter_only else tmp / "fused"
+    prefix = "base" if opts.adapter_only else "model"
+    files, reports = _write_ggufs(src, quants, tmp, prefix, info.template, info.name, echo)
+    summary["files"] = {q: {"file": p.name, "bytes": p.stat().st_size} for q, p in files}
+    summary["quantize"] = reports
+    adapter_file = None
+    if opts.adapter_only:
+        from qlocal.export import convert_lora_to_gguf
+
+        echo("writing GGUF LoRA adapter ...")
+        adapter_path = tmp / "adapter.gguf"
+        convert_lora_to_gguf(info.adapter_dir, info.base_path, adapter_path)
+        adapter_file = adapter_path.name
+        summary["adapter"] = {"file": adapter_file, "bytes": adapter_path.stat().st_size}
+    tok = _tokens(tmp / "fused")
+    mf = build_modelfile(files[0][1].name, info.template, tok["bos"], tok["eos"], opts.system, adapter_file)
+    (tmp / "Modelfile").write_text(mf.text, encoding="utf-8")
+    summary["modelfile"] = {"family": mf.family, "template": mf.template_source, "stops": mf.stops,
+                            "system": mf.system, "uses": files[0][1].name, "notes": mf.notes}
+    for note in mf.notes:
+        echo(f"note: {note}")
+    if opts.verify:
+        from qlocal.export.verify import table, verify_all
+
+        echo("verifying with llama-cpp-python ...")
+        lora = tmp / adapter_file if adapter_file else None
+        checks = verify_all(tmp / "fused", [(p, q) for q, p in files], mf.stops, tmp / "verify.json", lora)
+        echo(table(checks))
+        summary["verify"] = {"passed": all(c.passed for c in checks),
+                             "files": {c.file: c.passed for c in checks}}
+    return summary
+
+
+def _write_ggufs(src: Path, quants: list[str], tmp: Path, prefix: str, template: str, name: str,
+                 echo: Callable[[str], None]) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
+    """Write one GGUF per quant; K-quants go through an F16 file (kept only if f16 was asked for)."""
+    from qlocal.export import convert_hf_to_gguf
+    from qlocal.export.quantize import DIRECT, gguf_name, quantize_gguf
+
+    files: list[tuple[str, Path]] = []
+    reports: dict[str, Any] = {}
+    f16 = tmp / gguf_name("f16").replace("model", prefix)
+    need_f16 = any(q not in DIRECT for q in quants)
+    for q in [q for q in quants if q in DIRECT] + (["f16"] if need_f16 and "f16" not in quants else []):
+        path = tmp / gguf_name(q).replace("model", prefix)
+        t = time.perf_counter()
+        echo(f"converting to GGUF {q} ...")
+        convert_hf_to_gguf(src, path, outtype=q, chat_template=template, name=name)
+        reports[q] = {"seconds": round(time.perf_counter() - t, 2), "bytes": path.stat().st_size}
+    for q in quants:
+        if q in DIRECT:
+            files.append((q, tmp / gguf_name(q).replace("model", prefix)))
+            continue
+        path = tmp / gguf_name(q).replace("model", prefix)
+        echo(f"quantising {q} with llama.cpp ...")
+        rep = quantize_gguf(f16, path, q)
+        reports[q] = rep.to_dict()
+        reports[q]["path"] = path.name
+        if rep.fallback_tensors:
+            echo(f"  note: {rep.fallback_tensors} weight tensors are not {q} (row length not a multiple of 256): "
+                 f"{rep.tensor_types}")
+        files.append((q, path))
+    if need_f16 and "f16" not in quants:
+        f16.unlink(missing_ok=True)
+    return files, reports
+
+
+def _tokens(hf_dir: Path) -> dict[str, str | None]:
+    """BOS/EOS token texts of the exported tokenizer (for the Modelfile)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    return {"bos": tok.bos_token, "eos": tok.eos_token}

@@ -1,0 +1,240 @@
+"""Prove a GGUF serves like the fused HF model: tokens, logits, greedy text and the stop set.
+
+For each GGUF, llama-cpp-python loads it and we check against the fused HF folder:
+
+* tokenisation of a probe set (plain text, the chat-rendered prompt with its special tokens,
+  unicode, digits) equals the HF tokenizer's, with and without BOS handling;
+* logits NMSE = mean((gguf - hf)^2) / mean(hf^2) over every position of the chat probes is below
+  the threshold for the file's type (see NMSE_LIMITS);
+* greedy next tokens agree (teacher-forced on the HF greedy continuation, so one near-tie does not
+  cascade); required at 16/32-bit, reported for quantised files;
+* the stop set ends generation: each Modelfile stop string is one token that llama.cpp treats as
+  end-of-generation, EOS/EOT are in the set, and a completion pushed onto that token stops there
+  with finish_reason "stop" (tiny random models never choose it on their own).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qlocal.export.fuse import PROBE_CONVERSATIONS, render_chat
+from qlocal.errors import missing_extra
+
+NMSE_LIMITS: dict[str, float] = {
+    # Required: 16/32-bit files differ from the HF model only by rounding (fp16/bf16 weights,
+    # different matmul order), which gives NMSE ~1e-6..1e-4.
+    "f32": 1e-3, "f16": 1e-3, "bf16": 1e-3,
+    # Sanity limits for quantised files: a b-bit block quant perturbs each weight by a relative
+    # ~2^-b, which through a few layers gives NMSE ~1e-4 (8-bit) to ~1e-2 (4-bit). A broken file
+    # (wrong tensor layout, permutation, rope or norm) gives uncorrelated logits, NMSE ~1 or more,
+    # so these limits separate "lossy" from "wrong" by an order of magnitude on either side.
+    "q8_0": 1e-2, "q6_k": 3e-2, "q5_k_m": 5e-2, "q5_k_s": 5e-2, "q5_0": 5e-2,
+    "q4_k_m": 0.1, "q4_k_s": 0.1, "q4_0": 0.15, "q3_k_m": 0.2,
+}
+EXACT = ("f32", "f16", "bf16")
+"""Types where greedy agreement is required, not just reported."""
+TIE_MARGIN = 1e-3
+"""HF top-2 logit gaps below this are ties; disagreeing there says nothing about the file."""
+GREEDY_TOKENS = 12
+
+PLAIN_PROBES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Numbers: 0 7 42 1234 3.14159 2025-06-01, and 1,000,000!",
+    "Unicode: naïve café, Straße, 日本語のテキスト, emoji 🙂, Ελληνικά.",
+    "  leading spaces, tabs\tand\nnewlines\n\nend ",
+    "def f(x):\n    return x ** 2  # code",
+]
+
+
+@dataclass
+class FileCheck:
+    """Verification of one GGUF file."""
+
+    file: str
+    quant: str
+    tokenizer_match: bool
+    token_mismatches: list[str]
+    nmse: float
+    nmse_limit: float
+    greedy_agree: float
+    """Fraction of teacher-forced greedy steps (outside near-ties) where llama.cpp's argmax equals HF's."""
+    greedy_text_equal: bool
+    """Free-running llama.cpp greedy continuation == HF's, token for token."""
+    stops_ok: bool
+    stop_details: dict[str, Any]
+    passed: bool
+    problems: list[str] = field(default_factory=list)
+    lora: str | None = None
+
+
+def _limit(quant: str) -> float:
+    return NMSE_LIMITS.get(quant, 0.2)
+
+
+def load_llama(path: Path, lora: Path | None = None, n_ctx: int = 512) -> Any:
+    """llama-cpp-python model with logits for every position (CPU, quiet)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise missing_extra("llama-cpp-python", "gguf") from None
+    kw: dict[str, Any] = dict(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, seed=0,
+                              n_threads=max(1, min(4, os.cpu_count() or 1)))
+    if lora is not None:
+        kw["lora_path"] = str(lora)
+    return llama_cpp.Llama(**kw)
+
+
+def gguf_logits(llm: Any, ids: list[int]) -> Any:
+    """Logits (n_tokens, vocab) for `ids` from a fresh context."""
+    import numpy as np
+
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float64)
+
+
+class HFReference:
+    """The fused HF model and tokenizer, loaded once and shared by every GGUF check."""
+
+    def __init__(self, hf_dir: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from qlocal.train import quiet_transformers
+
+        quiet_transformers()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+        self.model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+        self.template = self.tokenizer.chat_template
+        self.chat_texts = [render_chat(self.tokenizer, self.template, c) for c in PROBE_CONVERSATIONS]
+        self.chat_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in self.chat_texts]
+        self.logits = [self._logits(ids) for ids in self.chat_ids]
+        self.greedy = [self._greedy(ids) for ids in self.chat_ids]
+
+    def _logits(self, ids: list[int]) -> Any:
+        import torch
+
+        with torch.no_grad():
+            return self.model(input_ids=torch.tensor([ids])).logits[0].double().numpy()
+
+    def _greedy(self, ids: list[int]) -> list[int]:
+        import torch
+
+        with torch.no_grad():
+            out = self.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                      max_new_tokens=GREEDY_TOKENS, do_sample=False, eos_token_id=None,
+                                      pad_token_id=self.tokenizer.pad_token_id or 0)
+        return out[0, len(ids):].tolist()
+
+
+def _check_tokens(ref: HFReference, llm: Any) -> list[str]:
+    bad = []
+    tok = ref.tokenizer
+    cases = [(t, False) for t in PLAIN_PROBES + ref.chat_texts] + [(t, True) for t in PLAIN_PROBES[:2]]
+    for text, with_special in cases:
+        hf = tok(text, add_special_tokens=with_special)["input_ids"]
+        gg = llm.tokenize(text.encode("utf-8"), add_bos=with_special, special=True)
+        if hf != gg:
+            bad.append(f"{text[:30]!r} (add_special={with_special}): hf {hf[:12]}... gguf {gg[:12]}...")
+    return bad
+
+
+def _check_stops(llm: Any, stops: list[str]) -> tuple[bool, dict[str, Any]]:
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    detail: dict[str, Any] = {"stops": {}, "eos": None, "eot": None}
+    ok = True
+    stop_ids = set()
+    for s in stops:
+        ids = llm.tokenize(s.encode("utf-8"), add_bos=False, special=True)
+        is_eog = len(ids) == 1 and bool(llama_cpp.llama_vocab_is_eog(vocab, ids[0]))
+        stopped = False
+        if is_eog:
+            stop_ids.add(ids[0])
+            # Push the model onto this token: generation must end there, with no text.
+            prompt = llm.tokenize(b"Hello", add_bos=True, special=True)
+            out = llm.create_completion(prompt, max_tokens=8, temperature=0.0, logit_bias={ids[0]: 1e4})
+            choice = out["choices"][0]
+            stopped = choice["finish_reason"] == "stop" and choice["text"] == ""
+        detail["stops"][s] = {"ids": ids, "eog": is_eog, "ends_generation": stopped}
+        ok = ok and is_eog and stopped
+    for key, fn in (("eos", llama_cpp.llama_vocab_eos), ("eot", llama_cpp.llama_vocab_eot)):
+        tid = int(fn(vocab))
+        if tid >= 0:
+            detail[key] = {"id": tid, "in_stop_set": tid in stop_ids}
+            ok = ok and tid in stop_ids
+    return ok, detail
+
+
+def verify_gguf(ref: HFReference, path: Path, quant: str, stops: list[str], lora: Path | None = None) -> FileCheck:
+    """Check one GGUF (optionally with a GGUF LoRA on top) against the fused HF reference."""
+    import numpy as np
+
+    llm = load_llama(path, lora)
+    try:
+        mismatches = _check_tokens(ref, llm)
+        num = den = 0.0
+        agree = total = 0
+        text_equal = True
+        for ids, hf_logits, cont in zip(ref.chat_ids, ref.logits, ref.greedy):
+            gg = gguf_logits(llm, ids)
+            num += float(((gg - hf_logits) ** 2).sum())
+            den += float((hf_logits ** 2).sum())
+            # Teacher-forced greedy: same prefix, compare argmax at each continuation step.
+            full = ids + cont
+            hf_full = ref._logits(full)[len(ids) - 1: len(full) - 1]
+            gg_full = gguf_logits(llm, full)[len(ids) - 1: len(full) - 1]
+            for h, g in zip(hf_full, gg_full):
+                top2 = np.sort(h)[-2:]
+                if top2[1] - top2[0] < TIE_MARGIN:
+                    continue
+                total += 1
+                agree += int(np.argmax(h) == np.argmax(g))
+            llm.reset()
+            free = llm.create_completion(ids, max_tokens=len(cont), temperature=0.0, top_k=1)
+            text_equal = text_equal and free["choices"][0]["text"] == ref.tokenizer.decode(cont)
+        stops_ok, stop_detail = _check_stops(llm, stops)
+    finally:
+        llm.close()
+    nmse = num / max(den, 1e-30)
+    greedy = agree / total if total else 1.0
+    problems = []
+    if mismatches:
+        problems.append(f"tokenisation differs on {len(mismatches)} probes")
+    if not nmse < _limit(quant):
+        problems.append(f"logits NMSE {nmse:.2e} >= {_limit(quant):g}")
+    if quant in EXACT and greedy < 1.0:
+        problems.append(f"greedy agreement {greedy:.0%} at {quant}")
+    if not stops_ok:
+        problems.append("stop set does not end generation")
+    return FileCheck(str(path.name), quant, not mismatches, mismatches, nmse, _limit(quant), greedy, text_equal,
+                     stops_ok, stop_detail, not problems, problems, str(lora.name) if lora else None)
+
+
+def verify_all(hf_dir: Path, files: list[tuple[Path, str]], stops: list[str], out_json: Path,
+               lora: Path | None = None) -> list[FileCheck]:
+    """Verify each (gguf path, quant); write verify.json atomically. A `lora` applies to every file."""
+    ref = HFReference(hf_dir)
+    checks = [verify_gguf(ref, p, q, stops, lora) for p, q in files]
+    doc = {"passed": all(c.passed for c in checks), "nmse_limits": NMSE_LIMITS, "tie_margin": TIE_MARGIN,
+           "stops": stops, "files": [asdict(c) for c in checks]}
+    tmp = out_json.with_name(f".{out_json.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, out_json)
+    return checks
+
+
+def table(checks: list[FileCheck]) -> str:
+    """A short fixed-width summary of verify results."""
+    rows = [f"{'file':<28} {'tokens':<7} {'NMSE':>9} {'limit':>7} {'greedy':>7} {'stops':<6} result"]
+    for c in checks:
+        name = c.file + (f" + {c.lora}" if c.lora else "")
+        rows.append(f"{name[:28]:<28} {'ok' if c.tokenizer_match else 'DIFF':<7} {c.nmse:>9.2e} {c.nmse_limit:>7.0e} "
+                    f"{c.greedy_agree:>7.0%} {'ok' if c.stops_ok else 'FAIL':<6} "
+                    f"{'pass' if c.passed else 'FAIL: ' + '; '.join(c.problems)}")
+    return "\n".join(rows)
