@@ -224,3 +224,21 @@ def test_sharegpt_and_messages_normalise() -> None:
     comp = normalise({"prompt": "p", "completion": "c"}, "completion", "f:3")
     assert comp.messages == [{"role": "user", "content": "p"}, {"role": "assistant", "content": "c"}]
     assert normalise({"text": "t"}, "text", "f:4") == Sample("text", text="t", where="f:4")
+
+
+def test_datasets_folder_and_hub_id(tmp_path) -> None:
+    """The `datasets` path: a save_to_disk folder (a DatasetDict with splits) loads like a file;
+    an unreachable hub id ends in one clear error naming it."""
+    datasets = pytest.importorskip("datasets")
+    rows = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(5)]
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                               "test": datasets.Dataset.from_list(rows[:2])})
+    dd.save_to_disk(str(tmp_path / "ds"))
+    samples, stats = load_samples(str(tmp_path / "ds"))
+    assert len(samples) == 5 and stats["format"] == "alpaca"
+    samples, _ = load_samples(str(tmp_path / "ds"), split="test")
+    assert len(samples) == 2
+    with pytest.raises(UserError, match="no split 'valid'"):
+        load_samples(str(tmp_path / "ds"), split="valid")
+    with pytest.raises(UserError, match="nobody-here/no-such-dataset"):
+        load_samples("nobody-here/no-such-dataset")

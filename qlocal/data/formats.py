@@ -148,6 +148,20 @@ def _load_hub(name: str, split: str) -> list[tuple[Any, str]]:
     return [(dict(r), f"{name}[{split}]:row {i}") for i, r in enumerate(ds)]
 
 
+def _load_saved_dataset(path: str, split: str) -> list[tuple[Any, str]]:
+    """A folder written by `datasets`' save_to_disk (a Dataset, or a DatasetDict holding `split`)."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"{path}: reading a saved dataset folder needs `datasets`: pip install 'qlocal[data]'") from None
+    ds = datasets.load_from_disk(path)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise UserError(f"{path}: has no split '{split}' (has {', '.join(ds)}); set data.split")
+        ds = ds[split]
+    return [(dict(r), f"{path}[{split}]:row {i}") for i, r in enumerate(ds)]
+
+
 def looks_like_hub_id(path: str) -> bool:
     """True for `org/name` that is not a local path (no known file extension, no local folder)."""
     if not _HUB_ID.match(path) or path.lower().endswith(EXTENSIONS + (".txt",)):
@@ -156,7 +170,7 @@ def looks_like_hub_id(path: str) -> bool:
 
 
 def load_records(path: str, split: str = "train", skipped: list[str] | None = None) -> list[tuple[dict, str]]:
-    """Read every record of a .jsonl/.json/.csv/.parquet file or a hub dataset id.
+    """Read every record of a .jsonl/.json/.csv/.parquet file, a saved `datasets` folder or a hub dataset id.
 
     Returns (record, location) pairs. When `skipped` is a list, malformed lines and non-object
     records are appended to it (by location) instead of raising.
@@ -168,6 +182,8 @@ def load_records(path: str, split: str = "train", skipped: list[str] | None = No
         else:
             raise UserError(f"{path}: file not found; check data.path (or --data), "
                             "or give a hub dataset id like org/name")
+    elif p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file()):
+        pairs = _load_saved_dataset(path, split)
     elif p.is_dir():
         raise UserError(f"{path}: is a folder; point data.path at a .jsonl, .json, .csv or .parquet file")
     else:
