@@ -122,8 +122,7 @@ def _qwen(hp: Hparams, w: GGUFWriter) -> None:
 
 def _gemma2(hp: Hparams, w: GGUFWriter) -> None:
     _common(hp, w, rope_default=10000.0)
-    w.add_key_length(head_dim(hp))
-    w.add_value_length(head_dim(hp))
+    _gemma_head_dim(hp, w)
     if hp.get("attn_logit_softcapping"):
         w.add_attn_logit_softcapping(float(hp["attn_logit_softcapping"]))
     if hp.get("final_logit_softcapping"):
@@ -133,10 +132,8 @@ def _gemma2(hp: Hparams, w: GGUFWriter) -> None:
 
 
 def _gemma3(hp: Hparams, w: GGUFWriter) -> None:
-    _common(hp, w, rope_default=1_000_000.0)
-    w.add_key_length(head_dim(hp))
-    w.add_value_length(head_dim(hp))
-    w.add_rope_freq_base(float(rope_params(hp, "full_attention").get("rope_theta", 1_000_000.0)))
+    _common(hp, w, rope_default=1_000_000.0)  # rope_params() picks the global layers' theta
+    _gemma_head_dim(hp, w)
     local = rope_params(hp, "sliding_attention").get("rope_theta")
     if local is not None:
         w.add_rope_freq_base_swa(float(local))
@@ -146,6 +143,12 @@ def _gemma3(hp: Hparams, w: GGUFWriter) -> None:
         w.add_sliding_window(int(hp["sliding_window"]))
         # The loader assumes 5 local : 1 global; write the real per-layer pattern for models that differ.
         w.add_sliding_window_pattern(_swa_pattern(hp))
+
+
+def _gemma_head_dim(hp: Hparams, w: GGUFWriter) -> None:
+    if not hp.get("head_dim"):  # _common wrote it otherwise; Gemma's default is 256, not hidden/heads
+        w.add_key_length(256)
+        w.add_value_length(256)
 
 
 def _swa_pattern(hp: Hparams) -> list[bool]:
