@@ -11,8 +11,11 @@ reads the result back so the export can say how much of the file really is the a
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
+from collections.abc import Callable, Iterator
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -94,15 +97,37 @@ def quantize_gguf(src: Path, out: Path, quant: str, nthread: int = 0) -> QuantRe
     params.ftype = getattr(llama_cpp, VIA_LLAMA_CPP[quant])
     params.nthread = nthread
     try:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+        with _captured_output() as log:
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
         if rc != 0 or not tmp.is_file():
-            raise UserError(f"{src}: llama.cpp could not quantise it to {quant} (status {rc}; its log above says why)")
+            tail = " | ".join(log().strip().splitlines()[-3:])
+            raise UserError(f"{src}: llama.cpp could not quantise it to {quant} (status {rc}: {tail})")
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     types = tensor_types(out)
     return QuantReport(quant, str(out), out.stat().st_size, round(time.perf_counter() - t0, 2), types,
                        fallback_count(out, quant))
+
+
+@contextlib.contextmanager
+def _captured_output() -> Iterator[Callable[[], str]]:
+    """Send C-level stdout/stderr to a temp file: llama.cpp logs every tensor while quantising."""
+    import tempfile
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile(mode="w+b") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield lambda: (f.seek(0), f.read().decode("utf-8", "replace"))[1]
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
 
 
 def tensor_types(path: Path) -> dict[str, int]:

@@ -69,6 +69,8 @@ class FileCheck:
     passed: bool
     problems: list[str] = field(default_factory=list)
     lora: str | None = None
+    nmse_without_lora: float | None = None
+    """With a LoRA: the base GGUF alone vs the fused model, a control showing the adapter matters."""
 
 
 def _limit(quant: str) -> float:
@@ -202,6 +204,7 @@ def verify_gguf(ref: HFReference, path: Path, quant: str, stops: list[str], lora
     finally:
         llm.close()
     nmse = num / max(den, 1e-30)
+    control = _nmse_only(ref, path) if lora is not None else None
     greedy = agree / total if total else 1.0
     problems = []
     if mismatches:
@@ -213,7 +216,16 @@ def verify_gguf(ref: HFReference, path: Path, quant: str, stops: list[str], lora
     if not stops_ok:
         problems.append("stop set does not end generation")
     return FileCheck(str(path.name), quant, not mismatches, mismatches, nmse, _limit(quant), greedy, text_equal,
-                     stops_ok, stop_detail, not problems, problems, str(lora.name) if lora else None)
+                     stops_ok, stop_detail, not problems, problems, str(lora.name) if lora else None, control)
+
+
+def _nmse_only(ref: HFReference, path: Path) -> float:
+    llm = load_llama(path)
+    try:
+        num = sum(float(((gguf_logits(llm, ids) - h) ** 2).sum()) for ids, h in zip(ref.chat_ids, ref.logits))
+    finally:
+        llm.close()
+    return num / max(sum(float((h ** 2).sum()) for h in ref.logits), 1e-30)
 
 
 def verify_all(hf_dir: Path, files: list[tuple[Path, str]], stops: list[str], out_json: Path,
