@@ -49,6 +49,22 @@ class DataConfig:
     """Train on prompt tokens too; by default only assistant turns carry loss."""
     skip_bad_lines: bool = False
     """Skip malformed records with a counted warning instead of stopping at the first."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Field mapping for other dataset shapes: {system|user|assistant|messages|text: column}. The
+    named column becomes that turn (or the conversation list / raw text). See qlocal.data.mapping."""
+    prompt_template: str | None = None
+    """The user turn built from record fields, str.format style: "{case}\\n{steps}" (lists joined
+    with newlines, {{ }} for literal braces). A field missing from a record is an error naming it."""
+    response_template: str | None = None
+    """The assistant turn built from record fields, like prompt_template."""
+    system_prompt: str | None = None
+    """A system turn for every record: fixed text, or a template over record fields."""
+    label_map: dict[str, str] = field(default_factory=dict)
+    """Label value -> answer text for classification sets ({"0": "negative", "1": "positive"}).
+    Applies to the field `label_field`; templates see the mapped text. Without response_template
+    the mapped label is the answer."""
+    label_field: str = "label"
+    """The record field label_map translates."""
 
 
 @dataclass
@@ -93,6 +109,11 @@ class TrainConfig:
     """Gradient clipping norm (0 = off)."""
     grad_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    packing: bool = True
+    """Padding-free batches: a micro-batch's examples concatenated with per-example positions and
+    attention (torch backend; MLX uses length-bucketed padded batches)."""
+    loss_chunk: int = 1024
+    """Target positions per chunk of the output head + loss (0 = no chunking)."""
     dtype: str = "auto"
     """Compute dtype: auto (bf16 on CUDA/MLX, fp32 on CPU), float32, bfloat16 or float16."""
     seed: int = 0
@@ -156,12 +177,16 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
     """Convert a YAML/CLI value to the field's type, or raise a UserError naming the key."""
     args = typing.get_args(hint)
     optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), hint) if args and typing.get_origin(hint) is not list else hint
+    base = next((a for a in args if a is not type(None)), hint) if args and typing.get_origin(hint) not in (list, dict) else hint
     if value is None or (isinstance(value, str) and value.lower() in ("null", "none") and optional):
         if optional:
             return None
         raise UserError(f"{source}: '{key}' cannot be empty")
     try:
+        if typing.get_origin(base) is dict:
+            return _coerce_mapping(key, value, source)
+        if isinstance(value, dict):  # a nested mapping under a scalar key is a typo, never a value
+            raise ValueError
         if typing.get_origin(base) is list:
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
@@ -190,6 +215,25 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
         raise UserError(f"{source}: '{key}' must be {name}, got {value!r}") from None
 
 
+def _scalar_text(value: Any) -> str:
+    # YAML reads `0:` as int and `yes:` as bool; keys and values of a mapping are compared as text.
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _coerce_mapping(key: str, value: Any, source: str) -> dict[str, str]:
+    """A {text: text} mapping (data.columns, data.label_map); scalar keys and values only."""
+    if not isinstance(value, dict):
+        raise UserError(f"{source}: '{key}' must be a mapping like {{a: b}}, got {value!r}")
+    out = {}
+    for k, v in value.items():
+        if v is None or isinstance(v, (dict, list)):
+            raise UserError(f"{source}: '{key}.{k}' must be a single value (text or number), got {v!r}")
+        out[_scalar_text(k)] = _scalar_text(v)
+    return out
+
+
 def apply(cfg: Config, updates: dict[str, Any], source: str) -> Config:
     """Apply flat `section.key` -> value updates (or nested dicts) onto cfg, checking every key."""
     sections = _sections(cfg)
@@ -215,10 +259,10 @@ def apply(cfg: Config, updates: dict[str, Any], source: str) -> Config:
 def _flatten(updates: dict[str, Any], source: str) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for k, v in updates.items():
-        if isinstance(v, dict):
+        if isinstance(v, dict) and "." not in str(k):  # a section; "data.label_map": {..} is a value
             for k2, v2 in v.items():
-                if isinstance(v2, dict):
-                    raise UserError(f"{source}: '{k}.{k2}' is nested too deeply; keys look like section.key")
+                # A mapping value is kept whole: dict-typed keys (data.label_map) take it, and
+                # _coerce rejects it for every other key.
                 flat[f"{k}.{k2}"] = v2
         else:
             flat[str(k)] = v
@@ -299,5 +343,5 @@ def save(cfg: Config, path: Path, extra: dict[str, Any] | None = None) -> None:
     if extra:
         doc["resolved"] = extra
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    tmp.write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True), encoding="utf-8")
     tmp.replace(path)
