@@ -31,9 +31,12 @@ def _mlx() -> tuple[Any, Any, Any]:
         import mlx.core as mx
         import mlx.nn as nn
         import mlx.optimizers as optim
-        import mlx_lm  # noqa: F401
     except ImportError:
         raise missing_extra("mlx", "mlx") from None
+    try:
+        import mlx_lm  # noqa: F401
+    except ImportError:
+        raise missing_extra("mlx-lm", "mlx") from None
     return mx, nn, optim
 
 
