@@ -118,16 +118,19 @@ def _captured_output() -> Iterator[Callable[[], str]]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
+    text: list[str] = []
     with tempfile.TemporaryFile(mode="w+b") as f:
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
         try:
-            yield lambda: (f.seek(0), f.read().decode("utf-8", "replace"))[1]
+            yield lambda: "".join(text)
         finally:
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             for fd in saved:
                 os.close(fd)
+            f.seek(0)
+            text.append(f.read().decode("utf-8", "replace"))
 
 
 def tensor_types(path: Path) -> dict[str, int]:
