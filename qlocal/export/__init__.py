@@ -6,7 +6,6 @@ Heavy imports stay inside the submodules' functions so `import qlocal.export` is
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 
 def convert_hf_to_gguf(hf_dir: Path, out_path: Path, outtype: str = "f16",
@@ -24,4 +23,4 @@ def convert_lora_to_gguf(adapter_dir: Path, base_hf_dir: Path, out_path: Path) -
     return convert(adapter_dir, base_hf_dir, out_path)
 
 
-__all__: list[Any] = ["convert_hf_to_gguf", "convert_lora_to_gguf"]
+__all__ = ["convert_hf_to_gguf", "convert_lora_to_gguf"]

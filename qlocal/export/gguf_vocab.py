@@ -158,8 +158,9 @@ def _write_tokens_json(w: GGUFWriter, tj: dict[str, Any], tok_config: dict[str, 
         spm = True
     elif kind == "BPE":
         vocab: dict[str, int] = model["vocab"]
-        spm = bool(model.get("byte_fallback")) or _find(tj.get("pre_tokenizer"), "ByteLevel") is None \
-            and _find(tj.get("decoder"), "ByteLevel") is None
+        # byte_fallback (or no ByteLevel anywhere) means SentencePiece-style pieces, not GPT-2 bytes.
+        spm = bool(model.get("byte_fallback")) or (_find(tj.get("pre_tokenizer"), "ByteLevel") is None
+                                                   and _find(tj.get("decoder"), "ByteLevel") is None)
         merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
         rank = {m.replace(" ", ""): r for r, m in reversed(list(enumerate(merges)))} if spm else {}
         # SPM scores: -rank for merge results (llama.cpp merges highest score first = BPE order);
@@ -187,8 +188,6 @@ def _write_tokens_json(w: GGUFWriter, tj: dict[str, Any], tok_config: dict[str, 
             ttype = TokenType.NORMAL
             if spm and _BYTE_TOKEN.fullmatch(text):
                 ttype = TokenType.BYTE
-            if text == unk:
-                ttype = TokenType.UNKNOWN
         else:  # config vocab_size larger than the tokenizer (Qwen pads its embeddings)
             text, score, ttype = f"[PAD{i}]", -1000.0, TokenType.UNUSED
         if text == unk and spm:
