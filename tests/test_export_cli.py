@@ -1,0 +1,98 @@
+"""`qlocal export` end to end: train 5 iters -> export -> verify.json passes -> the GGUF answers.
+
+Also: one-line errors (exit 2, nothing written) and --adapter-only.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("llama_cpp")
+pytest.importorskip("torch")
+
+from conftest import REPO, run_qlocal  # noqa: E402
+
+DATA = REPO / "data" / "alpaca_sample.jsonl"
+
+
+def _train(model: Path, out: Path, name: str, *extra: str) -> Path:
+    r = run_qlocal("train", "--model", model, "--data", DATA, "--iters", "5", "--output-dir", out, "--name", name,
+                   "--quiet", "--max-seq-len", "128", *extra)
+    assert r.returncode == 0, r.stderr
+    return out / name
+
+
+@pytest.fixture(scope="module")
+def qwen_run(tiny_model_dir, tmp_path_factory) -> Path:
+    # A high learning rate so five steps move the adapter far enough to matter in the checks.
+    return _train(tiny_model_dir("qwen2"), tmp_path_factory.mktemp("runs"), "r", "--lr", "0.02")
+
+
+def test_export_end_to_end(qwen_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "export" / "r"
+    r = run_qlocal("export", qwen_run, "--gguf", "--quant", "q8_0,f16,q4_k_m", "--out", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "model-f16.gguf" in r.stdout and "pass" in r.stdout
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["Modelfile", "export.json", "fused", "model-f16.gguf", "model-q4_k_m.gguf",
+                     "model-q8_0.gguf", "verify.json"]
+    assert not list(out.parent.glob(".*"))  # no temp folders left
+    verify = json.loads((out / "verify.json").read_text())
+    assert verify["passed"] and len(verify["files"]) == 3
+    summary = json.loads((out / "export.json").read_text())
+    assert summary["fuse"]["max_abs_logit_diff"] < 1e-4
+    assert summary["quantize"]["q4_k_m"]["fallback_tensors"] > 0  # hidden 64: honest about K-quant fallback
+    modelfile = (out / "Modelfile").read_text()
+    assert "FROM ./model-q8_0.gguf" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(out / "model-q8_0.gguf"), n_ctx=256, verbose=False)
+    answer = llm.create_chat_completion([{"role": "user", "content": "Say hi"}], max_tokens=8, temperature=0)
+    assert answer["choices"][0]["message"]["content"] is not None
+    llm.close()
+
+
+def test_adapter_only(qwen_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "lora"
+    r = run_qlocal("export", qwen_run, "--adapter-only", "--quant", "f16", "--out", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (out / "adapter.gguf").is_file() and (out / "base-f16.gguf").is_file()
+    modelfile = (out / "Modelfile").read_text().splitlines()
+    assert "FROM ./base-f16.gguf" in modelfile and "ADAPTER ./adapter.gguf" in modelfile
+    (check,) = json.loads((out / "verify.json").read_text())["files"]
+    assert check["passed"] and check["lora"] == "adapter.gguf"
+    # Control: without the LoRA the base is measurably further from the fused model.
+    assert check["nmse_without_lora"] > 10 * check["nmse"]
+
+
+def test_errors_are_one_line_and_write_nothing(qwen_run: Path, tiny_model_dir, tmp_path: Path) -> None:
+    out = tmp_path / "x"
+    r = run_qlocal("export", tmp_path, "--out", out)
+    assert r.returncode == 2 and "not a qlocal run folder" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_qlocal("export", qwen_run, "--quant", "q4_k_m,q9", "--out", out)
+    assert r.returncode == 2 and "'q9' is not supported" in r.stderr
+    # A run whose base model was deleted.
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir("llama"), base)
+    run = _train(base, tmp_path / "runs", "gone")
+    shutil.rmtree(base)
+    r = run_qlocal("export", run, "--out", out)
+    assert r.returncode == 2 and "is gone" in r.stderr and "Traceback" not in r.stderr
+    # An architecture the converter does not support.
+    odd = tmp_path / "odd-run"
+    shutil.copytree(qwen_run, odd)
+    fake_base = tmp_path / "fake-base"
+    shutil.copytree(tiny_model_dir("qwen2"), fake_base)
+    cfg = json.loads((fake_base / "config.json").read_text())
+    cfg.update(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"])
+    (fake_base / "config.json").write_text(json.dumps(cfg))
+    text = (odd / "config.yaml").read_text().replace(str(tiny_model_dir("qwen2")), str(fake_base))
+    (odd / "config.yaml").write_text(text)
+    r = run_qlocal("export", odd, "--out", out)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".x*"))
