@@ -115,28 +115,36 @@ def data() -> None:
 
 
 @data.command("check")
-@click.argument("file")
-@_opt("--model", "-m", default="gemma-3-270m", show_default=True, help="Model whose tokenizer and template to use.")
+@click.argument("file", required=False)
+@_opt("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config: its model and data section (path, format, field mapping) are used.")
+@_opt("--set", "sets", multiple=True, default=(), metavar="KEY=VALUE", help="Override a config key, e.g. --set data.label_field=y.")
+@_opt("--model", "-m", help="Model whose tokenizer and template to use. [default: the config's, else gemma-3-270m]")
 @_opt("--chat-template", help="chatml|llama3|gemma|mistral|alpaca or a .jinja file.")
-@_opt("--format", "data_format", default="auto", show_default=True)
-@_opt("--max-seq-len", type=int, default=1024, show_default=True)
-@_opt("--train-on-prompt", is_flag=True, default=False)
-@_opt("--skip-bad-lines", is_flag=True, default=False)
-def data_check(file: str, model: str, chat_template: str | None, data_format: str, max_seq_len: int,
-               train_on_prompt: bool, skip_bad_lines: bool) -> None:
-    """Counts per format, token-length statistics, truncation and one rendered example."""
-    from qlocal.config import DataConfig
+@_opt("--format", "data_format", type=click.Choice(["auto", "alpaca", "sharegpt", "messages", "completion", "text"]), help="[default: auto]")
+@_opt("--max-seq-len", type=int, help="[default: 1024]")
+@_opt("--train-on-prompt", is_flag=True, default=None)
+@_opt("--skip-bad-lines", is_flag=True, default=None)
+def data_check(file: str | None, config_file: str | None, sets: tuple[str, ...], **flags: Any) -> None:
+    """Counts per format, token-length statistics, truncation and one rendered example.
+
+    \b
+      qlocal data check data/alpaca_sample.jsonl --model gemma-3-270m
+      qlocal data check --config configs/mapping_sentiment.yaml    # a config's field mapping
+    """
+    from qlocal import config as config_mod
     from qlocal.data.check import check_report
     from qlocal.data.templates import resolve_chat_template
     from qlocal.models import resolve_model
     from qlocal.train import load_tokenizer
 
-    resolved = resolve_model(model)
-    tokenizer = load_tokenizer(resolved.path)
-    template, _ = resolve_chat_template(tokenizer, chat_template or resolved.default_chat_template)
-    dc = DataConfig(path=file, format=data_format, max_seq_len=max_seq_len, train_on_prompt=train_on_prompt,
-                    skip_bad_lines=skip_bad_lines)
-    click.echo(check_report(file, tokenizer, template, dc))
+    if file is None and config_file is None:
+        raise UserError("give a data FILE, or --config FILE.yaml whose data.path to check")
+    flags["data"] = file
+    cfg = config_mod.build(config_file, {TRAIN_FLAGS[k]: v for k, v in flags.items() if v is not None}, sets)
+    resolved = resolve_model(cfg.model.name, cfg.model.revision)
+    tokenizer = load_tokenizer(resolved.path, cfg.model.trust_remote_code)
+    template, _ = resolve_chat_template(tokenizer, cfg.model.chat_template or resolved.default_chat_template)
+    click.echo(check_report(cfg.data.path, tokenizer, template, cfg.data))
 
 
 @cli.command()

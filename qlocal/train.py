@@ -70,18 +70,21 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
 def prepare_data(cfg: Config, tokenizer: Any, template_choice: str | None) -> PreparedData:
     """Load, normalise and render the training (and validation) data into Examples."""
     from qlocal.data.formats import load_samples
+    from qlocal.data.mapping import mapping_from_config
     from qlocal.data.render import render
     from qlocal.data.templates import resolve_chat_template
 
     template, template_name = resolve_chat_template(tokenizer, template_choice)
     dc = cfg.data
-    samples, stats = load_samples(dc.path, dc.format, dc.split, skip_bad_lines=dc.skip_bad_lines)
+    mapping = mapping_from_config(dc)  # None unless the config maps another dataset shape
+    samples, stats = load_samples(dc.path, dc.format, dc.split, skip_bad_lines=dc.skip_bad_lines, mapping=mapping)
     if stats.get("skipped"):
         print(f"warning: skipped {stats['skipped']} bad records in {dc.path} "
               f"(first: {', '.join(stats.get('skipped_where', []))})", file=sys.stderr)
     val_samples: list[Any] = []
     if dc.val_path:
-        val_samples, _ = load_samples(dc.val_path, dc.format, dc.split, skip_bad_lines=dc.skip_bad_lines)
+        val_samples, _ = load_samples(dc.val_path, dc.format, dc.split, skip_bad_lines=dc.skip_bad_lines,
+                                      mapping=mapping)
     elif dc.val_split > 0:
         order = np.random.default_rng(cfg.train.seed).permutation(len(samples))
         n_val = max(1, round(len(samples) * dc.val_split))

@@ -19,8 +19,11 @@ def _stats_line(name: str, values: list[int]) -> str:
 def check_report(path: str, tokenizer: Any, template: str, cfg_data: Any) -> str:
     """Text report for a data file: records per format, token-length statistics, truncation at
     max_seq_len, and the first example rendered with its trained spans marked [[ ... ]]."""
+    from qlocal.data.mapping import mapping_from_config
+
     samples, stats = load_samples(path, cfg_data.format, getattr(cfg_data, "split", "train"),
-                                  skip_bad_lines=getattr(cfg_data, "skip_bad_lines", False))
+                                  skip_bad_lines=getattr(cfg_data, "skip_bad_lines", False),
+                                  mapping=mapping_from_config(cfg_data))
     max_len = cfg_data.max_seq_len
     # Render untruncated so the statistics show the real lengths.
     examples: list[Example] = [render(s, tokenizer, template, cfg_data.train_on_prompt) for s in samples]

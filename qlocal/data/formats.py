@@ -317,11 +317,13 @@ def normalise(record: dict, fmt: str, where: str) -> Sample:
     return Sample("chat", messages=messages, where=where)
 
 
-def load_samples(path: str, fmt: str = "auto", split: str = "train",
-                 skip_bad_lines: bool = False) -> tuple[list[Sample], dict[str, Any]]:
+def load_samples(path: str, fmt: str = "auto", split: str = "train", skip_bad_lines: bool = False,
+                 mapping: Any = None) -> tuple[list[Sample], dict[str, Any]]:
     """Load, detect and normalise every record of `path`.
 
-    With fmt="auto" all records must share one format. Returns (samples, stats) where stats is
+    With fmt="auto" all records must share one format. `mapping` (a qlocal.data.mapping.Mapping)
+    maps other dataset shapes first; records it turns into chats count as format "mapped".
+    Returns (samples, stats) where stats is
     {"format": name, "counts": {name: n}, "skipped": n, "skipped_where": [first few locations]}.
     """
     if fmt != "auto" and fmt not in FORMATS:
@@ -330,19 +332,26 @@ def load_samples(path: str, fmt: str = "auto", split: str = "train",
     records = load_records(path, split, skipped if skip_bad_lines else None)
     chosen, first_where = (None, "") if fmt == "auto" else (fmt, "--format")
     samples: list[Sample] = []
-    for rec, where in records:
+    for original, where in records:
         try:
+            rec = mapping.apply(original, where) if mapping is not None else original
+            if isinstance(rec, Sample):
+                chosen = chosen or "mapped"
+                samples.append(rec)
+                continue
             this = fmt if fmt != "auto" else detect_format(rec)
             if this is None:
                 keys = ", ".join(sorted(map(str, rec))[:8]) or "none"
                 raise UserError(f"{where}: cannot tell the format from the keys ({keys}); expected instruction+output "
-                                "(alpaca), conversations (sharegpt), messages, prompt+completion or text")
+                                "(alpaca), conversations (sharegpt), messages, prompt+completion or text, or map the fields "
+                                "in a --config file (data.columns / data.prompt_template; see configs/mapping_*.yaml)")
             if chosen is None:
                 chosen, first_where = this, where
             elif this != chosen:
                 raise UserError(f"{where}: record is {this} but the file's first record ({first_where}) is {chosen}; "
                                 "one file must hold one format: fix the record or pass --skip-bad-lines")
-            samples.append(normalise(rec, this, where))
+            sample = normalise(rec, this, where)
+            samples.append(mapping.add_system(sample, original, where) if mapping is not None else sample)
         except UserError:
             if not skip_bad_lines:
                 raise
