@@ -161,11 +161,16 @@ def _write_tokens_json(w: GGUFWriter, tj: dict[str, Any], tok_config: dict[str, 
         # byte_fallback (or no ByteLevel anywhere) means SentencePiece-style pieces, not GPT-2 bytes.
         spm = bool(model.get("byte_fallback")) or (_find(tj.get("pre_tokenizer"), "ByteLevel") is None
                                                    and _find(tj.get("decoder"), "ByteLevel") is None)
-        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-        rank = {m.replace(" ", ""): r for r, m in reversed(list(enumerate(merges)))} if spm else {}
+        rank: dict[str, int] = {}
+        n_merges = len(model.get("merges") or [])
+        if spm:
+            # Merges are only needed for their ranks here; drop the (large) parsed list as we go.
+            for r, m in enumerate(model.pop("merges", None) or []):
+                rank.setdefault(m.replace(" ", "") if isinstance(m, str) else "".join(m), r)
         # SPM scores: -rank for merge results (llama.cpp merges highest score first = BPE order);
         # everything else ranks after every merge so it never wins a tie against one.
-        pieces = {i: (t, -float(rank.get(t, len(merges) + i))) for t, i in vocab.items()}
+        pieces = {i: (t, -float(rank.get(t, n_merges + i))) for t, i in vocab.items()}
+        del rank
     else:
         raise UserError(f"tokenizer.json model type {kind!r} is not supported by the GGUF export "
                         "(supported: byte-level BPE, SentencePiece-style BPE/Unigram)")
