@@ -109,10 +109,12 @@ def prepare_data(cfg: Config, tokenizer: Any, template_choice: str | None) -> Pr
 class _Schedule:
     """Maps optimizer steps to micro-batches: a pure function of (seed, step), so resume can jump."""
 
-    def __init__(self, examples: list[Any], batch_size: int, grad_accum: int, seed: int, pad_id: int) -> None:
+    def __init__(self, examples: list[Any], batch_size: int, grad_accum: int, seed: int, pad_id: int,
+                 packed: bool) -> None:
         from qlocal.data.batching import epoch_batches
 
         self.examples, self.bs, self.ga, self.seed, self.pad_id = examples, batch_size, grad_accum, seed, pad_id
+        self.packed = packed
         self.lengths = [len(e.input_ids) for e in examples]
         self._epoch_batches = epoch_batches
         self._cache: dict[int, list[list[int]]] = {}
@@ -125,12 +127,13 @@ class _Schedule:
 
     def micro_batches(self, step: int) -> tuple[list[dict[str, np.ndarray]], float]:
         """Collated micro-batches of 0-based optimizer step `step`, and the epoch position reached."""
-        from qlocal.data.batching import collate
+        from qlocal.data.batching import collate, collate_packed
 
         out = []
         for m in range(step * self.ga, (step + 1) * self.ga):
             e, i = divmod(m, self.per_epoch)
-            out.append(collate([self.examples[j] for j in self._epoch(e)[i]], self.pad_id))
+            chosen = [self.examples[j] for j in self._epoch(e)[i]]
+            out.append(collate_packed(chosen) if self.packed else collate(chosen, self.pad_id))
         return out, (step + 1) * self.ga / self.per_epoch
 
 
@@ -177,7 +180,9 @@ def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
     tc = cfg.train
-    sched = _Schedule(data.train, tc.batch_size, tc.grad_accum, tc.seed, pad_id)
+    backend = create_backend(backend_name)
+    packed = tc.packing and getattr(backend, "supports_packing", False)
+    sched = _Schedule(data.train, tc.batch_size, tc.grad_accum, tc.seed, pad_id, packed)
     total = tc.iters or max(1, math.ceil(tc.epochs * sched.per_epoch / tc.grad_accum))
     warmup = tc.warmup_steps or int(tc.warmup_ratio * total)
 
@@ -187,7 +192,6 @@ def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
         run = Path(cfg.run.output_dir) / (cfg.run.name or _default_run_name(cfg.model.name))
         rundir.create(run, cfg.run.overwrite)
 
-    backend = create_backend(backend_name)
     facts = backend.setup(model.path, cfg)
     start, elapsed_before = 0, 0.0
     ckpts = rundir.checkpoints(run)
@@ -199,7 +203,8 @@ def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
     resolved = {
         "backend": backend_name, "backend_reason": reason, "model_path": str(model.path),
         "model_source": model.source, "chat_template": data.template_name, "data_format": data.format,
-        "train_examples": len(data.train), "val_examples": len(data.val), "total_steps": total, **facts,
+        "train_examples": len(data.train), "val_examples": len(data.val), "total_steps": total,
+        "packing": packed, **facts,
     }
     rundir.save_config_with_template(run, cfg, resolved, data.template)
     metrics = rundir.Metrics(run / "metrics.jsonl", resume_step=start if resume is not None else None)

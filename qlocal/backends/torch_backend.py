@@ -60,10 +60,36 @@ def num_layers(model: Any) -> int:
     return int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg.get_text_config(), "num_hidden_layers"))
 
 
+def chunked_cross_entropy(h: Any, targets: Any, head: Any, softcap: float | None, chunk: int) -> Any:
+    """Summed CE of head(h) against targets, `chunk` rows at a time.
+
+    Each chunk's logits are recomputed in the backward pass (checkpointed), so full-vocabulary
+    logits never exist for more than `chunk` positions: with Gemma's 262k vocabulary that is the
+    difference between megabytes and gigabytes.
+    """
+    torch = _import_torch()
+    from torch.utils.checkpoint import checkpoint
+
+    def piece(hc: Any, tc: Any) -> Any:
+        logits = head(hc).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return torch.nn.functional.cross_entropy(logits, tc, reduction="sum")
+
+    if chunk <= 0 or h.shape[0] <= chunk:
+        return piece(h, targets)
+    total = h.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.shape[0], chunk):
+        hc, tc = h[i:i + chunk], targets[i:i + chunk]
+        total = total + (checkpoint(piece, hc, tc, use_reentrant=False) if torch.is_grad_enabled() else piece(hc, tc))
+    return total
+
+
 class TorchBackend:
     """Trains a PEFT LoRA adapter on a transformers causal LM."""
 
     name = "torch"
+    supports_packing = True
 
     def __init__(self) -> None:
         self.model: Any = None
@@ -121,6 +147,7 @@ class TorchBackend:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
         self.max_grad_norm = tc.max_grad_norm
+        self.loss_chunk = tc.loss_chunk
         self.dtype = dtype
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -145,27 +172,24 @@ class TorchBackend:
                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
         return BitsAndBytesConfig(load_in_8bit=True)
 
-    def _tensors(self, batch: Batch) -> tuple[Any, Any, Any]:
+    def _tensors(self, batch: Batch) -> dict[str, Any]:
         torch = _import_torch()
-        ids = torch.from_numpy(np.ascontiguousarray(batch["input_ids"])).to(self.device)
-        att = torch.from_numpy(np.ascontiguousarray(batch["attention_mask"])).to(self.device)
-        mask = torch.from_numpy(np.ascontiguousarray(batch["loss_mask"])).to(self.device)
-        return ids, att, mask
+        return {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in batch.items()}
 
     def _summed_loss(self, batch: Batch) -> tuple[Any, int]:
-        """Summed CE over target tokens; the head runs only on target positions to spare memory."""
-        torch = _import_torch()
-        ids, att, mask = self._tensors(batch)
+        """Summed CE over target tokens; the head runs only on target positions, in chunks."""
+        t = self._tensors(batch)
+        ids, mask = t["input_ids"], t["loss_mask"]
         base = self.model.get_base_model()
-        hidden = base.get_decoder()(input_ids=ids, attention_mask=att).last_hidden_state
+        if "position_ids" in t:  # packed: no 2-D mask, so transformers builds a per-example causal mask
+            out = base.get_decoder()(input_ids=ids, position_ids=t["position_ids"], use_cache=False)
+        else:
+            out = base.get_decoder()(input_ids=ids, attention_mask=t["attention_mask"], use_cache=False)
         select = mask[:, 1:].bool()
-        h = hidden[:, :-1][select]
+        h = out.last_hidden_state[:, :-1][select]
         targets = ids[:, 1:][select]
-        logits = base.get_output_embeddings()(h).float()
         cap = getattr(base.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        loss = chunked_cross_entropy(h, targets, base.get_output_embeddings(), cap, self.loss_chunk)
         return loss, int(targets.numel())
 
     def train_step(self, micro_batches: list[Batch], lr: float) -> StepStats:

@@ -57,3 +57,18 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, np.ndarray]:
 def count_targets(batch: dict[str, np.ndarray]) -> int:
     """Number of trained tokens in a batch (position 0 is never predicted, so it never counts)."""
     return int(np.asarray(batch["loss_mask"])[:, 1:].sum())
+
+
+def collate_packed(examples: Sequence[Example]) -> dict[str, np.ndarray]:
+    """Padding-free batch: the examples concatenated into one row with position ids restarting at 0
+    for each, so attention stays inside each example (block-diagonal causal mask / varlen kernels).
+
+    The first token of every example is not a target: it would be predicted from the previous
+    example. That is the same set of targets `collate` gives, so the loss is identical.
+    """
+    if not examples:
+        raise ValueError("collate_packed needs at least one example")
+    ids = np.concatenate([np.asarray(e.input_ids, dtype=np.int64) for e in examples])[None]
+    mask = np.concatenate([np.asarray([0] + list(e.loss_mask[1:]), dtype=np.int64) for e in examples])[None]
+    pos = np.concatenate([np.arange(len(e.input_ids), dtype=np.int64) for e in examples])[None]
+    return {"input_ids": ids, "loss_mask": mask, "position_ids": pos, "attention_mask": np.ones_like(ids)}
