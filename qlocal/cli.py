@@ -147,18 +147,29 @@ def data_check(file: str | None, config_file: str | None, sets: tuple[str, ...],
     click.echo(check_report(cfg.data.path, tokenizer, template, cfg.data))
 
 
+def _sampling_options(f: Any) -> Any:
+    for opt in reversed([
+        _opt("--max-tokens", type=int, default=256, show_default=True, help="Most tokens per answer."),
+        _opt("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
+        _opt("--top-p", type=float, default=1.0, show_default=True),
+        _opt("--backend", "-b", type=click.Choice(["auto", "torch", "mlx"]), default="auto", show_default=True,
+             help="For runs and HF models; auto = the run's own backend when installed."),
+        _opt("--chat-template", help="For a plain HF model without its own template: chatml|llama3|gemma|mistral|alpaca|FILE.jinja."),
+    ]):
+        f = opt(f)
+    return f
+
+
 @cli.command()
 @click.argument("target")
 @_opt("--prompt", "-p", help="One user message to answer.")
 @_opt("--system", help="System prompt.")
 @_opt("--input-file", type=click.Path(dir_okay=False, exists=True), help="JSONL of {prompt} or {messages} records.")
 @_opt("--output", type=click.Path(dir_okay=False), help="Where --input-file answers go (JSONL).")
-@_opt("--max-tokens", type=int, default=256, show_default=True)
-@_opt("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
-@_opt("--top-p", type=float, default=1.0, show_default=True)
+@_sampling_options
 def generate(target: str, prompt: str | None, system: str | None, input_file: str | None, output: str | None,
-             max_tokens: int, temperature: float, top_p: float) -> None:
-    """Answer a prompt (or a file of prompts) with a run, an export folder or a GGUF."""
+             max_tokens: int, temperature: float, top_p: float, backend: str, chat_template: str | None) -> None:
+    """Answer a prompt (or a file of prompts) with a run, an export folder, a GGUF or an HF model."""
     from qlocal.infer import Sampling, generate_file, open_generator
 
     if (prompt is None) == (input_file is None):
@@ -166,7 +177,7 @@ def generate(target: str, prompt: str | None, system: str | None, input_file: st
     if input_file and not output:
         raise UserError("--input-file needs --output out.jsonl")
     sampling = Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
-    gen = open_generator(target)
+    gen = open_generator(target, backend, chat_template)
     if input_file:
         n = generate_file(gen, Path(input_file), Path(output or ""), sampling)
         click.echo(f"wrote {n} answers to {output}", err=True)
@@ -175,6 +186,54 @@ def generate(target: str, prompt: str | None, system: str | None, input_file: st
     for piece in gen.chat(messages, sampling):
         click.echo(piece, nl=False)
     click.echo()
+
+
+@cli.command()
+@click.argument("target")
+@_opt("--system", help="System prompt (kept across /reset).")
+@_sampling_options
+def chat(target: str, system: str | None, max_tokens: int, temperature: float, top_p: float, backend: str,
+         chat_template: str | None) -> None:
+    """Chat with a run, an export folder, a GGUF or an HF model; replies stream as they are generated.
+
+    \b
+    One message per line. /reset clears the conversation, /exit (or Ctrl-D) quits.
+      qlocal chat outputs/<run>
+      qlocal chat export/<run> --system "Answer briefly." --temperature 0.7
+    """
+    from qlocal.infer import Sampling, chat_loop, open_generator
+
+    gen = open_generator(target, backend, chat_template)
+    chat_loop(gen, Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p), system)
+
+
+@cli.command("eval")
+@click.argument("target")
+@_opt("--data", "-d", required=True, help="Test data in any supported format (the run's field mapping applies).")
+@_opt("--generate/--no-generate", default=True, show_default=True, help="Also generate answers and score ROUGE-L, BLEU, exact match (and accuracy/F1 for labels).")
+@_opt("--max-tokens", type=int, default=128, show_default=True, help="Most tokens per generated answer.")
+@_opt("--limit", type=int, default=100, show_default=True, help="Generate for at most N records (loss covers all).")
+@_opt("--compare-base", is_flag=True, default=False, help="Evaluate the run's base model too: columns base / fine-tuned / delta.")
+@_opt("--report", type=click.Path(dir_okay=False), help="JSON report path. [default: <run>/eval-<data>.json]")
+@_opt("--backend", "-b", type=click.Choice(["auto", "torch", "mlx"]), default="auto", show_default=True, help="For runs and HF models.")
+@_opt("--config", "config_file", type=click.Path(dir_okay=False), help="For an HF model or GGUF: a config whose chat template and data mapping apply.")
+@_opt("--split", default="test", show_default=True, help="Split of a hub or saved dataset.")
+@_opt("--quiet", is_flag=True, default=False, help="No progress bar.")
+def eval_cmd(target: str, data: str, generate: bool, max_tokens: int, limit: int, compare_base: bool,
+             report: str | None, backend: str, config_file: str | None, split: str, quiet: bool) -> None:
+    """Loss, perplexity and generation metrics of a run, an HF model or a GGUF on a test file.
+
+    \b
+      qlocal eval outputs/<run> --data test.jsonl --compare-base
+      qlocal eval export/<run> --data test.jsonl --no-generate
+    """
+    from qlocal.evaluate import EvalOptions, run_eval
+
+    if limit < 0 or max_tokens <= 0:
+        raise UserError("--limit must be >= 0 and --max-tokens > 0")
+    opts = EvalOptions(data=data, generate=generate, max_tokens=max_tokens, limit=limit, compare_base=compare_base,
+                       report=Path(report) if report else None, backend=backend, config_file=config_file, split=split)
+    run_eval(target, opts, echo=click.echo, quiet=quiet)
 
 
 @cli.command("export")

@@ -1,23 +1,28 @@
-"""Generation from a run (base + adapter with transformers) or a GGUF (llama-cpp-python).
+"""Generation from a run (base + adapter, on torch or MLX), a plain HF model, or a GGUF.
 
-Both use the template the run trained with: the run's chat_template.jinja, or the one written
-into the GGUF, so what the model sees at inference is what it saw in training.
+Every path uses the template the model was trained with: the run's chat_template.jinja, or the
+one written into the GGUF. Prompts are tokenised exactly as qlocal.data.render tokenises training
+examples (template text, no extra special tokens, bos added only when the template lacks it), so
+what the model sees at inference is what it saw in training.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator, Protocol, TextIO
 
-from qlocal.errors import UserError
+from qlocal.errors import UserError, missing_extra
 
 
 @dataclass
 class Sampling:
     max_tokens: int = 256
     temperature: float = 0.0
+    """0 = greedy."""
     top_p: float = 1.0
 
 
@@ -25,82 +30,6 @@ class Generator(Protocol):
     def chat(self, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[str]:
         """Stream the assistant reply to `messages` piece by piece."""
         ...
-
-
-def find_gguf(target: Path) -> Path | None:
-    """A .gguf file, or the preferred model GGUF inside an export folder (smallest quant first)."""
-    if target.is_file() and target.suffix == ".gguf":
-        return target
-    if target.is_dir():
-        ggufs = sorted(p for p in target.glob("*.gguf") if "lora" not in p.name)
-        if ggufs:
-            return min(ggufs, key=lambda p: p.stat().st_size)
-    return None
-
-
-class GGUFGenerator:
-    """llama-cpp-python with the chat template embedded in the GGUF."""
-
-    def __init__(self, path: Path, n_ctx: int = 4096) -> None:
-        try:
-            from llama_cpp import Llama
-        except ImportError:
-            raise UserError("llama-cpp-python is not installed: pip install 'qlocal[gguf]'") from None
-        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, verbose=False)
-
-    def chat(self, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[str]:
-        stream = self.llm.create_chat_completion(
-            messages=messages, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
-            top_p=sampling.top_p, stream=True)
-        for chunk in stream:
-            piece = chunk["choices"][0]["delta"].get("content")
-            if piece:
-                yield piece
-
-
-class RunGenerator:
-    """transformers base model + the run's PEFT adapter, on CPU or CUDA."""
-
-    def __init__(self, run: Path) -> None:
-        from qlocal import rundir
-        from qlocal.train import load_tokenizer
-
-        import peft
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        cfg, resolved = rundir.load_config(run)
-        if not (run / "adapter" / "adapter_config.json").is_file():
-            raise UserError(f"{run}: has no finished adapter/ yet; finish it with qlocal train --resume {run}")
-        base_path = Path(resolved.get("model_path", ""))
-        if not (base_path / "config.json").is_file():
-            raise UserError(f"{run}: its base model {base_path} is gone; restore it or retrain")
-        self.tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
-        self.template = (run / "chat_template.jinja").read_text(encoding="utf-8")
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-        base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=dtype).to(self.device)
-        self.model = peft.PeftModel.from_pretrained(base, str(run / "adapter")).eval()
-
-    def chat(self, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[str]:
-        from threading import Thread
-
-        from transformers import TextIteratorStreamer
-
-        text = self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
-                                                  add_generation_prompt=True)
-        enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(self.device)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs: dict[str, Any] = {**enc, "max_new_tokens": sampling.max_tokens, "streamer": streamer,
-                                  "eos_token_id": stop_token_ids(self.tokenizer, self.template)}
-        if sampling.temperature > 0:
-            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        thread = Thread(target=self.model.generate, kwargs=kwargs, daemon=True)
-        thread.start()
-        yield from streamer
-        thread.join()
 
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>", "<eos>")
@@ -116,17 +45,260 @@ def stop_token_ids(tokenizer: Any, template: str) -> list[int]:
     return sorted(ids)
 
 
-def open_generator(target: str) -> Generator:
-    """A run folder, an export folder or a .gguf file."""
+def prompt_ids(tokenizer: Any, template: str, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of `messages` + the assistant header, tokenised as training renders examples."""
+    from qlocal.data.render import adds_bos
+
+    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if adds_bos(tokenizer) and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
+def hf_stream(model: Any, tokenizer: Any, template: str, messages: list[dict[str, str]],
+              sampling: Sampling) -> Iterator[str]:
+    """Stream a reply from a transformers (or PEFT) model; generation runs in a thread."""
+    from threading import Thread
+
+    import torch
+    from transformers import TextIteratorStreamer
+
+    model.eval()  # training code may have left dropout on
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids(tokenizer, template, messages)], device=device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "streamer": streamer,
+                              "max_new_tokens": sampling.max_tokens, "pad_token_id": pad, "use_cache": True,
+                              "eos_token_id": stop_token_ids(tokenizer, template)}
+    if sampling.temperature > 0:
+        kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=None)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with torch.no_grad():
+                model.generate(**kwargs)
+        except BaseException as e:  # surfaced below, after the streamer ends
+            errors.append(e)
+            streamer.end()
+
+    thread = Thread(target=run, daemon=True)
+    thread.start()
+    yield from streamer
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+def mlx_stream(model: Any, tokenizer: Any, template: str, messages: list[dict[str, str]],
+               sampling: Sampling) -> Iterator[str]:
+    """Stream a reply from an mlx-lm model with mlx-lm's stream_generate."""
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    model.eval()
+    wrapper = TokenizerWrapper(tokenizer, eos_token_ids=stop_token_ids(tokenizer, template))
+    # mlx-lm reads top_p 0 or 1 as "off"; temp 0 is greedy.
+    sampler = make_sampler(temp=sampling.temperature, top_p=sampling.top_p if sampling.top_p < 1 else 0.0)
+    for resp in stream_generate(model, wrapper, prompt_ids(tokenizer, template, messages),
+                                max_tokens=sampling.max_tokens, sampler=sampler):
+        if resp.text:
+            yield resp.text
+
+
+# --------------------------------------------------------------------------------------------
+# What a target is
+
+
+@dataclass
+class HFSource:
+    """A run folder or plain HF model, resolved: base folder, adapter, template, run config."""
+
+    name: str
+    base_path: Path
+    template: str
+    adapter: Path | None = None
+    """The run's adapter/ folder (PEFT); None for a plain model."""
+    cfg: Any = None
+    """The run's Config (None for a plain model)."""
+    backend: str | None = None
+    """The backend the run was trained with."""
+    run: Path | None = None
+
+
+def resolve_hf_source(target: str, chat_template: str | None = None) -> HFSource:
+    """A run folder (config.yaml + adapter/) or an HF model folder / hub id / alias."""
+    from qlocal.train import load_tokenizer
+
     path = Path(target)
-    if not path.exists():
-        raise UserError(f"{target}: no such run folder, export folder or .gguf file")
-    gguf = find_gguf(path)
-    if gguf is not None and not (path / "config.yaml").is_file():
-        return GGUFGenerator(gguf)
     if (path / "config.yaml").is_file():
-        return RunGenerator(path)
-    raise UserError(f"{target}: not a run folder (config.yaml), export folder or .gguf file")
+        from qlocal import rundir
+
+        cfg, resolved = rundir.load_config(path)
+        if not (path / "adapter" / "adapter_config.json").is_file():
+            raise UserError(f"{path}: has no finished adapter/ yet; finish it with qlocal train --resume {path}")
+        base = Path(resolved.get("model_path", ""))
+        if not (base / "config.json").is_file():
+            raise UserError(f"{path}: its base model {base} is gone; restore it or retrain")
+        template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        if chat_template:
+            raise UserError(f"{path}: a run answers with the template it trained with; drop --chat-template")
+        return HFSource(path.name, base, template, path / "adapter", cfg, resolved.get("backend"), path)
+    from qlocal.data.templates import resolve_chat_template
+    from qlocal.models import resolve_model
+
+    model = resolve_model(target)
+    tokenizer = load_tokenizer(model.path)
+    template, _ = resolve_chat_template(tokenizer, chat_template or model.default_chat_template)
+    return HFSource(Path(target).name, model.path, template)
+
+
+def pick_backend(src: HFSource, backend: str | None) -> str:
+    """--backend if given; else the run's own backend when its framework is installed; else torch, else MLX."""
+    if backend and backend != "auto":
+        return backend
+    have_torch = importlib.util.find_spec("torch") is not None
+    have_mlx = importlib.util.find_spec("mlx_lm") is not None
+    if src.backend == "mlx" and have_mlx:
+        return "mlx"
+    if have_torch:
+        return "torch"
+    if have_mlx:
+        return "mlx"
+    raise missing_extra("torch", "torch")
+
+
+class TorchGenerator:
+    """transformers base model (+ the run's PEFT adapter), on CUDA or CPU."""
+
+    def __init__(self, src: HFSource) -> None:
+        try:
+            import torch
+            from transformers import AutoModelForCausalLM
+        except ImportError:
+            raise missing_extra("torch", "torch") from None
+        from qlocal.train import load_tokenizer
+
+        trust = bool(src.cfg and src.cfg.model.trust_remote_code)
+        self.tokenizer = load_tokenizer(src.base_path, trust)
+        self.template = src.template
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(str(src.base_path), dtype=dtype, trust_remote_code=trust).to(device)
+        if src.adapter is not None:
+            import peft
+
+            model = peft.PeftModel.from_pretrained(model, str(src.adapter))
+        self.model = model.eval()
+
+    def chat(self, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[str]:
+        return hf_stream(self.model, self.tokenizer, self.template, messages, sampling)
+
+
+# Kept for callers of the first version of this module.
+def RunGenerator(run: Path) -> TorchGenerator:  # noqa: N802
+    """A torch generator for a run folder."""
+    return TorchGenerator(resolve_hf_source(str(run)))
+
+
+class MLXGenerator:
+    """mlx-lm model (quantised as the run was) + the run's PEFT adapter loaded into it."""
+
+    def __init__(self, src: HFSource) -> None:
+        from qlocal.backends.mlx_backend import load_mlx_model, load_peft_adapter_into_mlx
+        from qlocal.train import load_tokenizer
+
+        self.tokenizer = load_tokenizer(src.base_path)
+        self.template = src.template
+        quantize = src.cfg.train.quantize if src.cfg is not None else "none"
+        self.model, _ = load_mlx_model(src.base_path, quantize)
+        if src.adapter is not None:
+            load_peft_adapter_into_mlx(self.model, src.adapter)
+
+    def chat(self, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[str]:
+        return mlx_stream(self.model, self.tokenizer, self.template, messages, sampling)
+
+
+def find_gguf(target: Path) -> tuple[Path, Path | None] | None:
+    """(model GGUF, GGUF LoRA or None) for a .gguf file or an export folder, else None.
+
+    An export folder's export.json names its files (an --adapter-only export has base-*.gguf +
+    adapter.gguf); otherwise the smallest non-adapter GGUF in the folder is the model.
+    """
+    if target.is_file() and target.suffix == ".gguf":
+        return target, None
+    if not target.is_dir():
+        return None
+    summary = target / "export.json"
+    if summary.is_file():
+        info = json.loads(summary.read_text(encoding="utf-8"))
+        first = next(iter((info.get("files") or {}).values()), None)
+        if first and (target / first["file"]).is_file():
+            adapter = (info.get("adapter") or {}).get("file")
+            return target / first["file"], (target / adapter) if adapter else None
+    ggufs = [p for p in target.glob("*.gguf") if "lora" not in p.name and p.name != "adapter.gguf"]
+    return (min(ggufs, key=lambda p: p.stat().st_size), None) if ggufs else None
+
+
+def gguf_context_length(path: Path) -> int | None:
+    """The context length a GGUF was trained with (its metadata), or None when not recorded."""
+    try:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(str(path)).fields
+        arch = fields["general.architecture"].contents()
+        return int(fields[f"{arch}.context_length"].contents())
+    except Exception:  # an older gguf package or an odd file: llama.cpp will say what it thinks
+        return None
+
+
+class GGUFGenerator:
+    """llama-cpp-python with the chat template embedded in the GGUF."""
+
+    def __init__(self, path: Path, lora: Path | None = None, n_ctx: int = 4096, logits_all: bool = False) -> None:
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise missing_extra("llama-cpp-python", "gguf") from None
+        # Never beyond the trained context: llama.cpp warns, and the KV cache would be wasted.
+        n_ctx = min(n_ctx, gguf_context_length(path) or n_ctx)
+        kw: dict[str, Any] = {"model_path": str(path), "n_ctx": n_ctx, "verbose": False, "logits_all": logits_all}
+        if lora is not None:
+            kw["lora_path"] = str(lora)
+        self.llm = Llama(**kw)
+        self.path = path
+        # The GGUF's own template (what export wrote: the run's), never a guessed built-in format.
+        if "tokenizer.chat_template" in self.llm.metadata:
+            self.llm.chat_format = "chat_template.default"
+
+    def chat(self, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[str]:
+        stream = self.llm.create_chat_completion(
+            messages=messages, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
+            top_p=sampling.top_p, stream=True, seed=0)
+        for chunk in stream:
+            piece = chunk["choices"][0]["delta"].get("content")
+            if piece:
+                yield piece
+
+
+def open_generator(target: str, backend: str | None = None, chat_template: str | None = None) -> Generator:
+    """A run folder, an export folder, a .gguf file, or an HF model folder / hub id / alias."""
+    path = Path(target)
+    if path.exists() and not (path / "config.yaml").is_file():
+        found = find_gguf(path)
+        if found is not None:
+            if backend not in (None, "auto"):
+                raise UserError(f"{target}: a GGUF runs on llama-cpp-python; drop --backend {backend}")
+            return GGUFGenerator(*found)
+    if path.exists() and path.is_file():
+        raise UserError(f"{target}: not a run folder (config.yaml), export folder, HF model folder or .gguf file")
+    src = resolve_hf_source(target, chat_template)
+    return MLXGenerator(src) if pick_backend(src, backend) == "mlx" else TorchGenerator(src)
 
 
 def generate_file(gen: Generator, input_file: Path, output: Path, sampling: Sampling) -> int:
@@ -150,3 +322,42 @@ def generate_file(gen: Generator, input_file: Path, output: Path, sampling: Samp
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     tmp.replace(output)
     return len(rows)
+
+
+def chat_loop(gen: Generator, sampling: Sampling, system: str | None = None, stdin: TextIO | None = None,
+              out: TextIO | None = None) -> int:
+    """Interactive multi-turn chat: one user message per line; /reset clears the history, /exit
+    (or end of input) quits. Replies stream to `out`. Returns the number of turns answered."""
+    stdin, out = stdin or sys.stdin, out or sys.stdout
+    interactive = stdin.isatty()
+    base = [{"role": "system", "content": system}] if system else []
+    history = list(base)
+    if interactive:
+        print("type a message; /reset starts over, /exit quits", file=sys.stderr)
+    turns = 0
+    while True:
+        if interactive:
+            print(">>> ", end="", file=sys.stderr, flush=True)
+        line = stdin.readline()
+        if not line:
+            break
+        text = line.rstrip("\n")
+        if text.strip() in ("/exit", "/quit"):
+            break
+        if text.strip() == "/reset":
+            history = list(base)
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if not text.strip():
+            continue
+        history.append({"role": "user", "content": text})
+        reply = []
+        for piece in gen.chat(history, sampling):
+            reply.append(piece)
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        out.flush()
+        history.append({"role": "assistant", "content": "".join(reply)})
+        turns += 1
+    return turns

@@ -1,0 +1,326 @@
+"""`qlocal eval`: loss / perplexity over trained tokens, and generation metrics, for a run, an HF
+model or a GGUF; optionally the base model beside it.
+
+Loss is counted exactly as training counts it: the same render (template, prompt mask,
+max_seq_len) and the same summed next-token cross-entropy over target tokens, through the
+training backend itself (torch or MLX) with the run's adapter loaded. Perplexity is
+exp(total loss / total target tokens) over the whole file. A GGUF is scored through
+llama-cpp-python's logits (logits_all) on ids from the HF tokenizer the export keeps in fused/.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from qlocal.errors import UserError
+from qlocal.infer import GGUFGenerator, HFSource, Sampling, find_gguf, gguf_context_length, hf_stream, mlx_stream
+
+LABEL_RULE = ("labels when data.label_map is set, else when there are >= 4 references, each <= 4 tokens, "
+              "with 2..min(20, n/2) distinct values")
+METRICS = ("loss", "perplexity", "rouge_l", "bleu", "exact_match", "accuracy", "macro_f1")
+
+
+@dataclass
+class EvalOptions:
+    """What `qlocal eval` was asked to do."""
+
+    data: str
+    generate: bool = True
+    max_tokens: int = 128
+    limit: int = 100
+    """Generate for at most this many records (loss always covers them all)."""
+    compare_base: bool = False
+    report: Path | None = None
+    backend: str | None = None
+    config_file: str | None = None
+    """A config whose model.chat_template and data mapping apply (HF models and GGUFs; runs use their own)."""
+    split: str = "test"
+    batch_size: int = 4
+
+
+class BackendScorer:
+    """A training backend (torch or MLX) set up as the run was, with the run's adapter loaded."""
+
+    def __init__(self, src: HFSource, backend_name: str) -> None:
+        from qlocal import config as config_mod
+        from qlocal.backends.base import create_backend
+        from qlocal.train import load_tokenizer
+
+        cfg = copy.deepcopy(src.cfg) if src.cfg is not None else config_mod.Config()
+        cfg.model.name = str(src.base_path)
+        cfg.train.grad_checkpointing = False  # no backward pass here
+        self.backend_name = backend_name
+        self.backend = create_backend(backend_name)
+        self.backend.setup(src.base_path, cfg)
+        self.tokenizer = load_tokenizer(src.base_path, cfg.model.trust_remote_code)
+        self.template = src.template
+        self.has_adapter = src.adapter is not None
+        if src.adapter is not None:
+            self._load_adapter(src.adapter)
+        # A plain model gets LoRA from setup too (B = 0, so it is the base); keep it switched off.
+        self.set_base(not self.has_adapter)
+
+    def _load_adapter(self, adapter: Path) -> None:
+        if self.backend_name == "mlx":
+            from qlocal.backends.mlx_backend import load_peft_adapter_into_mlx
+
+            load_peft_adapter_into_mlx(self.backend.model, adapter)
+            return
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        weights = load_file(str(adapter / "adapter_model.safetensors"), device=self.backend.device)
+        result = set_peft_model_state_dict(self.backend.model, weights)
+        if result.unexpected_keys:
+            raise UserError(f"{adapter}: adapter does not fit the run's base model (unexpected {result.unexpected_keys[0]})")
+
+    def set_base(self, on: bool) -> None:
+        """Switch the adapter off (on=True: the base model) or back on."""
+        model = self.backend.model
+        if self.backend_name == "torch":
+            model.base_model.disable_adapter_layers() if on else model.base_model.enable_adapter_layers()
+            return
+        from mlx_lm.tuner.lora import LoRALinear
+
+        for _, m in model.named_modules():
+            if isinstance(m, LoRALinear):
+                if not hasattr(m, "_qlocal_scale"):
+                    m._qlocal_scale = m.scale
+                m.scale = 0.0 if on else m._qlocal_scale
+
+    def loss(self, examples: list[Any], batch_size: int) -> tuple[float, int]:
+        from qlocal.data.batching import collate
+
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+        batches = [collate([examples[j] for j in order[i:i + batch_size]], pad) for i in range(0, len(order), batch_size)]
+        return self.backend.eval_loss(batches)
+
+    def chat(self, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[str]:
+        stream = mlx_stream if self.backend_name == "mlx" else hf_stream
+        return stream(self.backend.model, self.tokenizer, self.template, messages, sampling)
+
+
+class GGUFScorer:
+    """llama-cpp-python: generation with the GGUF's template; loss from logits on HF-tokenised examples."""
+
+    def __init__(self, gguf: Path, lora: Path | None, n_ctx: int) -> None:
+        self.gen = GGUFGenerator(gguf, lora, n_ctx=n_ctx, logits_all=True)
+        self.template = self.gen.llm.metadata.get("tokenizer.chat_template")
+        fused = gguf.parent / "fused"
+        self.tokenizer = None
+        if (fused / "tokenizer_config.json").is_file() and self.template:
+            from qlocal.train import load_tokenizer
+
+            self.tokenizer = load_tokenizer(fused)
+        self.backend_name = "llama.cpp"
+
+    def set_base(self, on: bool) -> None:
+        if on:
+            raise UserError("--compare-base needs a run folder (its base is known and the adapter can be "
+                            "switched off); for a GGUF, eval the base model separately")
+
+    def loss(self, examples: list[Any], batch_size: int) -> tuple[float, int]:
+        llm, total, count = self.gen.llm, 0.0, 0
+        for ex in examples:
+            llm.reset()
+            llm.eval(ex.input_ids)
+            logits = np.asarray(llm.scores[: len(ex.input_ids)], dtype=np.float64)[:-1]
+            m = logits.max(axis=-1, keepdims=True)
+            logp = logits - (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)))
+            for t in range(len(ex.input_ids) - 1):
+                if ex.loss_mask[t + 1]:
+                    total -= float(logp[t, ex.input_ids[t + 1]])
+                    count += 1
+        return total, count
+
+    def chat(self, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[str]:
+        return self.gen.chat(messages, sampling)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _data_config(target: Path, config_file: str | None, run_cfg: Any) -> Any:
+    """The data section (mapping, prompt masking, max_seq_len) the target trained with."""
+    from qlocal import config as config_mod
+
+    if run_cfg is not None:
+        if config_file:
+            raise UserError(f"{target}: a run evaluates with its own config.yaml (its template and data mapping); drop --config")
+        return run_cfg
+    if config_file:
+        return config_mod.build(config_file)
+    summary = target / "export.json" if target.is_dir() else target.parent / "export.json"
+    if summary.is_file():  # an export folder: use the mapping of the run it came from, when still there
+        run = Path(json.loads(summary.read_text(encoding="utf-8")).get("run", ""))
+        if (run / "config.yaml").is_file():
+            from qlocal import rundir
+
+            return rundir.load_config(run)[0]
+    return config_mod.Config()
+
+
+def open_scorer(target: str, opts: EvalOptions) -> tuple[Any, str, Any]:
+    """(scorer, kind, Config whose data section applies) for a run, an HF model or a GGUF."""
+    from qlocal.infer import pick_backend, resolve_hf_source
+
+    path = Path(target)
+    found = find_gguf(path) if path.exists() and not (path / "config.yaml").is_file() else None
+    if found is not None:
+        cfg = _data_config(path, opts.config_file, None)
+        ctx = gguf_context_length(found[0]) or 4096
+        return GGUFScorer(found[0], found[1], n_ctx=min(ctx, cfg.data.max_seq_len + opts.max_tokens)), "gguf", cfg
+    run_cfg = None
+    if (path / "config.yaml").is_file():
+        from qlocal import rundir
+
+        run_cfg = rundir.load_config(path)[0]
+    cfg = _data_config(path, opts.config_file, run_cfg)
+    src = resolve_hf_source(target, None if run_cfg is not None else cfg.model.chat_template)
+    scorer = BackendScorer(src, pick_backend(src, opts.backend))
+    return scorer, "run" if src.adapter is not None else "model", cfg
+
+
+def generation_items(samples: list[Any]) -> list[tuple[Any, list[dict[str, str]], str]]:
+    """(sample, prompt messages, reference) for each chat sample: the last assistant turn is the
+    reference and everything before it the prompt."""
+    items = []
+    for s in samples:
+        if s.kind != "chat":
+            continue
+        last = max(i for i, m in enumerate(s.messages) if m["role"] == "assistant")
+        items.append((s, s.messages[:last], s.messages[last]["content"]))
+    return items
+
+
+def _score(scorer: Any, examples: list[Any], items: list[Any], opts: EvalOptions, labels: list[str] | None,
+           what: str, quiet: bool) -> tuple[dict[str, Any], list[str]]:
+    from qlocal.metrics_text import text_metrics
+
+    out: dict[str, Any] = {}
+    if examples and scorer.tokenizer is not None:
+        total, n = scorer.loss(examples, opts.batch_size)
+        out = {"loss": total / max(n, 1), "perplexity": math.exp(min(total / max(n, 1), 700.0)), "trained_tokens": n}
+    predictions: list[str] = []
+    if items:
+        from tqdm import tqdm
+
+        sampling = Sampling(max_tokens=opts.max_tokens, temperature=0.0)
+        for _, prompt, _ in tqdm(items, desc=f"generate ({what})", unit="rec", disable=quiet, file=sys.stderr):
+            predictions.append("".join(scorer.chat(prompt, sampling)).strip())
+        out.update(text_metrics(predictions, [r for _, _, r in items], labels))
+    return out, predictions
+
+
+def evaluate(target: str, opts: EvalOptions, quiet: bool = False) -> dict[str, Any]:
+    """Evaluate `target` on opts.data; returns the report (also written to opts.report when set)."""
+    from qlocal.data.formats import load_samples
+    from qlocal.data.mapping import mapping_from_config
+    from qlocal.data.render import render
+    from qlocal.metrics_text import is_mostly_cjk, label_set
+
+    scorer, kind, cfg = open_scorer(target, opts)
+    dc = cfg.data
+    mapping = mapping_from_config(dc)
+    # The format is detected per file: the test file may be shaped differently from the training one.
+    samples, stats = load_samples(opts.data, "auto", opts.split, skip_bad_lines=dc.skip_bad_lines, mapping=mapping)
+    examples, truncated = [], 0
+    if scorer.tokenizer is not None:
+        for s in samples:
+            ex = render(s, scorer.tokenizer, scorer.template, dc.train_on_prompt, dc.max_seq_len)
+            truncated += ex.truncated
+            if sum(ex.loss_mask[1:]):
+                examples.append(ex)
+    items = generation_items(samples)[: opts.limit] if opts.generate else []
+    refs = [r for _, _, r in items]
+    labels = label_set(refs, mapping.label_map.values() if mapping and mapping.label_map else None) if refs else None
+
+    report: dict[str, Any] = {
+        "target": target, "kind": kind, "backend": scorer.backend_name, "data": opts.data,
+        "records": len(samples), "format": stats["format"], "loss_examples": len(examples),
+        "truncated": truncated,
+        "generation": {"records": len(items), "max_tokens": opts.max_tokens, "sampling": "greedy",
+                       "tokens": "characters (CJK)" if refs and is_mostly_cjk("".join(refs)) else "words",
+                       "labels": labels, "label_rule": LABEL_RULE} if items else None,
+    }
+    if scorer.tokenizer is None:
+        report["loss_note"] = "loss needs the HF tokenizer next to the GGUF (an export folder's fused/); not computed"
+    base_preds: list[str] = []
+    if opts.compare_base:
+        if kind == "model":
+            raise UserError(f"{target} is a base model already; --compare-base needs a run folder")
+        scorer.set_base(True)
+        report["base"], base_preds = _score(scorer, examples, items, opts, labels, "base", quiet)
+        scorer.set_base(False)
+    report["metrics"], preds = _score(scorer, examples, items, opts, labels, kind, quiet)
+    if opts.compare_base:
+        report["delta"] = {k: report["metrics"][k] - v for k, v in report["base"].items()
+                           if k in report["metrics"] and k != "trained_tokens"}
+    report["samples"] = [
+        {"where": s.where, "reference": r, "prediction": p, **({"base_prediction": base_preds[i]} if base_preds else {})}
+        for i, ((s, _, r), p) in enumerate(zip(items, preds))]
+    if opts.report is not None:
+        write_report(report, opts.report)
+    return report
+
+
+def write_report(report: dict[str, Any], path: Path) -> None:
+    """Write the report as JSON, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _fmt(key: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if key in ("bleu", "perplexity") else f"{value:.4f}"
+
+
+def table(report: dict[str, Any]) -> str:
+    """The metrics as a text table: one column, or base / fine-tuned / delta."""
+    m, base = report["metrics"], report.get("base")
+    name = {"run": "fine-tuned", "model": "model", "gguf": "gguf"}[report["kind"]]
+    cols = ["base", name, "delta"] if base is not None else [name]
+    rows = [k for k in METRICS if k in m or (base and k in base)]
+    lines = [f"{'metric':<12}" + "".join(f"{c:>13}" for c in cols)]
+    for k in rows:
+        vals = [base.get(k), m.get(k), report["delta"].get(k)] if base is not None else [m.get(k)]
+        lines.append(f"{k:<12}" + "".join(f"{_fmt(k, v):>13}" for v in vals))
+    gen = report.get("generation")
+    head = (f"{report['data']}: {report['records']} records ({report['format']}); loss over "
+            f"{m.get('trained_tokens', 0)} trained tokens in {report['loss_examples']} examples")
+    if gen:
+        head += f"; generated {gen['records']} (greedy, <= {gen['max_tokens']} tokens, BLEU on {gen['tokens']})"
+        if gen["labels"]:
+            head += f"; labels: {', '.join(gen['labels'][:8])}"
+    notes = [report["loss_note"]] if report.get("loss_note") else []
+    return "\n".join([head, ""] + lines + notes)
+
+
+def default_report_path(target: str, data: str) -> Path:
+    """<run or export folder>/eval-<data>.json, else ./eval-<target>-<data>.json."""
+    path, stem = Path(target), Path(data).stem or "data"
+    if path.is_dir() and ((path / "config.yaml").is_file() or (path / "export.json").is_file()):
+        return path / f"eval-{stem}.json"
+    return Path(f"eval-{path.stem or 'model'}-{stem}.json")
+
+
+def run_eval(target: str, opts: EvalOptions, echo: Callable[[str], None] = print, quiet: bool = False) -> dict[str, Any]:
+    """The CLI path: evaluate, write the report (default path when none is given), print the table."""
+    opts.report = opts.report or default_report_path(target, opts.data)
+    report = evaluate(target, opts, quiet=quiet)
+    echo(table(report))
+    echo(f"report    {opts.report}")
+    return report
