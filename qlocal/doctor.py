@@ -124,12 +124,21 @@ def _bitsandbytes() -> list[str]:
     return lines
 
 
-def _mlx() -> str:
+def _mlx() -> list[str]:
     if importlib.util.find_spec("mlx") is None:
-        return "not installed — pip install 'qlocal[mlx]'"
+        return ["not installed — pip install 'qlocal[mlx]'"]
     import mlx.core as mx
 
-    return f"importable, default device {mx.default_device()}"
+    gpu = mx.metal.is_available()
+    where = "Metal GPU (unified memory)" if gpu else "CPU only (mlx[cpu]: works, slow; for tests and small models)"
+    x = mx.ones((64, 64))
+    ok = float((x @ x).sum()) == 64.0**3
+    lines = [f"default device {mx.default_device()}: {where}", "matmul smoke test: " + ("works" if ok else "WRONG RESULT")]
+    if importlib.util.find_spec("mlx_lm") is None:
+        lines.append("mlx-lm not installed — --backend mlx needs it: pip install 'qlocal[mlx]'")
+    else:
+        lines.append("--backend mlx: ready" + ("" if gpu else " (auto still prefers PyTorch off Apple Silicon)"))
+    return lines
 
 
 def _backend() -> str:
@@ -150,7 +159,7 @@ def doctor_report() -> str:
         ]),
         ("GPU", _safe_lines(_gpus)),
         ("bitsandbytes", _safe_lines(_bitsandbytes)),
-        ("MLX", [_safe(_mlx)]),
+        ("MLX", _safe_lines(_mlx)),
         ("Libraries", [f"{dist}: {_safe(lambda d=dist, m=mod, e=extra: _version(d, m, e))}"
                        for dist, mod, extra in LIBRARIES]),
         ("Backend (auto)", [_safe(_backend)]),
