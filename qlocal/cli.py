@@ -264,6 +264,25 @@ def export(run_dir: str, gguf: bool, quant: str, out: str | None, ollama_name: s
 
 
 @cli.command()
+@click.argument("target")
+@_opt("--port", type=int, default=8000, show_default=True)
+@_opt("--host", default="127.0.0.1", show_default=True, help="0.0.0.0 to accept other machines (no authentication!).")
+@_opt("--n-ctx", type=int, default=4096, show_default=True, help="Context window (capped at the model's).")
+@_opt("--name", "alias", help="Model name clients ask for. [default: the export folder or GGUF name]")
+def serve(target: str, port: int, host: str, n_ctx: int, alias: str | None) -> None:
+    """Serve a GGUF or an export folder as an OpenAI-compatible API (llama-cpp-python's server).
+
+    \b
+      qlocal serve export/<run> --port 8000
+      curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+           -d '{"messages": [{"role": "user", "content": "Hello"}]}'
+    """
+    from qlocal.serve import serve as run_server
+
+    run_server(target, host=host, port=port, n_ctx=n_ctx, alias=alias)
+
+
+@cli.command()
 def doctor() -> None:
     """Print the platform, accelerators, installed extras and which backend `auto` picks and why."""
     from qlocal.doctor import doctor_report
