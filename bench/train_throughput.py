@@ -1,0 +1,217 @@
+"""qlocal's torch backend against plain HF Trainer + PEFT (+ bitsandbytes), same everything.
+
+Each case trains the same random model (same shape, seed, LoRA rank/alpha/targets, precision,
+sequence length, effective batch) on the same rendered examples, once with qlocal and once with the
+baseline, each in its own subprocess so peak memory is measured cleanly. Prints one line per case
+and a summary line with the ratios (qlocal / baseline).
+
+    python bench/train_throughput.py                    # cases for this machine (CPU and/or CUDA)
+    python bench/train_throughput.py --case cpu-small --steps 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+TOKENIZER = REPO / "tests/assets/tokenizers/qwen2"
+
+# name -> model shape, quantisation, dtype, sequence length, micro-batch, grad accumulation
+CASES: dict[str, dict[str, Any]] = {
+    "cpu-small": dict(device="cpu", arch="qwen2", hidden=512, layers=6, heads=8, kv=2, inter=1408,
+                      vocab=151936, quantize="none", dtype="float32", seq=512, batch=4, accum=1),
+    "cuda-llama8b-qlora": dict(device="cuda", arch="llama", hidden=4096, layers=32, heads=32, kv=8, inter=14336,
+                               vocab=128256, quantize="4bit", dtype="bfloat16", seq=2048, batch=2, accum=4),
+    "cuda-llama8b-lora": dict(device="cuda", arch="llama", hidden=4096, layers=32, heads=32, kv=8, inter=14336,
+                              vocab=128256, quantize="none", dtype="bfloat16", seq=2048, batch=2, accum=4),
+    "cuda-qwen7b-qlora": dict(device="cuda", arch="qwen2", hidden=3584, layers=28, heads=28, kv=4, inter=18944,
+                              vocab=152064, quantize="4bit", dtype="bfloat16", seq=2048, batch=2, accum=4),
+    "cuda-qwen7b-lora": dict(device="cuda", arch="qwen2", hidden=3584, layers=28, heads=28, kv=4, inter=18944,
+                             vocab=152064, quantize="none", dtype="bfloat16", seq=2048, batch=2, accum=4),
+}
+RANK, ALPHA = 16, 32
+
+
+def build_model(case: dict[str, Any], out: Path) -> Path:
+    """A random model of the case's shape saved as an HF folder (weights in the case's dtype)."""
+    import torch
+    import transformers as tf
+
+    if (out / "config.json").is_file():
+        return out
+    kw = dict(vocab_size=case["vocab"], hidden_size=case["hidden"], num_hidden_layers=case["layers"],
+              num_attention_heads=case["heads"], num_key_value_heads=case["kv"], intermediate_size=case["inter"],
+              max_position_embeddings=4096, tie_word_embeddings=False)
+    cfg = tf.Qwen2Config(**kw) if case["arch"] == "qwen2" else tf.LlamaConfig(**kw)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, case["dtype"]))
+    model.save_pretrained(out)
+    tf.AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(out)
+    return out
+
+
+def examples(case: dict[str, Any], n: int) -> list[Any]:
+    """Chat examples rendered with the shared pipeline, lengths spread over (seq/8, seq]."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from qlocal.data.formats import Sample
+    from qlocal.data.render import render
+    from qlocal.data.templates import resolve_chat_template
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    template, _ = resolve_chat_template(tok, "chatml")
+    rng = np.random.default_rng(0)
+    words = "the model learns to answer short questions about capitals planets rivers and numbers".split()
+    out = []
+    for _ in range(n):
+        target = int(rng.integers(case["seq"] // 8, case["seq"]))
+        q = " ".join(rng.choice(words, size=max(4, target // 6)))
+        a = " ".join(rng.choice(words, size=max(4, target // 3)))
+        s = Sample(kind="chat", messages=[{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+        out.append(render(s, tok, template, max_seq_len=case["seq"]))
+    return out
+
+
+def peak_mb(device: str) -> float:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_qlocal(case: dict[str, Any], model: Path, steps: int, warmup: int) -> dict[str, Any]:
+    from qlocal import config as config_mod
+    from qlocal.backends.torch_backend import TorchBackend
+    from qlocal.train import _Schedule
+
+    cfg = config_mod.build(sets=[f"train.quantize={case['quantize']}", f"train.dtype={case['dtype']}",
+                                 f"lora.rank={RANK}", f"lora.alpha={ALPHA}", f"train.grad_checkpointing={case['device'] == 'cuda'}"])
+    backend = TorchBackend()
+    backend.setup(model, cfg)
+    exs = examples(case, case["batch"] * case["accum"] * (steps + warmup))
+    sched = _Schedule(exs, case["batch"], case["accum"], 0, 0, packed=cfg.train.packing)
+    tokens = trained = 0
+    for step in range(steps + warmup):
+        if step == warmup:
+            _sync(case)
+            t0 = time.perf_counter()
+        micro, _ = sched.micro_batches(step)
+        backend.train_step(micro, 1e-4)
+        if step >= warmup:
+            tokens += sum(int(b["attention_mask"].sum()) for b in micro)
+            trained += sum(int(b["loss_mask"][:, 1:].sum()) for b in micro)
+    _sync(case)
+    dt = time.perf_counter() - t0
+    return {"tokens_per_s": tokens / dt, "trained_tokens_per_s": trained / dt, "peak_mb": peak_mb(case["device"])}
+
+
+def run_baseline(case: dict[str, Any], model: Path, steps: int, warmup: int) -> dict[str, Any]:
+    """transformers Trainer + PEFT (+ bitsandbytes 4-bit), padded batches, labels -100 on prompts."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq, Trainer,
+                              TrainerCallback, TrainingArguments, AutoTokenizer)
+
+    dtype = getattr(torch, case["dtype"])
+    kw: dict[str, Any] = {"dtype": dtype}
+    if case["quantize"] == "4bit":
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    m = AutoModelForCausalLM.from_pretrained(str(model), **kw)
+    if case["quantize"] == "4bit":
+        m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=case["device"] == "cuda")
+    m = get_peft_model(m, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear", task_type="CAUSAL_LM"))
+    exs = examples(case, case["batch"] * case["accum"] * (steps + warmup))
+    rows = [{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids),
+             "labels": [t if k else -100 for t, k in zip(e.input_ids, e.loss_mask)]} for e in exs]
+    tok = AutoTokenizer.from_pretrained(str(model))
+    timing: dict[str, float] = {}
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step == warmup:
+                _sync(case)
+                timing["t0"] = time.perf_counter()
+
+    args = TrainingArguments(output_dir=str(model.parent / "hf-out"), per_device_train_batch_size=case["batch"],
+                             gradient_accumulation_steps=case["accum"], max_steps=steps + warmup, learning_rate=1e-4,
+                             logging_steps=10_000, save_strategy="no", report_to=[], gradient_checkpointing=case["device"] == "cuda",
+                             gradient_checkpointing_kwargs={"use_reentrant": False},
+                             bf16=case["dtype"] == "bfloat16", use_cpu=case["device"] == "cpu",
+                             dataloader_num_workers=0, seed=0, data_seed=0)
+    trainer = Trainer(model=m, args=args, train_dataset=rows, callbacks=[Clock()],
+                      data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
+    trainer.train()
+    _sync(case)
+    dt = time.perf_counter() - timing["t0"]
+    # The Trainer samples randomly, so count tokens per step as the average over all examples.
+    per_step_tokens = sum(len(e.input_ids) for e in exs) / (steps + warmup)
+    per_step_trained = sum(sum(e.loss_mask[1:]) for e in exs) / (steps + warmup)
+    return {"tokens_per_s": per_step_tokens * steps / dt, "trained_tokens_per_s": per_step_trained * steps / dt,
+            "peak_mb": peak_mb(case["device"])}
+
+
+def _sync(case: dict[str, Any]) -> None:
+    if case["device"] == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def worker(which: str, name: str, steps: int, warmup: int, workdir: Path) -> None:
+    case = CASES[name]
+    model = build_model(case, workdir / name)
+    fn = run_qlocal if which == "qlocal" else run_baseline
+    print("RESULT " + json.dumps(fn(case, model, steps, warmup)), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", action="append", choices=sorted(CASES), help="default: every case this machine can run")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--workdir", default=str(REPO / "bench/.work"))
+    ap.add_argument("--worker", nargs=2, metavar=("WHICH", "CASE"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    workdir = Path(a.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if a.worker:
+        worker(a.worker[0], a.worker[1], a.steps, a.warmup, workdir)
+        return
+    import torch
+
+    names = a.case or [n for n, c in CASES.items() if c["device"] == "cpu" or torch.cuda.is_available()]
+    summary = []
+    for name in names:
+        res = {}
+        for which in ("baseline", "qlocal"):
+            cmd = [sys.executable, __file__, "--worker", which, name, "--steps", str(a.steps),
+                   "--warmup", str(a.warmup), "--workdir", str(workdir)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                sys.exit(f"{which} failed on {name}:\n{out.stderr[-3000:]}")
+            res[which] = json.loads(line[len("RESULT "):])
+        q, b = res["qlocal"], res["baseline"]
+        speed = q["trained_tokens_per_s"] / b["trained_tokens_per_s"]
+        mem = q["peak_mb"] / b["peak_mb"]
+        summary.append((name, speed, mem))
+        print(f"{name}: qlocal {q['tokens_per_s']:.0f} tok/s ({q['trained_tokens_per_s']:.0f} trained), "
+              f"{q['peak_mb']:.0f} MB | HF Trainer+PEFT {b['tokens_per_s']:.0f} tok/s "
+              f"({b['trained_tokens_per_s']:.0f} trained), {b['peak_mb']:.0f} MB | speed x{speed:.2f}, memory x{mem:.2f}",
+              flush=True)
+    print("summary: " + "; ".join(f"{n} speed x{s:.2f} memory x{m:.2f}" for n, s, m in summary))
+
+
+if __name__ == "__main__":
+    main()
