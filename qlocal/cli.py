@@ -17,7 +17,7 @@ TRAIN_FLAGS: dict[str, str] = {
     "trust_remote_code": "model.trust_remote_code",
     "data": "data.path", "val_data": "data.val_path", "val_split": "data.val_split", "split": "data.split",
     "data_format": "data.format", "max_seq_len": "data.max_seq_len", "train_on_prompt": "data.train_on_prompt",
-    "skip_bad_lines": "data.skip_bad_lines",
+    "skip_bad_lines": "data.skip_bad_lines", "drop_long": "data.drop_long", "allow_pickle": "model.allow_pickle",
     "rank": "lora.rank", "alpha": "lora.alpha", "dropout": "lora.dropout",
     "target_modules": "lora.target_modules", "layers": "lora.layers",
     "backend": "train.backend", "quantize": "train.quantize", "iters": "train.iters", "epochs": "train.epochs",
@@ -62,6 +62,7 @@ def _opt(*names: str, **kw: Any) -> Any:
 @_opt("--train-on-prompt/--no-train-on-prompt", default=None, help="Also train on prompt tokens.")
 @_opt("--max-seq-len", type=int, help="Truncate examples to this many tokens. [default: 1024]")
 @_opt("--skip-bad-lines", is_flag=True, default=None, help="Skip malformed records (counted) instead of stopping.")
+@_opt("--drop-long", is_flag=True, default=None, help="Drop examples longer than --max-seq-len instead of truncating.")
 @_opt("--backend", "-b", type=click.Choice(["auto", "torch", "mlx"]), help="Training backend. [default: auto]")
 @_opt("--quantize", "-q", type=click.Choice(["none", "4bit", "8bit"]), help="Quantise the base: 4bit = QLoRA. [default: none]")
 @_opt("--rank", "-r", type=int, help="LoRA rank. [default: 8]")
@@ -89,6 +90,7 @@ def _opt(*names: str, **kw: Any) -> Any:
 @_opt("--name", help="Run folder name. [default: <model>-<date>-<time>]")
 @_opt("--overwrite", is_flag=True, default=None, help="Replace an existing run folder of that name.")
 @_opt("--trust-remote-code", is_flag=True, default=None, help="Allow model code from the hub to run.")
+@_opt("--allow-pickle", is_flag=True, default=None, help="Accept pickle .bin weights (they can run code).")
 @_opt("--quiet", is_flag=True, default=False, help="No header or progress bar.")
 def train(config_file: str | None, sets: tuple[str, ...], resume: str | None, quiet: bool, **flags: Any) -> None:
     """Fine-tune a LoRA/QLoRA adapter; writes outputs/<run>/ (config.yaml, adapter/, metrics, loss.png)."""

@@ -29,6 +29,8 @@ class ModelConfig:
     alpaca) or a path to a .jinja file."""
     trust_remote_code: bool = False
     """Allow model code from the hub to run. Off unless asked for."""
+    allow_pickle: bool = False
+    """Accept pickle .bin weights (pickle can run code). Off: safetensors only."""
 
 
 @dataclass
@@ -47,6 +49,8 @@ class DataConfig:
     """Examples longer than this are truncated (and counted)."""
     train_on_prompt: bool = False
     """Train on prompt tokens too; by default only assistant turns carry loss."""
+    drop_long: bool = False
+    """Drop examples longer than max_seq_len instead of truncating them (both are counted)."""
     skip_bad_lines: bool = False
     """Skip malformed records with a counted warning instead of stopping at the first."""
     columns: dict[str, str] = field(default_factory=dict)

@@ -234,10 +234,14 @@ def evaluate(target: str, opts: EvalOptions, quiet: bool = False) -> dict[str, A
     mapping = mapping_from_config(dc)
     # The format is detected per file: the test file may be shaped differently from the training one.
     samples, stats = load_samples(opts.data, "auto", opts.split, skip_bad_lines=dc.skip_bad_lines, mapping=mapping)
-    examples, truncated = [], 0
+    examples, truncated, dropped = [], 0, 0
+    drop_long = getattr(dc, "drop_long", False)  # as training treats examples longer than max_seq_len
     if scorer.tokenizer is not None:
         for s in samples:
             ex = render(s, scorer.tokenizer, scorer.template, dc.train_on_prompt, dc.max_seq_len)
+            if ex.truncated and drop_long:
+                dropped += 1
+                continue
             truncated += ex.truncated
             if sum(ex.loss_mask[1:]):
                 examples.append(ex)
@@ -248,7 +252,7 @@ def evaluate(target: str, opts: EvalOptions, quiet: bool = False) -> dict[str, A
     report: dict[str, Any] = {
         "target": target, "kind": kind, "backend": scorer.backend_name, "data": opts.data,
         "records": len(samples), "format": stats["format"], "loss_examples": len(examples),
-        "truncated": truncated,
+        "truncated": truncated, "dropped_long": dropped,
         "generation": {"records": len(items), "max_tokens": opts.max_tokens, "sampling": "greedy",
                        "tokens": "characters (CJK)" if refs and is_mostly_cjk("".join(refs)) else "words",
                        "labels": labels, "label_rule": LABEL_RULE} if items else None,

@@ -60,16 +60,20 @@ class ResolvedModel:
     """Named chat template to use when the model has none of its own (e.g. "gemma")."""
 
 
-def resolve_model(name: str, revision: str | None = None, models_dir: Path = Path("models")) -> ResolvedModel:
-    """Resolve a local folder, hub id (org/name) or built-in alias to a local HF model folder."""
+def resolve_model(name: str, revision: str | None = None, models_dir: Path = Path("models"),
+                  allow_pickle: bool = False) -> ResolvedModel:
+    """Resolve a local folder, hub id (org/name) or built-in alias to a local HF model folder.
+
+    Pickle `.bin` weights are refused unless allow_pickle (loading pickle can run code).
+    """
     if name in ALIASES:
         return _resolve_alias(name, ALIASES[name], Path(models_dir))
     path = Path(name).expanduser()
     if path.exists():
         # Absolute, so a run folder that records it works from any directory.
-        return ResolvedModel(_check_local(path).resolve(), "local", name)
+        return ResolvedModel(_check_local(path, allow_pickle).resolve(), "local", name)
     if _looks_like_hub_id(name):
-        return _resolve_hub(name, revision)
+        return _resolve_hub(name, revision, allow_pickle)
     raise UserError(f"{name}: no such model folder; give a local HF folder, a hub id like "
                     f"Qwen/Qwen2.5-0.5B-Instruct, or an alias ({', '.join(ALIASES)})")
 
@@ -79,7 +83,18 @@ def _looks_like_hub_id(name: str) -> bool:
     return bool(_HUB_ID.match(name)) and not Path(name.split("/", 1)[0]).is_dir()
 
 
-def _check_local(path: Path) -> Path:
+def fingerprint(path: Path) -> str:
+    """Identity of a base model folder: config.json contents and weight file names and sizes.
+
+    Cheap (no hashing of weights) and enough to tell that a run folder is used with another base.
+    """
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for w in sorted(list(path.glob("*.safetensors")) + list(path.glob("*.bin"))):
+        h.update(f"{w.name}:{w.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def _check_local(path: Path, allow_pickle: bool = False) -> Path:
     """Check that `path` is a usable HF model folder and return it."""
     if not path.is_dir():
         raise UserError(f"{path}: is a file, not a model folder; give the folder holding config.json "
@@ -87,29 +102,32 @@ def _check_local(path: Path) -> Path:
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: not an HF model folder: config.json is missing "
                         "(save the model with save_pretrained, or point at the folder that has config.json)")
-    _check_weights(path, str(path))
+    _check_weights(path, str(path), allow_pickle=allow_pickle)
     return path
 
 
-def _check_weights(path: Path, label: str, bin_in_repo: bool = False) -> None:
+def _check_weights(path: Path, label: str, bin_in_repo: bool = False, allow_pickle: bool = False) -> None:
     if any(path.glob("*.safetensors")):
+        return
+    if allow_pickle and any(path.glob("*.bin")):
         return
     if bin_in_repo or any(path.glob("*.bin")) or any(path.glob("*.pt")):
         # Pickle files can run arbitrary code when loaded; we only read safetensors.
         raise UserError(f"{label}: has only pickle .bin weights; qlocal loads safetensors only (pickle can run "
-                        "code). Convert it once: load it yourself and save_pretrained() to a local folder")
+                        "code). Pass --allow-pickle if you trust it, or convert it once with save_pretrained()")
     raise UserError(f"{label}: no *.safetensors weights in {path}")
 
 
 # ---------------------------------------------------------------- hub
 
-def _resolve_hub(repo_id: str, revision: str | None) -> ResolvedModel:
+def _resolve_hub(repo_id: str, revision: str | None, allow_pickle: bool = False) -> ResolvedModel:
     from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hf_errors
 
     hint = "; download it on a machine with network access and pass the local folder instead"
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+        patterns = HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except hf_errors.GatedRepoError:
         raise UserError(f"{repo_id}: gated model on the Hugging Face hub; accept its license on the model page "
                         "and log in with `hf auth login`, or pass a local folder") from None
@@ -128,7 +146,8 @@ def _resolve_hub(repo_id: str, revision: str | None) -> ResolvedModel:
         raise UserError(f"{repo_id}: download from the hub failed ({first}){hint}") from None
     if not (folder / "config.json").is_file():
         raise UserError(f"{repo_id}: the hub repo has no config.json; it is not a transformers model")
-    _check_weights(folder, repo_id, bin_in_repo=not any(folder.glob("*.safetensors")) and _repo_has_bin(repo_id, revision))
+    _check_weights(folder, repo_id, allow_pickle=allow_pickle,
+                   bin_in_repo=not any(folder.glob("*.safetensors")) and _repo_has_bin(repo_id, revision))
     return ResolvedModel(folder, "hub", repo_id)
 
 

@@ -22,12 +22,20 @@ from qlocal.errors import UserError
 _CKPT = re.compile(r"^step-(\d+)$")
 
 
+def check_available(path: Path, overwrite: bool) -> None:
+    """Fail early (before loading a model) when the run folder exists or cannot be created."""
+    if path.exists() and not overwrite:
+        raise UserError(f"{path}: run folder already exists; pass --overwrite to replace it, "
+                        f"--resume {path} to continue it, or --name to pick another")
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: cannot create the run folder ({parent} is not writable); choose another --output-dir")
+
+
 def create(path: Path, overwrite: bool) -> None:
     """Make a fresh run folder; an existing one is replaced only with overwrite."""
+    check_available(path, overwrite)
     if path.exists():
-        if not overwrite:
-            raise UserError(f"{path}: run folder already exists; pass --overwrite to replace it, "
-                            f"--resume {path} to continue it, or --name to pick another")
         shutil.rmtree(path)
     try:
         path.mkdir(parents=True)

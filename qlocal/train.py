@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import sys
 import time
@@ -32,6 +33,7 @@ class PreparedData:
     truncated: int
     template_name: str
     template: str
+    dropped: int = 0
 
 
 def lr_at(step: int, total: int, peak: float, schedule: str, warmup: int) -> float:
@@ -98,12 +100,21 @@ def prepare_data(cfg: Config, tokenizer: Any, template_choice: str | None) -> Pr
                 for s in items]
 
     train, val = render_all(samples), render_all(val_samples)
+    dropped = 0
+    if dc.drop_long:
+        dropped = sum(e.truncated for e in train) + sum(e.truncated for e in val)
+        train, val = [e for e in train if not e.truncated], [e for e in val if not e.truncated]
     train = [e for e in train if sum(e.loss_mask[1:]) > 0]
     if not train:
-        raise UserError(f"{dc.path}: no example has a trained token left after truncation to "
+        raise UserError(f"{dc.path}: no example has a trained token left after truncating or dropping at "
                         f"data.max_seq_len={dc.max_seq_len}; raise it")
     truncated = sum(e.truncated for e in train) + sum(e.truncated for e in val)
-    return PreparedData(train, val, stats.get("format", "?"), truncated, template_name, template)
+    if truncated or dropped:
+        what = f"dropped {dropped}" if dropped else f"truncated {truncated}"
+        fix = "" if dropped else " (or --drop-long to leave them out)"
+        print(f"warning: {what} examples longer than data.max_seq_len={dc.max_seq_len}; "
+              f"raise --max-seq-len to keep them whole{fix}", file=sys.stderr)
+    return PreparedData(train, val, stats.get("format", "?"), truncated, template_name, template, dropped)
 
 
 class _Schedule:
@@ -171,10 +182,20 @@ def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
     from qlocal.backends.select import select_backend
     from qlocal.models import resolve_model
 
+    from qlocal.models import fingerprint
+
+    recorded: dict[str, Any] = {}
     if resume is not None:
-        cfg, _ = rundir.load_config(resume)
+        cfg, recorded = rundir.load_config(resume)
+    else:
+        run = Path(cfg.run.output_dir) / (cfg.run.name or _default_run_name(cfg.model.name))
+        rundir.check_available(run, cfg.run.overwrite)
     backend_name, reason = select_backend(cfg.train.backend)
-    model = resolve_model(cfg.model.name, cfg.model.revision)
+    model = resolve_model(cfg.model.name, cfg.model.revision, allow_pickle=cfg.model.allow_pickle)
+    model_id = fingerprint(model.path)
+    if resume is not None and recorded.get("model_fingerprint") not in (None, model_id):
+        raise UserError(f"{resume}: was trained on a different base model than {model.path} is now "
+                        f"(fingerprint {recorded['model_fingerprint']} vs {model_id}); resume needs the same base")
     tokenizer = load_tokenizer(model.path, cfg.model.trust_remote_code)
     data = prepare_data(cfg, tokenizer, cfg.model.chat_template or model.default_chat_template)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -186,28 +207,54 @@ def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
     total = tc.iters or max(1, math.ceil(tc.epochs * sched.per_epoch / tc.grad_accum))
     warmup = tc.warmup_steps or int(tc.warmup_ratio * total)
 
+    facts = backend.setup(model.path, cfg)
+    resolved = {
+        "backend": backend_name, "backend_reason": reason, "model_path": str(model.path),
+        "model_source": model.source, "model_fingerprint": model_id, "chat_template": data.template_name,
+        "data_format": data.format, "train_examples": len(data.train), "val_examples": len(data.val),
+        "total_steps": total, "packing": packed, "truncated_examples": data.truncated,
+        "dropped_long": data.dropped, **facts,
+    }
+    plan = _Plan(cfg, data, sched, total, warmup, pad_id, resolved)
     if resume is not None:
         run = resume
     else:
-        run = Path(cfg.run.output_dir) / (cfg.run.name or _default_run_name(cfg.model.name))
         rundir.create(run, cfg.run.overwrite)
+    try:
+        return _run_loop(run, plan, backend, resumed=resume is not None, quiet=quiet)
+    except BaseException:
+        # A run that never reached its first checkpoint holds nothing worth resuming.
+        if resume is None and not rundir.checkpoints(run):
+            shutil.rmtree(run, ignore_errors=True)
+        raise
 
-    facts = backend.setup(model.path, cfg)
+
+@dataclass
+class _Plan:
+    """Everything decided before the first step."""
+
+    cfg: Config
+    data: PreparedData
+    sched: _Schedule
+    total: int
+    warmup: int
+    pad_id: int
+    resolved: dict[str, Any]
+
+
+def _run_loop(run: Path, plan: _Plan, backend: Any, resumed: bool, quiet: bool) -> Path:
+    cfg, data, sched, total, warmup, pad_id, resolved = (plan.cfg, plan.data, plan.sched, plan.total, plan.warmup,
+                                                         plan.pad_id, plan.resolved)
+    tc = cfg.train
     start, elapsed_before = 0, 0.0
     ckpts = rundir.checkpoints(run)
-    if resume is not None and ckpts:
+    if resumed and ckpts:
         step_done, ckpt = ckpts[-1]
         backend.load_state(ckpt)
         state = json.loads((ckpt / "state.json").read_text())
         start, elapsed_before = step_done, state.get("elapsed_s", 0.0)
-    resolved = {
-        "backend": backend_name, "backend_reason": reason, "model_path": str(model.path),
-        "model_source": model.source, "chat_template": data.template_name, "data_format": data.format,
-        "train_examples": len(data.train), "val_examples": len(data.val), "total_steps": total,
-        "packing": packed, **facts,
-    }
     rundir.save_config_with_template(run, cfg, resolved, data.template)
-    metrics = rundir.Metrics(run / "metrics.jsonl", resume_step=start if resume is not None else None)
+    metrics = rundir.Metrics(run / "metrics.jsonl", resume_step=start if resumed else None)
     if not quiet:
         _print_header(run, cfg, resolved, data, start)
 

@@ -242,8 +242,12 @@ class MLXBackend:
 
     # -- compiled step pieces ------------------------------------------------------------------
 
-    def _compiled(self) -> tuple[Any, Any]:
-        """(grad_fn, apply_fn), compiled once per optimizer-state object (rebuilt after load_state)."""
+    def _compiled(self) -> tuple[Any, Any, Any]:
+        """(grad_fn, apply_fn, step_fn) compiled once per optimizer-state object (rebuilt after load_state).
+
+        step_fn fuses forward, backward, clipping and the update for the common one-micro-batch
+        step; with accumulation, grad_fn runs per micro-batch and apply_fn once.
+        """
         if self._fns is not None:
             return self._fns
         mx, nn, optim = _mlx()
@@ -255,12 +259,7 @@ class MLXBackend:
 
         value_and_grad = nn.value_and_grad(model, scaled)
 
-        @partial(mx.compile, inputs=state, outputs=state)
-        def grad_fn(ids: Any, w: Any, inv_total: Any) -> tuple[Any, Any]:
-            return value_and_grad(model, ids, w, inv_total)
-
-        @partial(mx.compile, inputs=state, outputs=state)
-        def apply_fn(grads: Any) -> Any:
+        def apply(grads: Any) -> Any:
             if max_norm > 0:
                 grads, norm = optim.clip_grad_norm(grads, max_norm)
             else:
@@ -268,7 +267,12 @@ class MLXBackend:
             opt.update(model, grads)
             return norm
 
-        self._fns = (grad_fn, apply_fn)
+        def step(ids: Any, w: Any, inv_total: Any) -> tuple[Any, Any]:
+            loss, grads = value_and_grad(model, ids, w, inv_total)
+            return loss, apply(grads)
+
+        compile_ = partial(mx.compile, inputs=state, outputs=state)
+        self._fns = (compile_(lambda ids, w, inv: value_and_grad(model, ids, w, inv)), compile_(apply), compile_(step))
         return self._fns
 
     def _arrays(self, batch: Batch) -> tuple[Any, Any]:
@@ -288,19 +292,22 @@ class MLXBackend:
         mx, _, _ = _mlx()
         from mlx.utils import tree_map
 
-        grad_fn, apply_fn = self._compiled()
+        grad_fn, apply_fn, step_fn = self._compiled()
         total = sum(int(b["loss_mask"][:, 1:].sum()) for b in micro_batches)
         inv_total = mx.array(1.0 / max(total, 1), mx.float32)
         self.optimizer.learning_rate = lr
         # Dropout masks are a pure function of (seed, step): resume needs no saved RNG state.
         mx.random.seed(self.seed * 1_000_003 + self.step)
-        loss, grads = None, None
-        for batch in micro_batches:
-            part, g = grad_fn(*self._arrays(batch), inv_total)
-            # Lazy sums: nothing is evaluated until the single mx.eval below (no per-batch host sync).
-            loss = part if loss is None else loss + part
-            grads = g if grads is None else tree_map(lambda x, y: x + y, grads, g)
-        norm = apply_fn(grads)
+        if len(micro_batches) == 1:
+            loss, norm = step_fn(*self._arrays(micro_batches[0]), inv_total)
+        else:
+            loss, grads = None, None
+            for batch in micro_batches:
+                part, g = grad_fn(*self._arrays(batch), inv_total)
+                # Lazy sums: nothing is evaluated until the single mx.eval below (no per-batch host sync).
+                loss = part if loss is None else loss + part
+                grads = g if grads is None else tree_map(lambda x, y: x + y, grads, g)
+            norm = apply_fn(grads)
         mx.eval(loss, norm, self.model.state, self.optimizer.state)
         self.step += 1
         return StepStats(loss=float(loss), grad_norm=float(norm))

@@ -77,7 +77,7 @@ def _limit(quant: str) -> float:
     return NMSE_LIMITS.get(quant, 0.2)
 
 
-def load_llama(path: Path, lora: Path | None = None, n_ctx: int = 512) -> Any:
+def load_llama(path: Path, lora: Path | None = None, n_ctx: int = 256) -> Any:
     """llama-cpp-python model with logits for every position (CPU, quiet)."""
     try:
         import llama_cpp
