@@ -219,6 +219,13 @@ def test_missing_mlx_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest
         mlx_backend._mlx()
 
 
+def test_doctor_says_mlx_is_ready() -> None:
+    from qlocal.doctor import doctor_report
+
+    mlx_section = doctor_report().split("MLX:")[1].split("Libraries:")[0]
+    assert "matmul smoke test: works" in mlx_section and "--backend mlx: ready" in mlx_section
+
+
 def test_hf5_config_translation() -> None:
     from qlocal.backends.mlx_backend import hf_config_overrides
 
