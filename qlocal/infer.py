@@ -280,10 +280,18 @@ class GGUFGenerator:
         stream = self.llm.create_chat_completion(
             messages=messages, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
             top_p=sampling.top_p, stream=True, seed=0)
-        for chunk in stream:
-            piece = chunk["choices"][0]["delta"].get("content")
-            if piece:
-                yield piece
+        try:
+            for chunk in stream:
+                piece = chunk["choices"][0]["delta"].get("content")
+                if piece:
+                    yield piece
+        except ValueError as e:
+            # llama-cpp-python's two ways of saying the context is full: a prompt longer than n_ctx,
+            # or generation running past it.
+            if "context window" not in str(e) and "could not broadcast" not in str(e):
+                raise
+            raise UserError(f"{self.path.name}: the conversation no longer fits the context window "
+                            f"(n_ctx={self.llm.n_ctx()}); shorten it (/reset in chat)") from None
 
 
 def open_generator(target: str, backend: str | None = None, chat_template: str | None = None) -> Generator:
@@ -352,10 +360,15 @@ def chat_loop(gen: Generator, sampling: Sampling, system: str | None = None, std
             continue
         history.append({"role": "user", "content": text})
         reply = []
-        for piece in gen.chat(history, sampling):
-            reply.append(piece)
-            out.write(piece)
-            out.flush()
+        try:
+            for piece in gen.chat(history, sampling):
+                reply.append(piece)
+                out.write(piece)
+                out.flush()
+        except UserError as e:  # e.g. context full: say so, keep the session
+            print(f"error: {e}", file=sys.stderr)
+            history.pop()
+            continue
         out.write("\n")
         out.flush()
         history.append({"role": "assistant", "content": "".join(reply)})

@@ -200,3 +200,14 @@ def test_user_errors(tmp_path: Path, qlocal_cli) -> None:
     (tmp_path / "x.txt").write_text("x")
     res = qlocal_cli("generate", tmp_path / "x.txt", "--prompt", "hi")
     assert res.returncode == 2 and "not a run folder" in res.stderr
+
+
+def test_gguf_context_overflow_keeps_the_chat_going(export_dir: Path, capsys) -> None:
+    from qlocal.infer import GGUFGenerator
+
+    gen = GGUFGenerator(export_dir / "model-f16.gguf", n_ctx=256)
+    out = io.StringIO()
+    turns = chat_loop(gen, Sampling(max_tokens=4), stdin=io.StringIO("word " * 300 + "\nHi\n"), out=out)
+    assert turns == 1 and out.getvalue().endswith("\n")  # the long line failed, the short one was answered
+    err = capsys.readouterr().err
+    assert "no longer fits the context window (n_ctx=256)" in err and "Traceback" not in err
