@@ -28,8 +28,9 @@ def check_available(path: Path, overwrite: bool) -> None:
         raise UserError(f"{path}: run folder already exists; pass --overwrite to replace it, "
                         f"--resume {path} to continue it, or --name to pick another")
     parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{path}: cannot create the run folder ({parent} is not writable); choose another --output-dir")
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: cannot create the run folder ({parent} is not a writable folder); "
+                        "choose another --output-dir")
 
 
 def create(path: Path, overwrite: bool) -> None:

@@ -280,10 +280,11 @@ def _run_loop(run: Path, plan: _Plan, backend: Any, resumed: bool, quiet: bool) 
             stats = backend.train_step(micro, lr)
             dt = max(time.perf_counter() - t0, 1e-9)
             done = step + 1
-            if not math.isfinite(stats.loss):
+            if not (math.isfinite(stats.loss) and math.isfinite(stats.grad_norm)):
                 bar.close()
                 kept = f"; the last good checkpoint is {rundir.checkpoints(run)[-1][1]}" if rundir.checkpoints(run) else ""
-                raise UserError(f"loss became {stats.loss} at step {done}; lower the learning rate "
+                bad = stats.loss if not math.isfinite(stats.loss) else f"finite but its gradient {stats.grad_norm}"
+                raise UserError(f"loss became {bad} at step {done}; lower the learning rate "
                                 f"(now train.lr={tc.lr}, try {tc.lr / 4:g}){kept}")
             tokens = sum(int(b["attention_mask"].sum()) for b in micro)
             trained = sum(int(b["loss_mask"][:, 1:].sum()) for b in micro)

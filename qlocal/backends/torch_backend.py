@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import resource
 import sys
 from pathlib import Path
@@ -206,7 +207,8 @@ class TorchBackend:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         clip = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        self.optimizer.step()
+        if math.isfinite(grad_norm):  # a non-finite step would poison the weights; the loop stops the run
+            self.optimizer.step()
         return StepStats(loss=loss_sum / max(total, 1), grad_norm=grad_norm)
 
     def eval_loss(self, batches: list[Batch]) -> tuple[float, int]:
