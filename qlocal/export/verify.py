@@ -28,12 +28,14 @@ NMSE_LIMITS: dict[str, float] = {
     # Required: 16/32-bit files differ from the HF model only by rounding (fp16/bf16 weights,
     # different matmul order), which gives NMSE ~1e-6..1e-4.
     "f32": 1e-3, "f16": 1e-3, "bf16": 1e-3,
-    # Sanity limits for quantised files: a b-bit block quant perturbs each weight by a relative
-    # ~2^-b, which through a few layers gives NMSE ~1e-4 (8-bit) to ~1e-2 (4-bit). A broken file
-    # (wrong tensor layout, permutation, rope or norm) gives uncorrelated logits, NMSE ~1 or more,
-    # so these limits separate "lossy" from "wrong" by an order of magnitude on either side.
-    "q8_0": 1e-2, "q6_k": 3e-2, "q5_k_m": 5e-2, "q5_k_s": 5e-2, "q5_0": 5e-2,
-    "q4_k_m": 0.1, "q4_k_s": 0.1, "q4_0": 0.15, "q3_k_m": 0.2,
+    # Sanity limits for quantised files, not quality targets: a file whose logits are unrelated
+    # to the model's (wrong tensor layout, permutation, rope, norm) has NMSE ~1-2 (for independent
+    # logits of equal scale, E(a-b)^2 = E a^2 + E b^2). Measured on healthy files: q8_0 1e-4..7e-4
+    # on the tiny models; Q4_K_M 0.17 on the real Gemma 3 270M (small models with 262k-vocab logits
+    # suffer most, and 640-wide rows push most tensors to q5_0), with 86% greedy agreement and
+    # correct answers. So the limits sit between "lossy" and "unrelated".
+    "q8_0": 0.05, "q6_k": 0.15, "q5_k_m": 0.2, "q5_k_s": 0.2, "q5_0": 0.2,
+    "q4_k_m": 0.35, "q4_k_s": 0.35, "q4_0": 0.4, "q3_k_m": 0.5,
 }
 EXACT = ("f32", "f16", "bf16")
 """Types where greedy agreement is required, not just reported."""
@@ -74,7 +76,7 @@ class FileCheck:
 
 
 def _limit(quant: str) -> float:
-    return NMSE_LIMITS.get(quant, 0.2)
+    return NMSE_LIMITS.get(quant, 0.5)
 
 
 def load_llama(path: Path, lora: Path | None = None, n_ctx: int = 256) -> Any:
