@@ -49,7 +49,6 @@ def make_wide_model(out_dir: Path, seed: int = 0) -> Path:
     """A tiny Llama whose every matrix row is a multiple of 256, so K-quants need no fallback."""
     import torch
     import transformers as tf
-
     from conftest import tokenizer_path
 
     tok = tf.AutoTokenizer.from_pretrained(tokenizer_path("llama"))

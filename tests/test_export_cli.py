@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("llama_cpp")
 pytest.importorskip("torch")
 
-from conftest import REPO, run_qlocal  # noqa: E402
+from conftest import REPO, run_qlocal
 
 DATA = REPO / "data" / "alpaca_sample.jsonl"
 

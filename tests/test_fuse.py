@@ -10,10 +10,10 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from export_helpers import make_run, to_dtype_copy  # noqa: E402
+from export_helpers import make_run, to_dtype_copy
 
-from qlocal.errors import UserError  # noqa: E402
-from qlocal.export.fuse import fuse_run, probe_ids  # noqa: E402
+from qlocal.errors import UserError
+from qlocal.export.fuse import fuse_run, probe_ids
 
 
 def _sha(path: Path) -> str:

@@ -17,7 +17,13 @@ import pytest
 
 from qlocal.data.templates import FALLBACKS
 from qlocal.errors import UserError
-from qlocal.export.ollama import build_modelfile, detect_family, ollama_create, quote_value, render_jinja
+from qlocal.export.ollama import (
+    build_modelfile,
+    detect_family,
+    ollama_create,
+    quote_value,
+    render_jinja,
+)
 
 ASSETS = Path(__file__).parent / "assets" / "tokenizers"
 GOLDEN = Path(__file__).parent / "golden"
@@ -45,7 +51,7 @@ CHATS = [
 
 # ---------------------------------------------------------------- a tiny Go text/template interpreter
 
-_ACTION = re.compile(r"\{\{(-?)(.*?)(-?)\}\}", re.S)
+_ACTION = re.compile(r"\{\{(-?)(.*?)(-?)\}\}", re.DOTALL)
 
 
 def go_render(template: str, messages: list[dict[str, str]], system: str = "") -> str:
@@ -62,7 +68,7 @@ def go_render(template: str, messages: list[dict[str, str]], system: str = "") -
             rest = template[pos:]
             pos += len(rest) - len(rest.lstrip(" \t\r\n"))
     parts.append(("text", template[pos:]))
-    tree, i = _parse(parts, 0)
+    tree, _ = _parse(parts, 0)
     out: list[str] = []
     _run(tree, {"$": {"Messages": messages, "System": system}}, {"Messages": messages}, out)
     return "".join(out)
@@ -79,7 +85,7 @@ def _parse(parts, i):
             body, i = _parse(parts, i + 1)
             nodes.append(("range", val[6:].strip(), body))
         elif val.startswith("if "):
-            branches, i = [], i
+            branches = []
             cond = val[3:]
             while True:
                 body, i = _parse(parts, i + 1)
@@ -147,7 +153,7 @@ def _run(nodes, vars_, dot, out):
 
 
 def _template_of(modelfile: str) -> str:
-    m = re.search(r'^TEMPLATE """(.*?)"""$', modelfile, re.S | re.M)
+    m = re.search(r'^TEMPLATE """(.*?)"""$', modelfile, re.DOTALL | re.MULTILINE)
     assert m, modelfile
     return m.group(1)
 

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("llama_cpp")
 pytest.importorskip("torch")
 
-from conftest import REPO, run_qlocal  # noqa: E402
+from conftest import REPO, run_qlocal
 
 ITERS = "12"
 

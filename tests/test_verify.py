@@ -10,11 +10,11 @@ import pytest
 pytest.importorskip("llama_cpp")
 pytest.importorskip("torch")
 
-from export_helpers import make_run  # noqa: E402
+from export_helpers import make_run
 
-from qlocal.export import convert_hf_to_gguf  # noqa: E402
-from qlocal.export.fuse import fuse_run  # noqa: E402
-from qlocal.export.verify import table, verify_all  # noqa: E402
+from qlocal.export import convert_hf_to_gguf
+from qlocal.export.fuse import fuse_run
+from qlocal.export.verify import table, verify_all
 
 STOPS = {"qwen2": ["<|im_end|>"], "llama": ["<|eot_id|>"], "gemma3": ["<end_of_turn>", "<eos>"]}
 

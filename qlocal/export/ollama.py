@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from qlocal.errors import UserError
 
@@ -260,7 +261,7 @@ def ollama_create(name: str, modelfile_dir: Any, echo: Callable[[str], None] = p
     if shutil.which("ollama") is None:
         echo(f"ollama is not on PATH; to register the model run:\n  {shown}")
         return False
-    done = subprocess.run(cmd, cwd=str(modelfile_dir))
+    done = subprocess.run(cmd, cwd=str(modelfile_dir), check=False)
     if done.returncode != 0:
         raise UserError(f"`{shown}` failed (exit {done.returncode}); its output is above")
     return True

@@ -19,9 +19,10 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from qlocal.errors import UserError
 
@@ -67,7 +68,7 @@ def _check_arch(base_path: Path) -> None:
 def export_run(run_dir: Path, opts: ExportOptions, echo: Callable[[str], None] = print) -> ExportResult:
     """Export a run folder as described in the module docstring; returns the summary written."""
     from qlocal.export.fuse import read_run
-    from qlocal.export.quantize import DIRECT, parse_quants
+    from qlocal.export.quantize import parse_quants
 
     t0 = time.perf_counter()
     info = read_run(Path(run_dir))  # every "not a run / base gone" error before anything is written
@@ -120,8 +121,10 @@ def _build(info: Any, opts: ExportOptions, quants: list[str], tmp: Path, echo: C
     echo(f"fusing adapter into {info.base_path} ...")
     fuse = fuse_run(info.run_dir, tmp / "fused")
     summary["fuse"] = fuse.to_dict()
+    merge_note = "" if fuse.dtype == "float32" else \
+        f"; the fp32 merge alone {fuse.max_abs_logit_diff_fp32:.1e}, the rest is {fuse.dtype} rounding"
     echo(f"  fused ({fuse.dtype}); max |logit diff| vs base+adapter {fuse.max_abs_logit_diff:.2e} "
-         f"(logits up to {fuse.max_abs_logit:.1f})")
+         f"(logits up to {fuse.max_abs_logit:.1f}{merge_note})")
     if not quants:
         return summary
     # GGUFs come from the fused model, or for --adapter-only from the untouched original base.

@@ -15,8 +15,8 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,9 +156,6 @@ def fallback_count(path: Path, quant: str) -> int:
     if not allowed:
         return 0
     reader = GGUFReader(str(path))
-    n = 0
-    for t in reader.tensors:
-        if len(t.shape) >= 2 and t.name.endswith(".weight") and "norm" not in t.name:
-            if t.tensor_type.name not in allowed:
-                n += 1
-    return n
+    return sum(1 for t in reader.tensors
+               if len(t.shape) >= 2 and t.name.endswith(".weight") and "norm" not in t.name
+               and t.tensor_type.name not in allowed)

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qlocal.export.fuse import PROBE_CONVERSATIONS, render_chat
 from qlocal.errors import missing_extra
+from qlocal.export.fuse import PROBE_CONVERSATIONS, render_chat
 
 NMSE_LIMITS: dict[str, float] = {
     # Required: 16/32-bit files differ from the HF model only by rounding (fp16/bf16 weights,
@@ -85,8 +85,8 @@ def load_llama(path: Path, lora: Path | None = None, n_ctx: int = 256) -> Any:
         import llama_cpp
     except ImportError:
         raise missing_extra("llama-cpp-python", "gguf") from None
-    kw: dict[str, Any] = dict(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, seed=0,
-                              n_threads=max(1, min(4, os.cpu_count() or 1)))
+    kw: dict[str, Any] = {"model_path": str(path), "n_ctx": n_ctx, "logits_all": True, "verbose": False, "seed": 0,
+                          "n_threads": max(1, min(4, os.cpu_count() or 1))}
     if lora is not None:
         kw["lora_path"] = str(lora)
     return llama_cpp.Llama(**kw)
