@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from qlocal import rundir
+from qlocal import distributed, rundir
 from qlocal.config import Config
 from qlocal.errors import UserError
 
@@ -80,7 +80,7 @@ def prepare_data(cfg: Config, tokenizer: Any, template_choice: str | None) -> Pr
     dc = cfg.data
     mapping = mapping_from_config(dc)  # None unless the config maps another dataset shape
     samples, stats = load_samples(dc.path, dc.format, dc.split, skip_bad_lines=dc.skip_bad_lines, mapping=mapping)
-    if stats.get("skipped"):
+    if stats.get("skipped") and distributed.from_env().is_main:
         print(f"warning: skipped {stats['skipped']} bad records in {dc.path} "
               f"(first: {', '.join(stats.get('skipped_where', []))})", file=sys.stderr)
     val_samples: list[Any] = []
@@ -109,7 +109,7 @@ def prepare_data(cfg: Config, tokenizer: Any, template_choice: str | None) -> Pr
         raise UserError(f"{dc.path}: no example has a trained token left after truncating or dropping at "
                         f"data.max_seq_len={dc.max_seq_len}; raise it")
     truncated = sum(e.truncated for e in train) + sum(e.truncated for e in val)
-    if truncated or dropped:
+    if (truncated or dropped) and distributed.from_env().is_main:
         what = f"dropped {dropped}" if dropped else f"truncated {truncated}"
         fix = "" if dropped else " (or --drop-long to leave them out)"
         print(f"warning: {what} examples longer than data.max_seq_len={dc.max_seq_len}; "
@@ -121,15 +121,19 @@ class _Schedule:
     """Maps optimizer steps to micro-batches: a pure function of (seed, step), so resume can jump."""
 
     def __init__(self, examples: list[Any], batch_size: int, grad_accum: int, seed: int, pad_id: int,
-                 packed: bool) -> None:
+                 packed: bool, dist: Any = None) -> None:
         from qlocal.data.batching import epoch_batches
+        from qlocal.distributed import Dist
 
-        self.examples, self.bs, self.ga, self.seed, self.pad_id = examples, batch_size, grad_accum, seed, pad_id
+        self.dist = dist or Dist()
+        # With N ranks a micro-batch holds N * batch_size examples and each rank takes its shard.
+        self.bs = batch_size * self.dist.world
+        self.examples, self.ga, self.seed, self.pad_id = examples, grad_accum, seed, pad_id
         self.packed = packed
         self.lengths = [len(e.input_ids) for e in examples]
         self._epoch_batches = epoch_batches
         self._cache: dict[int, list[list[int]]] = {}
-        self.per_epoch = len(epoch_batches(self.lengths, batch_size, seed, 0))
+        self.per_epoch = len(epoch_batches(self.lengths, self.bs, seed, 0))
 
     def _epoch(self, e: int) -> list[list[int]]:
         if e not in self._cache:
@@ -139,11 +143,12 @@ class _Schedule:
     def micro_batches(self, step: int) -> tuple[list[dict[str, np.ndarray]], float]:
         """Collated micro-batches of 0-based optimizer step `step`, and the epoch position reached."""
         from qlocal.data.batching import collate, collate_packed
+        from qlocal.distributed import shard
 
         out = []
         for m in range(step * self.ga, (step + 1) * self.ga):
             e, i = divmod(m, self.per_epoch)
-            chosen = [self.examples[j] for j in self._epoch(e)[i]]
+            chosen = shard([self.examples[j] for j in self._epoch(e)[i]], self.dist)
             out.append(collate_packed(chosen) if self.packed else collate(chosen, self.pad_id))
         return out, (step + 1) * self.ga / self.per_epoch
 
@@ -202,8 +207,12 @@ def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
 
     tc = cfg.train
     backend = create_backend(backend_name)
+    dist = distributed.init_torch() if backend_name == "torch" else distributed.from_env()
+    if dist.enabled and backend_name != "torch":
+        raise UserError(f"launched with {dist.world} ranks, but multi-process training runs on the torch backend; "
+                        "use --backend torch (MLX: mlx.launch)")
     packed = tc.packing and getattr(backend, "supports_packing", False)
-    sched = _Schedule(data.train, tc.batch_size, tc.grad_accum, tc.seed, pad_id, packed)
+    sched = _Schedule(data.train, tc.batch_size, tc.grad_accum, tc.seed, pad_id, packed, dist)
     total = tc.iters or max(1, math.ceil(tc.epochs * sched.per_epoch / tc.grad_accum))
     warmup = tc.warmup_steps or int(tc.warmup_ratio * total)
 
@@ -218,15 +227,18 @@ def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
     plan = _Plan(cfg, data, sched, total, warmup, pad_id, resolved)
     if resume is not None:
         run = resume
-    else:
+    elif dist.is_main:
         rundir.create(run, cfg.run.overwrite)
+    distributed.barrier()
     try:
-        return _run_loop(run, plan, backend, resumed=resume is not None, quiet=quiet)
+        return _run_loop(run, plan, backend, resumed=resume is not None, quiet=quiet or not dist.is_main)
     except BaseException:
         # A run that never reached its first checkpoint holds nothing worth resuming.
-        if resume is None and not rundir.checkpoints(run):
+        if dist.is_main and resume is None and not rundir.checkpoints(run):
             shutil.rmtree(run, ignore_errors=True)
         raise
+    finally:
+        distributed.shutdown()
 
 
 @dataclass
@@ -246,6 +258,7 @@ def _run_loop(run: Path, plan: _Plan, backend: Any, resumed: bool, quiet: bool) 
     cfg, data, sched, total, warmup, pad_id, resolved = (plan.cfg, plan.data, plan.sched, plan.total, plan.warmup,
                                                          plan.pad_id, plan.resolved)
     tc = cfg.train
+    main = distributed.current().is_main
     start, elapsed_before = 0, 0.0
     ckpts = rundir.checkpoints(run)
     if resumed and ckpts:
@@ -253,8 +266,9 @@ def _run_loop(run: Path, plan: _Plan, backend: Any, resumed: bool, quiet: bool) 
         backend.load_state(ckpt)
         state = json.loads((ckpt / "state.json").read_text())
         start, elapsed_before = step_done, state.get("elapsed_s", 0.0)
-    rundir.save_config_with_template(run, cfg, resolved, data.template)
-    metrics = rundir.Metrics(run / "metrics.jsonl", resume_step=start if resumed else None)
+    if main:
+        rundir.save_config_with_template(run, cfg, resolved, data.template)
+    metrics = rundir.Metrics(run / "metrics.jsonl", resume_step=start if resumed and main else None)
     if not quiet:
         _print_header(run, cfg, resolved, data, start)
 
@@ -263,7 +277,8 @@ def _run_loop(run: Path, plan: _Plan, backend: Any, resumed: bool, quiet: bool) 
         from qlocal.data.batching import collate, epoch_batches
 
         lengths = [len(e.input_ids) for e in data.val]
-        val_batches = [collate([data.val[j] for j in b], pad_id) for b in epoch_batches(lengths, tc.batch_size, 0, 0)]
+        val_batches = [collate(distributed.shard([data.val[j] for j in b], sched.dist), pad_id)
+                       for b in epoch_batches(lengths, sched.bs, 0, 0)]
 
     from tqdm import tqdm
 
@@ -286,8 +301,11 @@ def _run_loop(run: Path, plan: _Plan, backend: Any, resumed: bool, quiet: bool) 
                 bad = stats.loss if not math.isfinite(stats.loss) else f"finite but its gradient {stats.grad_norm}"
                 raise UserError(f"loss became {bad} at step {done}; lower the learning rate "
                                 f"(now train.lr={tc.lr}, try {tc.lr / 4:g}){kept}")
-            tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-            trained = sum(int(b["loss_mask"][:, 1:].sum()) for b in micro)
+            tokens, trained, stop_votes = distributed.all_sum([
+                float(sum(int(b["attention_mask"].sum()) for b in micro)),
+                float(sum(int(b["loss_mask"][:, 1:].sum()) for b in micro)), float(stop.requested)])
+            tokens, trained = int(tokens), int(trained)
+            stop.requested = stop_votes > 0  # every rank stops at the same step
             record: dict[str, Any] = {
                 "step": done, "epoch": round(epoch_pos, 4), "loss": round(stats.loss, 6), "lr": lr,
                 "grad_norm": round(stats.grad_norm, 6), "tokens": tokens, "trained_tokens": trained,
@@ -297,7 +315,7 @@ def _run_loop(run: Path, plan: _Plan, backend: Any, resumed: bool, quiet: bool) 
             if val_batches and (done % tc.eval_every == 0 or done == total):
                 s, n = backend.eval_loss(val_batches)
                 last_val = record["val_loss"] = round(s / max(n, 1), 6)
-            if done % tc.log_every == 0 or done == total or "val_loss" in record:
+            if main and (done % tc.log_every == 0 or done == total or "val_loss" in record):
                 metrics.write(record)
             post = {"loss": f"{stats.loss:.4f}", "tok/s": f"{tokens / dt:.0f}"}
             if last_val is not None:
@@ -306,18 +324,23 @@ def _run_loop(run: Path, plan: _Plan, backend: Any, resumed: bool, quiet: bool) 
             bar.update(1)
             if done % tc.save_every == 0 or done == total or stop.requested:
                 elapsed = elapsed_before + time.perf_counter() - t_run
-                rundir.save_checkpoint(run, done, {"step": done, "total_steps": total, "elapsed_s": elapsed},
-                                       backend, tc.keep_last)
+                if main:
+                    rundir.save_checkpoint(run, done, {"step": done, "total_steps": total, "elapsed_s": elapsed},
+                                           backend, tc.keep_last)
+                distributed.barrier()
                 last_saved = done
             if stop.requested:
                 bar.close()
-                rundir.plot_losses(metrics, run / "loss.png", run.name)
-                print(f"stopped at step {done}/{total}; continue with: qlocal train --resume {run}", file=sys.stderr)
+                if main:
+                    rundir.plot_losses(metrics, run / "loss.png", run.name)
+                    print(f"stopped at step {done}/{total}; continue with: qlocal train --resume {run}",
+                          file=sys.stderr)
                 raise SystemExit(130)
     bar.close()
     assert last_saved == total
-    rundir.save_dir_atomic(run / "adapter", backend.save_adapter)
-    rundir.plot_losses(metrics, run / "loss.png", run.name)
+    if main:
+        rundir.save_dir_atomic(run / "adapter", backend.save_adapter)
+        rundir.plot_losses(metrics, run / "loss.png", run.name)
     if not quiet:
         _print_footer(run, metrics)
     return run

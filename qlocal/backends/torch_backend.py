@@ -86,6 +86,34 @@ def chunked_cross_entropy(h: Any, targets: Any, head: Any, softcap: float | None
     return total
 
 
+def _loss_module(peft_model: Any, chunk: int) -> Any:
+    """The training forward as a module (summed target CE, target count), so DDP can wrap it.
+
+    The head runs only on target positions, in chunks (see chunked_cross_entropy).
+    """
+    torch = _import_torch()
+
+    class SummedLoss(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = peft_model
+
+        def forward(self, t: dict[str, Any]) -> tuple[Any, int]:
+            ids, mask = t["input_ids"], t["loss_mask"]
+            base = self.model.get_base_model()
+            if "position_ids" in t:  # packed: no 2-D mask, so transformers builds a per-example causal mask
+                out = base.get_decoder()(input_ids=ids, position_ids=t["position_ids"], use_cache=False)
+            else:
+                out = base.get_decoder()(input_ids=ids, attention_mask=t["attention_mask"], use_cache=False)
+            select = mask[:, 1:].bool()
+            h = out.last_hidden_state[:, :-1][select]
+            targets = ids[:, 1:][select]
+            cap = getattr(base.config, "final_logit_softcapping", None)
+            return chunked_cross_entropy(h, targets, base.get_output_embeddings(), cap, chunk), int(targets.numel())
+
+    return SummedLoss()
+
+
 class TorchBackend:
     """Trains a PEFT LoRA adapter on a transformers causal LM."""
 
@@ -107,15 +135,18 @@ class TorchBackend:
         from qlocal.train import quiet_transformers
 
         quiet_transformers()
+        from qlocal import distributed
+
         tc, lc = cfg.train, cfg.lora
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = pick_dtype(tc.dtype, self.device)
+        self.dist = distributed.current()
+        self.device = f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"
+        dtype = pick_dtype(tc.dtype, self.device.split(":")[0])
         if self.device == "cpu" and dtype == torch.float16:
             raise UserError("train.dtype=float16 is not supported on CPU; use float32 or bfloat16")
         kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.model.trust_remote_code}
         if tc.quantize != "none":
             kwargs["quantization_config"] = self._bnb_config(tc.quantize, dtype)
-            kwargs["device_map"] = {"": self.device if self.device == "cpu" else 0}
+            kwargs["device_map"] = {"": self.device}
         model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
         if tc.quantize == "none":
             model.to(self.device)
@@ -145,15 +176,22 @@ class TorchBackend:
         except ValueError as e:
             raise UserError(f"lora.target_modules: {e}") from None
         self.model.train()
+        self.loss_fn = _loss_module(self.model, tc.loss_chunk)
+        if self.dist.enabled:
+            # DDP all-reduces the LoRA gradients during backward; frozen weights are not touched.
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.dist.local_rank] if self.device.startswith("cuda") else None
+            self.loss_fn = DistributedDataParallel(self.loss_fn, device_ids=ids)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
         self.max_grad_norm = tc.max_grad_norm
-        self.loss_chunk = tc.loss_chunk
         self.dtype = dtype
-        if self.device == "cuda":
+        if self.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         return {
-            "device": self.device,
+            "device": self.device.split(":")[0],
+            "world_size": self.dist.world,
             "dtype": str(dtype).replace("torch.", ""),
             "target_modules": targets,
             "layers_adapted": layers or list(range(layers_total)),
@@ -178,41 +216,42 @@ class TorchBackend:
         return {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in batch.items()}
 
     def _summed_loss(self, batch: Batch) -> tuple[Any, int]:
-        """Summed CE over target tokens; the head runs only on target positions, in chunks."""
-        t = self._tensors(batch)
-        ids, mask = t["input_ids"], t["loss_mask"]
-        base = self.model.get_base_model()
-        if "position_ids" in t:  # packed: no 2-D mask, so transformers builds a per-example causal mask
-            out = base.get_decoder()(input_ids=ids, position_ids=t["position_ids"], use_cache=False)
-        else:
-            out = base.get_decoder()(input_ids=ids, attention_mask=t["attention_mask"], use_cache=False)
-        select = mask[:, 1:].bool()
-        h = out.last_hidden_state[:, :-1][select]
-        targets = ids[:, 1:][select]
-        cap = getattr(base.config, "final_logit_softcapping", None)
-        loss = chunked_cross_entropy(h, targets, base.get_output_embeddings(), cap, self.loss_chunk)
-        return loss, int(targets.numel())
+        loss, n = self.loss_fn(self._tensors(batch))
+        return loss, n
 
     def train_step(self, micro_batches: list[Batch], lr: float) -> StepStats:
+        """Token-weighted over the global batch: with N ranks each backward uses N * loss / all
+        targets, and DDP's gradient average turns that into the single-process gradient."""
+        import contextlib
+
         torch = _import_torch()
-        total = sum(int(b["loss_mask"][:, 1:].sum()) for b in micro_batches)
+        from qlocal import distributed
+
+        local = sum(int(b["loss_mask"][:, 1:].sum()) for b in micro_batches)
+        (total,) = distributed.all_sum([float(local)])
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
-        for batch in micro_batches:
-            loss, _ = self._summed_loss(batch)
-            (loss / max(total, 1)).backward()
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.loss_fn.no_sync()
+            with sync:
+                loss, _ = self._summed_loss(batch)
+                (loss * self.dist.world / max(total, 1.0)).backward()
             loss_sum += float(loss.detach())
+        (loss_sum,) = distributed.all_sum([loss_sum])
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         clip = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
         if math.isfinite(grad_norm):  # a non-finite step would poison the weights; the loop stops the run
             self.optimizer.step()
-        return StepStats(loss=loss_sum / max(total, 1), grad_norm=grad_norm)
+        return StepStats(loss=loss_sum / max(total, 1.0), grad_norm=grad_norm)
 
     def eval_loss(self, batches: list[Batch]) -> tuple[float, int]:
         torch = _import_torch()
+        from qlocal import distributed
+
         self.model.eval()
         total, count = 0.0, 0
         with torch.no_grad():
@@ -221,7 +260,8 @@ class TorchBackend:
                 total += float(loss)
                 count += n
         self.model.train()
-        return total, count
+        total, count_f = distributed.all_sum([total, float(count)])
+        return total, int(count_f)
 
     def save_adapter(self, path: Path) -> None:
         self.model.save_pretrained(str(path), safe_serialization=True)
@@ -252,7 +292,7 @@ class TorchBackend:
 
     def peak_memory_mb(self) -> float:
         torch = _import_torch()
-        if self.device == "cuda":
+        if self.device.startswith("cuda"):
             return torch.cuda.max_memory_allocated() / 2**20
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return rss / 2**20 if sys.platform == "darwin" else rss / 1024
