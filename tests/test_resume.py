@@ -79,3 +79,34 @@ def test_sigint_saves_checkpoint_and_exits_cleanly(tiny_model_dir, tmp_path: Pat
     assert "Traceback" not in err and "--resume" in err
     ckpts = list((run / "checkpoints").iterdir())
     assert len(ckpts) == 1 and (ckpts[0] / "state.json").is_file()
+
+
+@pytest.mark.parametrize("trial", [1, 2])
+def test_sigkill_at_random_points_then_resume(trial: int, tiny_model_dir, tmp_path: Path) -> None:
+    """Kill at a random moment (possibly mid-checkpoint write), possibly twice, then resume."""
+    import random
+
+    rng = random.Random(trial)
+    model = tiny_model_dir("qwen2")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run(_args(model, tmp_path, "full"), check=True, env=env, cwd=REPO, capture_output=True)
+    run = tmp_path / "killed"
+    args = _args(model, tmp_path, "killed")
+    for _kill in range(trial):
+        proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not (run / "metrics.jsonl").exists():
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.2, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        args = [sys.executable, "-m", "qlocal", "train", "--resume", str(run), "--quiet"]
+        if not rundir.checkpoints(run):
+            # Killed before the first checkpoint: nothing to resume, start over.
+            args = _args(model, tmp_path, "killed") + ["--overwrite"]
+    res = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    full, resumed = _adapter(tmp_path / "full"), _adapter(run)
+    for k in full:
+        assert torch.allclose(full[k], resumed[k], atol=1e-5), k
+    assert not list((run / "checkpoints").glob(".*")), "no temp folders left behind"
