@@ -116,6 +116,9 @@ class TrainConfig:
     packing: bool = True
     """Padding-free batches: a micro-batch's examples concatenated with per-example positions and
     attention (torch backend; MLX uses length-bucketed padded batches)."""
+    fused_kernels: bool = True
+    """On CUDA: Liger kernels (RMSNorm, SwiGLU, RoPE) when liger-kernel is installed, and
+    FlashAttention-2 varlen attention for packed batches when flash-attn is installed."""
     loss_chunk: int = 1024
     """Target positions per chunk of the output head + loss (0 = no chunking)."""
     dtype: str = "auto"

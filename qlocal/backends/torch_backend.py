@@ -56,6 +56,30 @@ def linear_module_names(model: Any) -> list[str]:
     return sorted(names)
 
 
+def _cuda_kernels(model_path: Path) -> list[str]:
+    """Apply the optional CUDA kernels that are installed; return their names for config.yaml.
+
+    Liger patches the transformers modeling classes before the model is built (RMSNorm, SwiGLU,
+    RoPE; its fused linear cross-entropy is not used: our head + loss runs on target rows only).
+    """
+    import importlib.util
+    import json
+
+    used = []
+    if importlib.util.find_spec("flash_attn") is not None:
+        used.append("flash_attention_2")
+    model_type = json.loads((Path(model_path) / "config.json").read_text()).get("model_type", "")
+    if importlib.util.find_spec("liger_kernel") is not None:
+        from liger_kernel import transformers as liger
+
+        name = {"gemma3_text": "gemma3_text", "qwen3": "qwen3"}.get(model_type, model_type)
+        patch = getattr(liger, f"apply_liger_kernel_to_{name}", None)
+        if patch is not None:
+            patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+            used.append("liger")
+    return used
+
+
 def num_layers(model: Any) -> int:
     cfg = model.config
     return int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg.get_text_config(), "num_hidden_layers"))
@@ -144,6 +168,10 @@ class TorchBackend:
         if self.device == "cpu" and dtype == torch.float16:
             raise UserError("train.dtype=float16 is not supported on CPU; use float32 or bfloat16")
         kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.model.trust_remote_code}
+        cuda = self.device.startswith("cuda")
+        kernels = _cuda_kernels(model_path) if cuda and tc.fused_kernels else []
+        if "flash_attention_2" in kernels:
+            kwargs["attn_implementation"] = "flash_attention_2"  # varlen: packed rows without a T x T mask
         if tc.quantize != "none":
             kwargs["quantization_config"] = self._bnb_config(tc.quantize, dtype)
             kwargs["device_map"] = {"": self.device}
@@ -192,6 +220,7 @@ class TorchBackend:
         return {
             "device": self.device.split(":")[0],
             "world_size": self.dist.world,
+            "fused_kernels": kernels,
             "dtype": str(dtype).replace("torch.", ""),
             "target_modules": targets,
             "layers_adapted": layers or list(range(layers_total)),
