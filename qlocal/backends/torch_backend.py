@@ -72,8 +72,7 @@ def _cuda_kernels(model_path: Path) -> list[str]:
     if importlib.util.find_spec("liger_kernel") is not None:
         from liger_kernel import transformers as liger
 
-        name = {"gemma3_text": "gemma3_text", "qwen3": "qwen3"}.get(model_type, model_type)
-        patch = getattr(liger, f"apply_liger_kernel_to_{name}", None)
+        patch = getattr(liger, f"apply_liger_kernel_to_{model_type}", None)
         if patch is not None:
             patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
             used.append("liger")
