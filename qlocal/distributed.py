@@ -1,8 +1,10 @@
-"""Data-parallel training under the launchers people already use (torchrun, accelerate launch).
+"""Data-parallel training under the launchers people already use (torchrun, accelerate launch,
+and mlx.launch for the MLX backend).
 
-qlocal has no launcher of its own: a launcher sets RANK / WORLD_SIZE / LOCAL_RANK and starts one
-process per device; here we only read them, join the process group, and tell the run loop which
-shard of each batch is this rank's and whether this rank writes files.
+qlocal has no launcher of its own: a launcher sets RANK / WORLD_SIZE / LOCAL_RANK (torch) or
+MLX_RANK / MLX_HOSTFILE (mlx.launch) and starts one process per device; here we only read them,
+join the process group, and tell the run loop which shard of each batch is this rank's and whether
+this rank writes files.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    engine: str = "torch"  # which library's collectives all_sum/barrier use: "torch" or "mlx"
 
     @property
     def enabled(self) -> bool:
@@ -32,9 +35,18 @@ _CURRENT = Dist()
 
 
 def from_env() -> Dist:
-    """The rank layout a launcher put in the environment (single process when none did)."""
+    """The rank layout a launcher put in the environment (single process when none did).
+
+    mlx.launch's ring backend sets MLX_RANK but no world size; that comes from init_mlx().
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    return Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    rank = os.environ.get("RANK", os.environ.get("MLX_RANK", "0"))
+    return Dist(int(rank), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def launched_by_mlx() -> bool:
+    """True under mlx.launch (any of its backends) rather than torchrun/accelerate."""
+    return "RANK" not in os.environ and any(k in os.environ for k in ("MLX_RANK", "MLX_HOSTFILE", "MLX_WORLD_SIZE"))
 
 
 def init_torch() -> Dist:
@@ -50,6 +62,30 @@ def init_torch() -> Dist:
             if cuda:
                 torch.cuda.set_device(dist.local_rank)
             td.init_process_group("nccl" if cuda else "gloo")
+    _CURRENT = dist
+    return dist
+
+
+def init_mlx() -> Dist:
+    """Join mx.distributed's global group (ring, MPI, JACCL or NCCL, whichever mlx.launch set up).
+
+    Outside mlx.launch this is a single process. Every rank must end up in the same group, so a
+    launcher whose ranks MLX cannot see (torchrun) is a user error rather than N separate runs.
+    """
+    global _CURRENT
+    env = from_env()
+    size, rank = 1, 0
+    if launched_by_mlx():
+        import mlx.core as mx
+
+        group = mx.distributed.init()
+        size, rank = group.size(), group.rank()
+    if env.enabled and size == 1:
+        from qlocal.errors import UserError
+
+        raise UserError(f"launched with {env.world} ranks by torchrun/accelerate, but the MLX backend runs "
+                        "under mlx.launch (mlx.launch -n N -- python -m qlocal train ...); or use --backend torch")
+    dist = Dist(rank, size, rank, engine="mlx")
     _CURRENT = dist
     return dist
 
@@ -77,6 +113,12 @@ def all_sum(values: list[float]) -> list[float]:
     """Sum floats across ranks (identity in a single process)."""
     if not _CURRENT.enabled:
         return values
+    if _CURRENT.engine == "mlx":
+        import mlx.core as mx
+
+        # float32 keeps it valid on a Mac GPU stream; per-step counts and loss sums fit it exactly enough.
+        out = mx.distributed.all_sum(mx.array(values, dtype=mx.float32))
+        return [float(v) for v in out.tolist()]
     import torch
     import torch.distributed as td
 
@@ -87,14 +129,16 @@ def all_sum(values: list[float]) -> list[float]:
 
 
 def barrier() -> None:
-    if _CURRENT.enabled:
+    if _CURRENT.enabled and _CURRENT.engine == "mlx":
+        all_sum([0.0])  # mx.distributed has no barrier; a blocking collective is one
+    elif _CURRENT.enabled:
         import torch.distributed as td
 
         td.barrier()
 
 
 def shutdown() -> None:
-    if _CURRENT.enabled:
+    if _CURRENT.enabled and _CURRENT.engine == "torch":
         import torch.distributed as td
 
         if td.is_initialized():

@@ -207,10 +207,13 @@ def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
 
     tc = cfg.train
     backend = create_backend(backend_name)
-    dist = distributed.init_torch() if backend_name == "torch" else distributed.from_env()
-    if dist.enabled and backend_name != "torch":
-        raise UserError(f"launched with {dist.world} ranks, but multi-process training runs on the torch backend; "
-                        "use --backend torch (MLX: mlx.launch)")
+    if backend_name == "mlx":
+        dist = distributed.init_mlx()
+    elif distributed.launched_by_mlx():
+        raise UserError("launched by mlx.launch, which starts MLX ranks; the torch backend runs under "
+                        "torchrun or accelerate launch (or use --backend mlx)")
+    else:
+        dist = distributed.init_torch()
     packed = tc.packing and getattr(backend, "supports_packing", False)
     sched = _Schedule(data.train, tc.batch_size, tc.grad_accum, tc.seed, pad_id, packed, dist)
     total = tc.iters or max(1, math.ceil(tc.epochs * sched.per_epoch / tc.grad_accum))

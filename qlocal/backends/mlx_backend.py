@@ -3,6 +3,10 @@
 Only the model classes and LoRALinear come from mlx-lm; data, loss, schedule and checkpoints are
 qlocal's, so the same Examples and the same loss contract as the torch backend apply (base.py).
 Adapters are converted to PEFT on save and from PEFT on load (qlocal.adapters).
+
+Under mlx.launch every rank holds the whole model and its shard of each global batch; gradients are
+averaged across ranks (mlx.nn.average_gradients) inside the compiled step, so every rank takes the
+same update (qlocal.distributed).
 """
 
 from __future__ import annotations
@@ -213,6 +217,7 @@ class MLXBackend:
         self.model: Any = None
         self.optimizer: Any = None
         self._fns: Any = None
+        self.world = 1
 
     def setup(self, model_path: Path, cfg: Config) -> dict[str, Any]:
         mx, _, optim = _mlx()
@@ -227,6 +232,9 @@ class MLXBackend:
         self.optimizer = optim.AdamW(learning_rate=tc.lr, weight_decay=tc.weight_decay, bias_correction=True)
         self.optimizer.init(self.model.trainable_parameters())
         self.seed, self.step, self.max_grad_norm = tc.seed, 0, tc.max_grad_norm
+        from qlocal import distributed
+
+        self.world = distributed.current().world if distributed.current().engine == "mlx" else 1
         self.adapter_config = adapters.peft_config(
             lc.rank, lc.alpha, targets, layers if len(layers) < len(self.model.layers) else None,
             str(model_path), lc.dropout)
@@ -237,7 +245,7 @@ class MLXBackend:
         mx.reset_peak_memory()
         device = "Apple GPU (Metal)" if mx.default_device() == mx.gpu else "cpu"
         return {"device": device, "dtype": facts["dtype"], "quantization": facts["quantization"],
-                "target_modules": targets, "layers_adapted": layers,
+                "world_size": self.world, "target_modules": targets, "layers_adapted": layers,
                 "trainable_params": int(n_train), "total_params": int(n_total)}
 
     # -- compiled step pieces ------------------------------------------------------------------
@@ -251,7 +259,7 @@ class MLXBackend:
         if self._fns is not None:
             return self._fns
         mx, nn, optim = _mlx()
-        model, opt, max_norm = self.model, self.optimizer, self.max_grad_norm
+        model, opt, max_norm, world = self.model, self.optimizer, self.max_grad_norm, self.world
         state = [model.state, opt.state, mx.random.state]
 
         def scaled(m: Any, ids: Any, w: Any, inv_total: Any) -> Any:
@@ -260,6 +268,9 @@ class MLXBackend:
         value_and_grad = nn.value_and_grad(model, scaled)
 
         def apply(grads: Any) -> Any:
+            if world > 1:
+                # Each rank's loss is scaled by world / global targets, so the mean is the global gradient.
+                grads = nn.average_gradients(grads)
             if max_norm > 0:
                 grads, norm = optim.clip_grad_norm(grads, max_norm)
             else:
@@ -292,9 +303,14 @@ class MLXBackend:
         mx, _, _ = _mlx()
         from mlx.utils import tree_map
 
+        from qlocal import distributed
+
         grad_fn, apply_fn, step_fn = self._compiled()
         total = sum(int(b["loss_mask"][:, 1:].sum()) for b in micro_batches)
-        inv_total = mx.array(1.0 / max(total, 1), mx.float32)
+        if self.world > 1:
+            # The loss is token-weighted over the global batch: every rank divides by all ranks' targets.
+            (total,) = distributed.all_sum([float(total)])
+        inv_total = mx.array(self.world / max(total, 1), mx.float32)
         self.optimizer.learning_rate = lr
         # Dropout masks are a pure function of (seed, step): resume needs no saved RNG state.
         mx.random.seed(self.seed * 1_000_003 + self.step)
@@ -308,6 +324,8 @@ class MLXBackend:
                 loss = part if loss is None else loss + part
                 grads = g if grads is None else tree_map(lambda x, y: x + y, grads, g)
             norm = apply_fn(grads)
+        if self.world > 1:
+            loss = mx.distributed.all_sum(loss) / self.world
         mx.eval(loss, norm, self.model.state, self.optimizer.state)
         self.step += 1
         return StepStats(loss=float(loss), grad_norm=float(norm))
@@ -321,6 +339,11 @@ class MLXBackend:
             total += float(_loss_sum(self.model, ids, w))
             count += int(batch["loss_mask"][:, 1:].sum())
         self.model.train()
+        if self.world > 1:
+            from qlocal import distributed
+
+            total, count_f = distributed.all_sum([total, float(count)])
+            count = int(count_f)
         return total, count
 
     # -- adapters and checkpoints --------------------------------------------------------------

@@ -1,0 +1,68 @@
+"""Data-parallel MLX training under mlx.launch: 2 local processes (ring backend) on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+pytest.importorskip("mlx_lm")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _train_args(model: Path, out: Path, name: str, batch: int) -> list[str]:
+    return ["-m", "qlocal", "train", "--backend", "mlx", "--model", str(model),
+            "--data", str(REPO / "data/alpaca_sample.jsonl"), "--iters", "6", "--batch-size", str(batch),
+            "--grad-accum", "2", "--lr", "5e-3", "--max-seq-len", "128", "--val-split", "0.1", "--eval-every", "3",
+            "--save-every", "3", "--output-dir", str(out), "--name", name, "--quiet"]
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _launcher() -> list[str]:
+    exe = shutil.which("mlx.launch", path=str(Path(sys.executable).parent)) or shutil.which("mlx.launch")
+    if exe is None:
+        pytest.skip("mlx.launch is not installed with this mlx")
+    if not mx.distributed.is_available("ring"):
+        pytest.skip("this mlx build has no ring backend for mx.distributed")
+    return [exe, "-n", "2", "--backend", "ring", "--starting-port", str(20000 + os.getpid() % 20000), "--"]
+
+
+def test_mlx_launch_two_ranks_match_one_process(tiny_model_dir, tmp_path: Path) -> None:
+    launch = _launcher()
+    model = tiny_model_dir("qwen2")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    single = subprocess.run([sys.executable, *_train_args(model, tmp_path, "one", 4)],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr
+    two_ranks = subprocess.run([*launch, sys.executable, *_train_args(model, tmp_path, "two", 2)],
+                               env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert two_ranks.returncode == 0, (two_ranks.stdout[-2000:], two_ranks.stderr[-3000:])
+
+    one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    # Same global batch (2 ranks x 2 = 4 examples per micro-batch): the same first-step loss.
+    assert abs(one[0]["loss"] - two[0]["loss"]) < 1e-5, (one[0], two[0])
+    assert one[0]["trained_tokens"] == two[0]["trained_tokens"]
+    assert two[-1]["loss"] < two[0]["loss"]
+    assert [r["step"] for r in two] == list(range(1, 7)), "one rank writes metrics, once per step"
+    assert "val_loss" in two[2] and abs(one[2]["val_loss"] - two[2]["val_loss"]) < 1e-4
+    assert "world_size: 2" in (tmp_path / "two" / "config.yaml").read_text()
+    # Gradients averaged across ranks = the same updates as one process: the adapters agree.
+    from safetensors.numpy import load_file
+
+    a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    diff = max(float(abs(a[k] - b[k]).max()) for k in a)
+    print(f"first-step loss {one[0]['loss']} vs {two[0]['loss']}; last {two[-1]['loss']}; adapter max diff {diff:.2e}")
+    assert diff < 1e-3
