@@ -133,6 +133,10 @@ class TrainConfig:
     """Checkpoints kept on disk."""
     log_every: int = 1
     """Write a metrics line every N steps."""
+    distributed: str = "ddp"
+    """With several ranks (torchrun / accelerate launch): ddp (each rank holds the whole model;
+    LoRA and QLoRA) or fsdp (FSDP2: base weights sharded across ranks per decoder layer, for 16-bit
+    LoRA of models too large for one GPU). Ignored in a single process and on MLX."""
 
 
 @dataclass
@@ -162,6 +166,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.quantize": ("none", "4bit", "8bit"),
     "train.lr_schedule": ("cosine", "linear", "constant"),
     "train.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "train.distributed": ("ddp", "fsdp"),
     "data.format": ("auto", "alpaca", "sharegpt", "messages", "completion", "text"),
 }
 

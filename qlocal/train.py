@@ -327,6 +327,8 @@ def _run_loop(run: Path, plan: _Plan, backend: Any, resumed: bool, quiet: bool) 
             bar.update(1)
             if done % tc.save_every == 0 or done == total or stop.requested:
                 elapsed = elapsed_before + time.perf_counter() - t_run
+                if hasattr(backend, "gather_state"):
+                    backend.gather_state()  # sharded (FSDP) state: every rank joins the gather, rank 0 writes
                 if main:
                     rundir.save_checkpoint(run, done, {"step": done, "total_steps": total, "elapsed_s": elapsed},
                                            backend, tc.keep_last)

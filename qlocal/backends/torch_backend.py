@@ -137,6 +137,27 @@ def _loss_module(peft_model: Any, chunk: int) -> Any:
     return SummedLoss()
 
 
+def _fully_shard(loss_module: Any, model: Any, device: str, dtype: Any) -> Any:
+    """FSDP2: each decoder layer its own shard group, the rest (embeddings, norm, head) the root's.
+
+    Frozen base weights are sharded like the LoRA ones, which is what saves memory; gradients are
+    reduce-scattered as an average, the same contract as DDP.
+    """
+    torch = _import_torch()
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from qlocal import distributed
+
+    mesh = init_device_mesh(device.split(":")[0], (distributed.current().world,))
+    # LoRA weights may be fp32 beside a bf16 base; FSDP gathers one dtype, and reduces in fp32.
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for layer in model.get_decoder().layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(loss_module, mesh=mesh, mp_policy=mp)
+    return loss_module
+
+
 class TorchBackend:
     """Trains a PEFT LoRA adapter on a transformers causal LM."""
 
@@ -145,6 +166,7 @@ class TorchBackend:
 
     def __init__(self) -> None:
         self.model: Any = None
+        self.fsdp = False
         self.optimizer: Any = None
         self.device = "cpu"
 
@@ -162,6 +184,11 @@ class TorchBackend:
 
         tc, lc = cfg.train, cfg.lora
         self.dist = distributed.current()
+        self.fsdp = self.dist.enabled and tc.distributed == "fsdp"
+        self._gathered: tuple[dict[str, Any], dict[str, Any]] | None = None
+        if self.fsdp and tc.quantize != "none":
+            raise UserError(f"train.distributed=fsdp shards 16-bit LoRA; --quantize {tc.quantize} (QLoRA) "
+                            "runs with train.distributed=ddp")
         self.device = f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"
         dtype = pick_dtype(tc.dtype, self.device.split(":")[0])
         if self.device == "cpu" and dtype == torch.float16:
@@ -175,8 +202,8 @@ class TorchBackend:
             kwargs["quantization_config"] = self._bnb_config(tc.quantize, dtype)
             kwargs["device_map"] = {"": self.device}
         model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
-        if tc.quantize == "none":
-            model.to(self.device)
+        if tc.quantize == "none" and not self.fsdp:
+            model.to(self.device)  # FSDP moves each layer to the device as it shards it
         model.config.use_cache = False
         for p in model.parameters():
             p.requires_grad_(False)
@@ -204,7 +231,9 @@ class TorchBackend:
             raise UserError(f"lora.target_modules: {e}") from None
         self.model.train()
         self.loss_fn = _loss_module(self.model, tc.loss_chunk)
-        if self.dist.enabled:
+        if self.fsdp:
+            self.loss_fn = _fully_shard(self.loss_fn, model, self.device, dtype)
+        elif self.dist.enabled:
             # DDP all-reduces the LoRA gradients during backward; frozen weights are not touched.
             from torch.nn.parallel import DistributedDataParallel
 
@@ -219,6 +248,7 @@ class TorchBackend:
         return {
             "device": self.device.split(":")[0],
             "world_size": self.dist.world,
+            "distributed": ("fsdp" if self.fsdp else "ddp") if self.dist.enabled else "none",
             "fused_kernels": kernels,
             "dtype": str(dtype).replace("torch.", ""),
             "target_modules": targets,
@@ -263,7 +293,11 @@ class TorchBackend:
         loss_sum = 0.0
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.loss_fn.no_sync()
+            if self.fsdp:
+                self.loss_fn.set_requires_gradient_sync(last)  # reduce-scatter once, after the last micro-batch
+                sync: Any = contextlib.nullcontext()
+            else:
+                sync = contextlib.nullcontext() if last or not self.dist.enabled else self.loss_fn.no_sync()
             with sync:
                 loss, _ = self._summed_loss(batch)
                 (loss * self.dist.world / max(total, 1.0)).backward()
@@ -271,7 +305,8 @@ class TorchBackend:
         (loss_sum,) = distributed.all_sum([loss_sum])
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         clip = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
         if math.isfinite(grad_norm):  # a non-finite step would poison the weights; the loop stops the run
             self.optimizer.step()
         return StepStats(loss=loss_sum / max(total, 1.0), grad_norm=grad_norm)
@@ -291,12 +326,31 @@ class TorchBackend:
         total, count_f = distributed.all_sum([total, float(count)])
         return total, int(count_f)
 
+    def gather_state(self) -> None:
+        """Under FSDP, gather the full LoRA weights and optimizer state; every rank must call it
+        before rank 0 saves (the gathers are collectives). A no-op otherwise."""
+        if not self.fsdp:
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        lora = {n: p.full_tensor().detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+        optim = get_optimizer_state_dict(self.loss_fn, self.optimizer,
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        self._gathered = (lora, optim)
+
     def save_adapter(self, path: Path) -> None:
+        if self.fsdp:
+            assert self._gathered is not None, "gather_state() first"
+            self.model.save_pretrained(str(path), safe_serialization=True, state_dict=self._gathered[0])
+            return
         self.model.save_pretrained(str(path), safe_serialization=True)
 
     def save_state(self, path: Path) -> None:
         torch = _import_torch()
-        torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
+        if self.fsdp:
+            assert self._gathered is not None, "gather_state() first"
+        optim = self._gathered[1] if self.fsdp else self.optimizer.state_dict()
+        torch.save(optim, path / "optimizer.pt")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -307,12 +361,41 @@ class TorchBackend:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
+        if self.fsdp:
+            self._load_state_fsdp(path)
+            return
         weights = load_file(str(path / "adapter" / "adapter_model.safetensors"), device=self.device)
         result = set_peft_model_state_dict(self.model, weights)
         missing = [k for k in result.missing_keys if "lora_" in k]
         if missing:
             raise UserError(f"{path}: checkpoint does not match this model/LoRA setup (missing {missing[0]})")
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device))
+        rng = torch.load(path / "rng.pt", weights_only=False)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def _load_state_fsdp(self, path: Path) -> None:
+        """Scatter the full checkpoint (adapter + optimizer) into this rank's shards; every rank reads it."""
+        torch = _import_torch()
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.tensor import distribute_tensor
+
+        weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
+        name = self.model.active_adapter
+        for n, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            key = n.replace(f".{name}.", ".")  # PEFT files drop the adapter name
+            if key not in weights or weights[key].shape != p.shape:
+                raise UserError(f"{path}: checkpoint does not match this model/LoRA setup ({key})")
+            shard = distribute_tensor(weights[key].to(p.dtype), p.device_mesh, p.placements)
+            with torch.no_grad():
+                p.to_local().copy_(shard.to_local())
+        optim = torch.load(path / "optimizer.pt", map_location="cpu")
+        set_optimizer_state_dict(self.loss_fn, self.optimizer, optim,
+                                 options=StateDictOptions(full_state_dict=True))
         rng = torch.load(path / "rng.pt", weights_only=False)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
