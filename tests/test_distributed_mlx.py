@@ -24,6 +24,20 @@ def _train_args(model: Path, out: Path, name: str, batch: int) -> list[str]:
             "--save-every", "3", "--output-dir", str(out), "--name", name, "--quiet"]
 
 
+def _run_group(cmd: list[str], env: dict, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a launcher in its own process group, so a hang kills its workers too."""
+    import signal
+
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _rows(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -45,8 +59,7 @@ def test_mlx_launch_two_ranks_match_one_process(tiny_model_dir, tmp_path: Path) 
     single = subprocess.run([sys.executable, *_train_args(model, tmp_path, "one", 4)],
                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr
-    two_ranks = subprocess.run([*launch, sys.executable, *_train_args(model, tmp_path, "two", 2)],
-                               env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    two_ranks = _run_group([*launch, sys.executable, *_train_args(model, tmp_path, "two", 2)], env, tmp_path)
     assert two_ranks.returncode == 0, (two_ranks.stdout[-2000:], two_ranks.stderr[-3000:])
 
     one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
@@ -63,6 +76,14 @@ def test_mlx_launch_two_ranks_match_one_process(tiny_model_dir, tmp_path: Path) 
     a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
-    diff = max(float(abs(a[k] - b[k]).max()) for k in a)
-    print(f"first-step loss {one[0]['loss']} vs {two[0]['loss']}; last {two[-1]['loss']}; adapter max diff {diff:.2e}")
-    assert diff < 1e-3
+    assert max(float(abs(a[k] - b[k]).max()) for k in a) < 1e-3
+
+    # Resume under mlx.launch from the step-3 checkpoint: the same final adapter.
+    run = tmp_path / "two"
+    shutil.rmtree(run / "checkpoints" / "step-00000006")
+    shutil.rmtree(run / "adapter")
+    res = _run_group([*launch, sys.executable, "-m", "qlocal", "train", "--resume", str(run), "--quiet"], env, tmp_path)
+    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-3000:])
+    again = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert max(float(abs(b[k] - again[k]).max()) for k in b) < 1e-6
+    assert [r["step"] for r in _rows(run)] == list(range(1, 7))
