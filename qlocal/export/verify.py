@@ -5,9 +5,9 @@ For each GGUF, llama-cpp-python loads it and we check against the fused HF folde
 * tokenisation of a probe set (plain text, the chat-rendered prompt with its special tokens,
   unicode, digits) equals the HF tokenizer's, with and without BOS handling;
 * logits NMSE = mean((gguf - hf)^2) / mean(hf^2) over every position of the chat probes is below
-  the threshold for the file's type (see NMSE_LIMITS);
+  1e-3 at 16/32-bit (required); for quantised files it is reported beside a guide value;
 * greedy next tokens agree (teacher-forced on the HF greedy continuation, so one near-tie does not
-  cascade); required at 16/32-bit, reported for quantised files;
+  cascade): all of them at 16/32-bit, at least GREEDY_MIN for quantised files;
 * the stop set ends generation: each Modelfile stop string is one token that llama.cpp treats as
   end-of-generation, EOS/EOT are in the set, and a completion pushed onto that token stops there
   with finish_reason "stop" (tiny random models never choose it on their own).
@@ -28,17 +28,20 @@ NMSE_LIMITS: dict[str, float] = {
     # Required: 16/32-bit files differ from the HF model only by rounding (fp16/bf16 weights,
     # different matmul order), which gives NMSE ~1e-6..1e-4.
     "f32": 1e-3, "f16": 1e-3, "bf16": 1e-3,
-    # Sanity limits for quantised files, not quality targets: a file whose logits are unrelated
-    # to the model's (wrong tensor layout, permutation, rope, norm) has NMSE ~1-2 (for independent
-    # logits of equal scale, E(a-b)^2 = E a^2 + E b^2). Measured on healthy files: q8_0 1e-4..7e-4
-    # on the tiny models; Q4_K_M 0.17 on the real Gemma 3 270M (small models with 262k-vocab logits
-    # suffer most, and 640-wide rows push most tensors to q5_0), with 86% greedy agreement and
-    # correct answers. So the limits sit between "lossy" and "unrelated".
+    # Quantised files: reported only. On the real Gemma 3 270M the same healthy Q4_K_M pipeline
+    # measured NMSE 0.17 on one fine-tune and 2.1 on another (small logit scale, per-position
+    # shifts that softmax ignores), while f16 gave 3e-7..4e-7 and q8_0 2.7e-4 from the same
+    # converter. So NMSE cannot tell "lossy" from "wrong" for K-quants; greedy agreement can
+    # (see GREEDY_MIN). The figures below are informational guides printed beside the NMSE.
     "q8_0": 0.05, "q6_k": 0.15, "q5_k_m": 0.2, "q5_k_s": 0.2, "q5_0": 0.2,
     "q4_k_m": 0.35, "q4_k_s": 0.35, "q4_0": 0.4, "q3_k_m": 0.5,
 }
 EXACT = ("f32", "f16", "bf16")
 """Types where greedy agreement is required, not just reported."""
+GREEDY_MIN = 0.5
+"""Quantised files must pick the HF model's next token (teacher-forced, outside near-ties) at least
+this often. Measured: 81-86% for Q4_K_M on a fine-tuned Gemma 3 270M, 97-100% for q8_0/q4 on tiny
+models; a broken file (wrong layout/permutation/rope) agrees ~1/vocab of the time."""
 TIE_MARGIN = 1e-3
 """HF top-2 logit gaps below this are ties; disagreeing there says nothing about the file."""
 GREEDY_TOKENS = 12
@@ -211,10 +214,12 @@ def verify_gguf(ref: HFReference, path: Path, quant: str, stops: list[str], lora
     problems = []
     if mismatches:
         problems.append(f"tokenisation differs on {len(mismatches)} probes")
-    if not nmse < _limit(quant):
+    if quant in EXACT and not nmse < _limit(quant):
         problems.append(f"logits NMSE {nmse:.2e} >= {_limit(quant):g}")
     if quant in EXACT and greedy < 1.0:
         problems.append(f"greedy agreement {greedy:.0%} at {quant}")
+    if quant not in EXACT and greedy < GREEDY_MIN:
+        problems.append(f"greedy agreement {greedy:.0%} < {GREEDY_MIN:.0%} at {quant}")
     if not stops_ok:
         problems.append("stop set does not end generation")
     return FileCheck(str(path.name), quant, not mismatches, mismatches, nmse, _limit(quant), greedy, text_equal,
@@ -235,7 +240,8 @@ def verify_all(hf_dir: Path, files: list[tuple[Path, str]], stops: list[str], ou
     """Verify each (gguf path, quant); write verify.json atomically. A `lora` applies to every file."""
     ref = HFReference(hf_dir)
     checks = [verify_gguf(ref, p, q, stops, lora) for p, q in files]
-    doc = {"passed": all(c.passed for c in checks), "nmse_limits": NMSE_LIMITS, "tie_margin": TIE_MARGIN,
+    doc = {"passed": all(c.passed for c in checks), "nmse_limits": NMSE_LIMITS, "nmse_required_for": EXACT,
+           "greedy_min_quantised": GREEDY_MIN, "tie_margin": TIE_MARGIN,
            "stops": stops, "files": [asdict(c) for c in checks]}
     tmp = out_json.with_name(f".{out_json.name}.tmp")
     tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False), encoding="utf-8")
@@ -245,7 +251,8 @@ def verify_all(hf_dir: Path, files: list[tuple[Path, str]], stops: list[str], ou
 
 def table(checks: list[FileCheck]) -> str:
     """A short fixed-width summary of verify results."""
-    rows = [f"{'file':<28} {'tokens':<7} {'NMSE':>9} {'limit':>7} {'greedy':>7} {'stops':<6} result"]
+    rows = [f"{'file':<28} {'tokens':<7} {'NMSE':>9} {'limit':>7} {'greedy':>7} {'stops':<6} result"
+            "   (limit: required at f16/bf16/f32, a guide for quantised files)"]
     for c in checks:
         name = c.file + (f" + {c.lora}" if c.lora else "")
         rows.append(f"{name[:28]:<28} {'ok' if c.tokenizer_match else 'DIFF':<7} {c.nmse:>9.2e} {c.nmse_limit:>7.0e} "
