@@ -257,6 +257,21 @@ def gguf_context_length(path: Path) -> int | None:
         return None
 
 
+_LOG_SINK: Any = None
+
+
+def silence_llama_logs() -> None:
+    """Route llama.cpp's own log lines (printed even with verbose=False, e.g. the SWA cache
+    notice) to nowhere: a user asked for an answer, not for llama.cpp's internals."""
+    global _LOG_SINK
+    if _LOG_SINK is not None:
+        return
+    import llama_cpp
+
+    _LOG_SINK = llama_cpp.llama_log_callback(lambda level, text, user_data: None)  # kept alive: C holds it
+    llama_cpp.llama_log_set(_LOG_SINK, None)
+
+
 class GGUFGenerator:
     """llama-cpp-python with the chat template embedded in the GGUF."""
 
@@ -270,6 +285,7 @@ class GGUFGenerator:
         kw: dict[str, Any] = {"model_path": str(path), "n_ctx": n_ctx, "verbose": False, "logits_all": logits_all}
         if lora is not None:
             kw["lora_path"] = str(lora)
+        silence_llama_logs()
         self.llm = Llama(**kw)
         self.path = path
         # The GGUF's own template (what export wrote: the run's), never a guessed built-in format.

@@ -92,6 +92,9 @@ def load_llama(path: Path, lora: Path | None = None, n_ctx: int = 256) -> Any:
                           "n_threads": max(1, min(4, os.cpu_count() or 1))}
     if lora is not None:
         kw["lora_path"] = str(lora)
+    from qlocal.infer import silence_llama_logs
+
+    silence_llama_logs()
     return llama_cpp.Llama(**kw)
 
 
