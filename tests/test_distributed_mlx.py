@@ -87,3 +87,20 @@ def test_mlx_launch_two_ranks_match_one_process(tiny_model_dir, tmp_path: Path) 
     again = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     assert max(float(abs(b[k] - again[k]).max()) for k in b) < 1e-6
     assert [r["step"] for r in _rows(run)] == list(range(1, 7))
+
+
+def test_launcher_mismatch_is_a_user_error(monkeypatch) -> None:
+    from qlocal import distributed
+    from qlocal.errors import UserError
+
+    for k in ("RANK", "MLX_RANK", "MLX_HOSTFILE", "MLX_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(UserError, match="mlx.launch"):
+        distributed.init_mlx()  # torchrun ranks MLX cannot see: not N separate runs
+    assert distributed.current() == distributed.Dist()
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("MLX_RANK", "1")
+    assert distributed.launched_by_mlx() and distributed.from_env().rank == 1 and not distributed.from_env().is_main
