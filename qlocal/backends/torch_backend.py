@@ -331,7 +331,10 @@ class TorchBackend:
         before rank 0 saves (the gathers are collectives). A no-op otherwise."""
         if not self.fsdp:
             return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
 
         lora = {n: p.full_tensor().detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
         optim = get_optimizer_state_dict(self.loss_fn, self.optimizer,
@@ -379,7 +382,10 @@ class TorchBackend:
         """Scatter the full checkpoint (adapter + optimizer) into this rank's shards; every rank reads it."""
         torch = _import_torch()
         from safetensors.torch import load_file
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
         from torch.distributed.tensor import distribute_tensor
 
         weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
