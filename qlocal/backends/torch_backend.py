@@ -137,27 +137,6 @@ def _loss_module(peft_model: Any, chunk: int) -> Any:
     return SummedLoss()
 
 
-def _fully_shard(loss_module: Any, model: Any, device: str, dtype: Any) -> Any:
-    """FSDP2: each decoder layer its own shard group, the rest (embeddings, norm, head) the root's.
-
-    Frozen base weights are sharded like the LoRA ones, which is what saves memory; gradients are
-    reduce-scattered as an average, the same contract as DDP.
-    """
-    torch = _import_torch()
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    from qlocal import distributed
-
-    mesh = init_device_mesh(device.split(":")[0], (distributed.current().world,))
-    # LoRA weights may be fp32 beside a bf16 base; FSDP gathers one dtype, and reduces in fp32.
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    for layer in model.get_decoder().layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(loss_module, mesh=mesh, mp_policy=mp)
-    return loss_module
-
-
 class TorchBackend:
     """Trains a PEFT LoRA adapter on a transformers causal LM."""
 
@@ -232,7 +211,9 @@ class TorchBackend:
         self.model.train()
         self.loss_fn = _loss_module(self.model, tc.loss_chunk)
         if self.fsdp:
-            self.loss_fn = _fully_shard(self.loss_fn, model, self.device, dtype)
+            from qlocal.backends import torch_fsdp
+
+            self.loss_fn = torch_fsdp.shard(self.loss_fn, model, self.device, dtype)
         elif self.dist.enabled:
             # DDP all-reduces the LoRA gradients during backward; frozen weights are not touched.
             from torch.nn.parallel import DistributedDataParallel
@@ -331,14 +312,9 @@ class TorchBackend:
         before rank 0 saves (the gathers are collectives). A no-op otherwise."""
         if not self.fsdp:
             return
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_optimizer_state_dict,
-        )
+        from qlocal.backends import torch_fsdp
 
-        lora = {n: p.full_tensor().detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
-        optim = get_optimizer_state_dict(self.loss_fn, self.optimizer,
-                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        lora, optim = torch_fsdp.gather(self.model, self.loss_fn, self.optimizer)
         self._gathered = (lora, optim)
 
     def save_adapter(self, path: Path) -> None:
@@ -381,27 +357,9 @@ class TorchBackend:
     def _load_state_fsdp(self, path: Path) -> None:
         """Scatter the full checkpoint (adapter + optimizer) into this rank's shards; every rank reads it."""
         torch = _import_torch()
-        from safetensors.torch import load_file
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_optimizer_state_dict,
-        )
-        from torch.distributed.tensor import distribute_tensor
+        from qlocal.backends import torch_fsdp
 
-        weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
-        name = self.model.active_adapter
-        for n, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            key = n.replace(f".{name}.", ".")  # PEFT files drop the adapter name
-            if key not in weights or weights[key].shape != p.shape:
-                raise UserError(f"{path}: checkpoint does not match this model/LoRA setup ({key})")
-            shard = distribute_tensor(weights[key].to(p.dtype), p.device_mesh, p.placements)
-            with torch.no_grad():
-                p.to_local().copy_(shard.to_local())
-        optim = torch.load(path / "optimizer.pt", map_location="cpu")
-        set_optimizer_state_dict(self.loss_fn, self.optimizer, optim,
-                                 options=StateDictOptions(full_state_dict=True))
+        torch_fsdp.load(self.model, self.loss_fn, self.optimizer, path)
         rng = torch.load(path / "rng.pt", weights_only=False)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
