@@ -96,3 +96,28 @@ def test_errors_are_one_line_and_write_nothing(qwen_run: Path, tiny_model_dir, t
     r = run_qlocal("export", odd, "--out", out)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not out.exists() and not list(tmp_path.glob(".x*"))
+
+
+def test_killed_export_leaves_nothing_at_final_path_and_rerun_succeeds(qwen_run: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "exp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-m", "qlocal", "export", str(qwen_run), "--quant", "f16,q8_0",
+                             "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not any(tmp_path.glob(".exp.tmp-*/fused")):
+        time.sleep(0.02)
+    time.sleep(0.5)  # somewhere in fusing / converting
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "export finished before it could be killed"
+    assert not out.exists()
+    res = run_qlocal("export", qwen_run, "--quant", "f16", "--out", out)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((out / "verify.json").read_text())["passed"] and (out / "Modelfile").is_file()
