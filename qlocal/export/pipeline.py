@@ -79,6 +79,7 @@ def export_run(run_dir: Path, opts: ExportOptions, echo: Callable[[str], None] =
         raise UserError("--adapter-only writes GGUF files; drop --no-gguf")
     final = Path(opts.out_dir) if opts.out_dir else Path("export") / info.name
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(final)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -99,6 +100,20 @@ def export_run(run_dir: Path, opts: ExportOptions, echo: Callable[[str], None] =
     else:
         echo(f"serve it: cd {final} && ollama create <name> -f Modelfile")
     return ExportResult(final, summary, summary.get("verify", {}).get("passed"))
+
+
+def _remove_stale_temps(final: Path) -> None:
+    """Delete temp folders left by an export that was killed (its pid no longer runs)."""
+    for tmp in final.parent.glob(f".{final.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass  # alive but not ours, or cannot tell: leave it
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
