@@ -176,6 +176,21 @@ def run_qlocal(*args: str, cwd: Path | str | None = None, input: str | None = No
                           env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_group(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run a launcher (torchrun, mlx.launch) in its own process group, so a hang kills its
+    workers too: orphaned gloo/ring workers spin and starve the rest of the suite."""
+    import signal
+
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 @pytest.fixture
 def qlocal_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
     """Callable: qlocal_cli("train", "--help") -> CompletedProcess (stdout, stderr, returncode)."""

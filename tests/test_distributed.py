@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_group
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -23,20 +24,6 @@ def _train_args(model: Path, out: Path, name: str, batch: int) -> list[str]:
             "--name", name, "--quiet"]
 
 
-def _run_group(cmd: list[str], env: dict, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run a launcher in its own process group, so a hang kills its workers too (gloo spins)."""
-    import signal
-
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
 def _rows(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -48,7 +35,7 @@ def test_torchrun_two_ranks_match_one_process(tiny_model_dir, tmp_path: Path) ->
     single = subprocess.run([sys.executable, "-m", "qlocal", *_train_args(model, tmp_path, "one", 4)],
                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr
-    ddp = _run_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    ddp = run_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                       "-m", "qlocal", *_train_args(model, tmp_path, "two", 2)], env=env, cwd=tmp_path)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
 

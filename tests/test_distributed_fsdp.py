@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_group
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -22,20 +23,6 @@ def _train_args(model: Path, out: Path, name: str, batch: int) -> list[str]:
             "--iters", "8", "--batch-size", str(batch), "--grad-accum", "2", "--lr", "5e-3", "--max-seq-len", "128",
             "--save-every", "4", "--output-dir", str(out), "--name", name, "--quiet",
             "--set", "train.distributed=fsdp"]
-
-
-def _run_group(cmd: list[str], env: dict, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run a launcher in its own process group, so a hang kills its workers too."""
-    import signal
-
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _rows(run: Path) -> list[dict]:
@@ -57,7 +44,7 @@ def test_fsdp_two_ranks_match_one_process_and_resume(tiny_model_dir, tmp_path: P
     single = subprocess.run([sys.executable, "-m", "qlocal", *_train_args(model, tmp_path, "one", 4)],
                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr
-    fsdp = _run_group([*torchrun, *_train_args(model, tmp_path, "two", 2)], env, tmp_path)
+    fsdp = run_group([*torchrun, *_train_args(model, tmp_path, "two", 2)], env, tmp_path)
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
 
     one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
@@ -82,7 +69,7 @@ def test_fsdp_two_ranks_match_one_process_and_resume(tiny_model_dir, tmp_path: P
     finished = _adapter(run)
     shutil.rmtree(run / "checkpoints" / "step-00000008")
     shutil.rmtree(run / "adapter")
-    res = _run_group([*torchrun, "train", "--resume", str(run), "--quiet"], env, tmp_path)
+    res = run_group([*torchrun, "train", "--resume", str(run), "--quiet"], env, tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     again = _adapter(run)
     assert max(float((finished[k] - again[k]).abs().max()) for k in finished) < 1e-6

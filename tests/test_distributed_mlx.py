@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_group
 
 mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
@@ -22,20 +23,6 @@ def _train_args(model: Path, out: Path, name: str, batch: int) -> list[str]:
             "--data", str(REPO / "data/alpaca_sample.jsonl"), "--iters", "6", "--batch-size", str(batch),
             "--grad-accum", "2", "--lr", "5e-3", "--max-seq-len", "128", "--val-split", "0.1", "--eval-every", "3",
             "--save-every", "3", "--output-dir", str(out), "--name", name, "--quiet"]
-
-
-def _run_group(cmd: list[str], env: dict, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run a launcher in its own process group, so a hang kills its workers too."""
-    import signal
-
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _rows(run: Path) -> list[dict]:
@@ -59,7 +46,7 @@ def test_mlx_launch_two_ranks_match_one_process(tiny_model_dir, tmp_path: Path) 
     single = subprocess.run([sys.executable, *_train_args(model, tmp_path, "one", 4)],
                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr
-    two_ranks = _run_group([*launch, sys.executable, *_train_args(model, tmp_path, "two", 2)], env, tmp_path)
+    two_ranks = run_group([*launch, sys.executable, *_train_args(model, tmp_path, "two", 2)], env, tmp_path)
     assert two_ranks.returncode == 0, (two_ranks.stdout[-2000:], two_ranks.stderr[-3000:])
 
     one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
@@ -82,7 +69,7 @@ def test_mlx_launch_two_ranks_match_one_process(tiny_model_dir, tmp_path: Path) 
     run = tmp_path / "two"
     shutil.rmtree(run / "checkpoints" / "step-00000006")
     shutil.rmtree(run / "adapter")
-    res = _run_group([*launch, sys.executable, "-m", "qlocal", "train", "--resume", str(run), "--quiet"], env, tmp_path)
+    res = run_group([*launch, sys.executable, "-m", "qlocal", "train", "--resume", str(run), "--quiet"], env, tmp_path)
     assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-3000:])
     again = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     assert max(float(abs(b[k] - again[k]).max()) for k in b) < 1e-6
