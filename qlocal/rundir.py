@@ -93,6 +93,8 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
 def save_checkpoint(run: Path, step: int, state: dict[str, Any], backend: Any, keep_last: int) -> Path:
     """Write checkpoints/step-N (adapter, optimizer, RNG, state.json) and drop the oldest beyond keep_last."""
     final = run / "checkpoints" / f"step-{step:08d}"
+    for stale in (run / "checkpoints").glob(".step-*"):  # half-written by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
 
     def fill(tmp: Path) -> None:
         backend.save_adapter(tmp / "adapter")

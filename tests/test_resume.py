@@ -33,10 +33,18 @@ def _adapter(run: Path) -> dict[str, "torch.Tensor"]:
     return load_file(str(run / "adapter" / "adapter_model.safetensors"))
 
 
-def test_kill_and_resume_matches_uninterrupted(tiny_model_dir, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, tmp_path_factory) -> dict[str, "torch.Tensor"]:
+    """The adapter of the same run never interrupted (computed once for every kill test)."""
+    out = tmp_path_factory.mktemp("full")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run(_args(tiny_model_dir("qwen2"), out, "full"), check=True, env=env, cwd=REPO, capture_output=True)
+    return _adapter(out / "full")
+
+
+def test_kill_and_resume_matches_uninterrupted(uninterrupted, tiny_model_dir, tmp_path: Path) -> None:
     model = tiny_model_dir("qwen2")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run(_args(model, tmp_path, "full"), check=True, env=env, cwd=REPO, capture_output=True)
 
     proc = subprocess.Popen(_args(model, tmp_path, "killed"), env=env, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -55,7 +63,7 @@ def test_kill_and_resume_matches_uninterrupted(tiny_model_dir, tmp_path: Path) -
     res = subprocess.run([sys.executable, "-m", "qlocal", "train", "--resume", str(run), "--quiet"],
                          env=env, cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    full, resumed = _adapter(tmp_path / "full"), _adapter(run)
+    full, resumed = uninterrupted, _adapter(run)
     assert full.keys() == resumed.keys()
     for k in full:
         assert torch.allclose(full[k], resumed[k], atol=1e-5), k
@@ -82,14 +90,13 @@ def test_sigint_saves_checkpoint_and_exits_cleanly(tiny_model_dir, tmp_path: Pat
 
 
 @pytest.mark.parametrize("trial", [1, 2])
-def test_sigkill_at_random_points_then_resume(trial: int, tiny_model_dir, tmp_path: Path) -> None:
+def test_sigkill_at_random_points_then_resume(trial: int, uninterrupted, tiny_model_dir, tmp_path: Path) -> None:
     """Kill at a random moment (possibly mid-checkpoint write), possibly twice, then resume."""
     import random
 
     rng = random.Random(trial)
     model = tiny_model_dir("qwen2")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run(_args(model, tmp_path, "full"), check=True, env=env, cwd=REPO, capture_output=True)
     run = tmp_path / "killed"
     args = _args(model, tmp_path, "killed")
     for _kill in range(trial):
@@ -106,7 +113,7 @@ def test_sigkill_at_random_points_then_resume(trial: int, tiny_model_dir, tmp_pa
             args = _args(model, tmp_path, "killed") + ["--overwrite"]
     res = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    full, resumed = _adapter(tmp_path / "full"), _adapter(run)
+    full, resumed = uninterrupted, _adapter(run)
     for k in full:
         assert torch.allclose(full[k], resumed[k], atol=1e-5), k
     assert not list((run / "checkpoints").glob(".*")), "no temp folders left behind"
