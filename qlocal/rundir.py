@@ -93,8 +93,11 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
 def save_checkpoint(run: Path, step: int, state: dict[str, Any], backend: Any, keep_last: int) -> Path:
     """Write checkpoints/step-N (adapter, optimizer, RNG, state.json) and drop the oldest beyond keep_last."""
     final = run / "checkpoints" / f"step-{step:08d}"
-    for stale in (run / "checkpoints").glob(".step-*"):  # half-written by a killed run
+    for stale in (run / "checkpoints").glob(".step-*"):  # half-written or half-deleted by a killed run
         shutil.rmtree(stale, ignore_errors=True)
+    for incomplete in (run / "checkpoints").glob("step-*"):  # lost its state.json: never resumable
+        if not (incomplete / "state.json").is_file():
+            shutil.rmtree(incomplete, ignore_errors=True)
 
     def fill(tmp: Path) -> None:
         backend.save_adapter(tmp / "adapter")
@@ -103,7 +106,11 @@ def save_checkpoint(run: Path, step: int, state: dict[str, Any], backend: Any, k
 
     save_dir_atomic(final, fill)
     for _, old in checkpoints(run)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        # Rename first: a kill during rmtree then leaves a hidden .step-* (cleaned up next save),
+        # never a step-N folder that has lost its state.json.
+        doomed = old.with_name(f".{old.name}.del")
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 
