@@ -111,9 +111,9 @@ def test_killed_export_leaves_nothing_at_final_path_and_rerun_succeeds(qwen_run:
     proc = subprocess.Popen([sys.executable, "-m", "qlocal", "export", str(qwen_run), "--quant", "f16,q8_0",
                              "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not any(tmp_path.glob(".exp.tmp-*/fused")):
-        time.sleep(0.02)
-    time.sleep(0.5)  # somewhere in fusing / converting
+    # Kill as soon as the temp output folder exists: mid-fuse, well before the final rename.
+    while time.time() < deadline and proc.poll() is None and not any(tmp_path.glob(".exp.tmp-*")):
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "export finished before it could be killed"
