@@ -137,7 +137,7 @@ def data_check(file: str | None, config_file: str | None, sets: tuple[str, ...],
     from qlocal.data.check import check_report
     from qlocal.data.templates import resolve_chat_template
     from qlocal.models import resolve_model
-    from qlocal.train import load_tokenizer
+    from qlocal.hf import load_tokenizer
 
     if file is None and config_file is None:
         raise UserError("give a data FILE, or --config FILE.yaml whose data.path to check")

@@ -51,8 +51,8 @@ class BackendScorer:
 
     def __init__(self, src: HFSource, backend_name: str) -> None:
         from qlocal import config as config_mod
-        from qlocal.backends.base import create_backend
-        from qlocal.train import load_tokenizer
+        from qlocal.backends.select import create_backend
+        from qlocal.hf import load_tokenizer
 
         cfg = copy.deepcopy(src.cfg) if src.cfg is not None else config_mod.Config()
         cfg.model.name = str(src.base_path)
@@ -99,8 +99,10 @@ class BackendScorer:
     def loss(self, examples: list[Any], batch_size: int) -> tuple[float, int]:
         from qlocal.data.batching import collate
 
+        from qlocal.hf import pad_id
+
         tok = self.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        pad = pad_id(tok)
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
         batches = [collate([examples[j] for j in order[i:i + batch_size]], pad) for i in range(0, len(order), batch_size)]
         return self.backend.eval_loss(batches)
@@ -119,7 +121,7 @@ class GGUFScorer:
         fused = gguf.parent / "fused"
         self.tokenizer = None
         if (fused / "tokenizer_config.json").is_file() and self.template:
-            from qlocal.train import load_tokenizer
+            from qlocal.hf import load_tokenizer
 
             self.tokenizer = load_tokenizer(fused)
         self.backend_name = "llama.cpp"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol, TextIO
 
 from qlocal.errors import UserError, missing_extra
+from qlocal.hf import load_tokenizer, pad_id
 
 
 @dataclass
@@ -68,7 +69,7 @@ def hf_stream(model: Any, tokenizer: Any, template: str, messages: list[dict[str
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids(tokenizer, template, messages)], device=device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "streamer": streamer,
                               "max_new_tokens": sampling.max_tokens, "pad_token_id": pad, "use_cache": True,
                               "eos_token_id": stop_token_ids(tokenizer, template)}
@@ -133,7 +134,6 @@ class HFSource:
 
 def resolve_hf_source(target: str, chat_template: str | None = None) -> HFSource:
     """A run folder (config.yaml + adapter/) or an HF model folder / hub id / alias."""
-    from qlocal.train import load_tokenizer
 
     path = Path(target)
     if (path / "config.yaml").is_file():
@@ -182,7 +182,6 @@ class TorchGenerator:
             from transformers import AutoModelForCausalLM
         except ImportError:
             raise missing_extra("torch", "torch") from None
-        from qlocal.train import load_tokenizer
 
         trust = bool(src.cfg and src.cfg.model.trust_remote_code)
         self.tokenizer = load_tokenizer(src.base_path, trust)
@@ -211,7 +210,6 @@ class MLXGenerator:
 
     def __init__(self, src: HFSource) -> None:
         from qlocal.backends.mlx_backend import load_mlx_model, load_peft_adapter_into_mlx
-        from qlocal.train import load_tokenizer
 
         self.tokenizer = load_tokenizer(src.base_path)
         self.template = src.template

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from qlocal import distributed, rundir
+from qlocal import hf
 from qlocal.config import Config
 from qlocal.errors import UserError
 
@@ -46,27 +47,6 @@ def lr_at(step: int, total: int, peak: float, schedule: str, warmup: int) -> flo
     if schedule == "linear":
         return peak * max(0.0, 1.0 - progress)
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def quiet_transformers() -> None:
-    """Hide transformers' loading bars and deprecation chatter; our own progress is what users read."""
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
-    warnings.filterwarnings("ignore", message=r".*(use_reentrant|is_gradient_checkpointing|gradient_checkpointing_enable).*")
-
-
-def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
-    """The base model's HF tokenizer (shared by every backend)."""
-    from transformers import AutoTokenizer
-
-    quiet_transformers()
-
-    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
 
 
 def prepare_data(cfg: Config, tokenizer: Any, template_choice: str | None) -> PreparedData:
@@ -183,7 +163,7 @@ class _StopFlag:
 
 def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
     """Train a LoRA adapter as configured (or continue `resume`) and return the run folder."""
-    from qlocal.backends.base import create_backend
+    from qlocal.backends.select import create_backend
     from qlocal.backends.select import select_backend
     from qlocal.models import resolve_model
 
@@ -201,9 +181,9 @@ def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
     if resume is not None and recorded.get("model_fingerprint") not in (None, model_id):
         raise UserError(f"{resume}: was trained on a different base model than {model.path} is now "
                         f"(fingerprint {recorded['model_fingerprint']} vs {model_id}); resume needs the same base")
-    tokenizer = load_tokenizer(model.path, cfg.model.trust_remote_code)
+    tokenizer = hf.load_tokenizer(model.path, cfg.model.trust_remote_code)
+    pad_id = hf.pad_id(tokenizer)
     data = prepare_data(cfg, tokenizer, cfg.model.chat_template or model.default_chat_template)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
     tc = cfg.train
     backend = create_backend(backend_name)

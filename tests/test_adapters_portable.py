@@ -87,7 +87,7 @@ def _batches(model_dir: Path, n: int = 3) -> list[dict[str, np.ndarray]]:
 
 
 def _trained(backend_name: str, model_dir: Path, tmp: Path, steps: int = 8, **lora: object) -> tuple[Path, object]:
-    from qlocal.backends.base import create_backend
+    from qlocal.backends.select import create_backend
 
     b = create_backend(backend_name)
     b.setup(model_dir, _cfg(model_dir, tmp, backend_name, **lora))

@@ -61,16 +61,3 @@ class Backend(Protocol):
     def peak_memory_mb(self) -> float:
         """Peak memory so far: accelerator memory where there is one, else process RSS."""
         ...
-
-
-def create_backend(name: str) -> Backend:
-    """Instantiate a backend by name; imports stay inside so unused frameworks never load."""
-    if name == "torch":
-        from qlocal.backends.torch_backend import TorchBackend
-
-        return TorchBackend()
-    if name == "mlx":
-        from qlocal.backends.mlx_backend import MLXBackend  # type: ignore[import-not-found]
-
-        return MLXBackend()
-    raise ValueError(f"unknown backend {name}")

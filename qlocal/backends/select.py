@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 import platform
+from typing import TYPE_CHECKING
 
 from qlocal.errors import UserError
+
+if TYPE_CHECKING:
+    from qlocal.backends.base import Backend
 
 BACKENDS = ("auto", "torch", "mlx")
 
@@ -83,3 +87,16 @@ def select_backend(requested: str = "auto") -> tuple[str, str]:
 
 def _device_words(dev: str) -> str:
     return "the CUDA GPU" if dev == "cuda" else "the CPU"
+
+
+def create_backend(name: str) -> Backend:
+    """Instantiate a backend by name; imports stay inside so unused frameworks never load."""
+    if name == "torch":
+        from qlocal.backends.torch_backend import TorchBackend
+
+        return TorchBackend()
+    if name == "mlx":
+        from qlocal.backends.mlx_backend import MLXBackend  # type: ignore[import-not-found]
+
+        return MLXBackend()
+    raise ValueError(f"unknown backend {name}")

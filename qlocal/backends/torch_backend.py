@@ -156,7 +156,7 @@ class TorchBackend:
             from transformers import AutoModelForCausalLM
         except ImportError:
             raise missing_extra("peft", "torch") from None
-        from qlocal.train import quiet_transformers
+        from qlocal.hf import quiet_transformers
 
         quiet_transformers()
         from qlocal import distributed

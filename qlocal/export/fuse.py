@@ -127,7 +127,7 @@ def fuse_run(run_dir: Path, out_dir: Path) -> FuseReport:
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise missing_extra("torch/peft", "torch") from None
-    from qlocal.train import load_tokenizer, quiet_transformers
+    from qlocal.hf import load_tokenizer, quiet_transformers
 
     quiet_transformers()
     tokenizer = load_tokenizer(info.base_path)

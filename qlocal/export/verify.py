@@ -114,7 +114,7 @@ class HFReference:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from qlocal.train import quiet_transformers
+        from qlocal.hf import quiet_transformers
 
         quiet_transformers()
         self.tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))

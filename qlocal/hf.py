@@ -1,0 +1,41 @@
+"""Hugging Face helpers every part of qlocal shares (tokenizer loading, quiet logging, pad id).
+
+A leaf module: it imports nothing of qlocal's own, so the trainer, backends, export and inference
+can all use it without importing each other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def quiet_transformers() -> None:
+    """Hide transformers' loading bars and deprecation chatter; our own progress is what users read."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
+    warnings.filterwarnings("ignore", message=r".*(use_reentrant|is_gradient_checkpointing|gradient_checkpointing_enable).*")
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
+    """The base model's HF tokenizer (shared by every backend)."""
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id padding uses: the tokenizer's pad token, else its eos, else 0.
+
+    Padded positions never carry loss and sit after every real token, so any id works; a real
+    token id keeps embeddings lookups in range.
+    """
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    return int(tokenizer.eos_token_id or 0)
