@@ -9,7 +9,11 @@ from typing import Any
 
 import click
 
+from qlocal.chat_families import fallbacks
 from qlocal.errors import UserError
+
+# Named fallback templates, from the chat-family table (a light leaf module).
+TEMPLATE_NAMES = "|".join(fallbacks())
 
 # CLI flag -> config key. Flags left unset (None) do not override the YAML file or defaults.
 TRAIN_FLAGS: dict[str, str] = {
@@ -58,7 +62,7 @@ def _opt(*names: str, **kw: Any) -> Any:
 @_opt("--val-split", type=float, help="Fraction of training records held out for validation.")
 @_opt("--split", help="Split of a hub dataset. [default: train]")
 @_opt("--format", "data_format", type=click.Choice(["auto", "alpaca", "sharegpt", "messages", "completion", "text"]), help="Data format. [default: auto]")
-@_opt("--chat-template", help="chatml|llama3|gemma|mistral|alpaca or a .jinja file. [default: the model's own]")
+@_opt("--chat-template", help=f"{TEMPLATE_NAMES} or a .jinja file. [default: the model's own]")
 @_opt("--train-on-prompt/--no-train-on-prompt", default=None, help="Also train on prompt tokens.")
 @_opt("--max-seq-len", type=int, help="Truncate examples to this many tokens. [default: 1024]")
 @_opt("--skip-bad-lines", is_flag=True, default=None, help="Skip malformed records (counted) instead of stopping.")
@@ -121,7 +125,7 @@ def data() -> None:
 @_opt("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config: its model and data section (path, format, field mapping) are used.")
 @_opt("--set", "sets", multiple=True, default=(), metavar="KEY=VALUE", help="Override a config key, e.g. --set data.label_field=y.")
 @_opt("--model", "-m", help="Model whose tokenizer and template to use. [default: the config's, else gemma-3-270m]")
-@_opt("--chat-template", help="chatml|llama3|gemma|mistral|alpaca or a .jinja file.")
+@_opt("--chat-template", help=f"{TEMPLATE_NAMES} or a .jinja file.")
 @_opt("--format", "data_format", type=click.Choice(["auto", "alpaca", "sharegpt", "messages", "completion", "text"]), help="[default: auto]")
 @_opt("--max-seq-len", type=int, help="[default: 1024]")
 @_opt("--train-on-prompt", is_flag=True, default=None)
@@ -156,7 +160,7 @@ def _sampling_options(f: Any) -> Any:
         _opt("--top-p", type=float, default=1.0, show_default=True),
         _opt("--backend", "-b", type=click.Choice(["auto", "torch", "mlx"]), default="auto", show_default=True,
              help="For runs and HF models; auto = the run's own backend when installed."),
-        _opt("--chat-template", help="For a plain HF model without its own template: chatml|llama3|gemma|mistral|alpaca|FILE.jinja."),
+        _opt("--chat-template", help=f"For a plain HF model without its own template: {TEMPLATE_NAMES}|FILE.jinja."),
     ]):
         f = opt(f)
     return f

@@ -33,14 +33,13 @@ class Generator(Protocol):
         ...
 
 
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>", "<eos>")
-
-
 def stop_token_ids(tokenizer: Any, template: str) -> list[int]:
     """eos plus every end-of-turn marker the template writes, so generation ends with the turn."""
+    from qlocal.chat_families import EOS_TEXTS, end_of_turn_tokens
+
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     vocab = tokenizer.get_vocab()
-    for marker in END_OF_TURN:
+    for marker in (*end_of_turn_tokens(), *EOS_TEXTS):
         if marker in template and marker in vocab:
             ids.add(vocab[marker])
     return sorted(ids)

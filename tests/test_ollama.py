@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from qlocal.data.templates import FALLBACKS
+from qlocal.chat_families import fallbacks
 from qlocal.errors import UserError
 from qlocal.export.ollama import (
     build_modelfile,
@@ -25,6 +25,7 @@ from qlocal.export.ollama import (
     render_jinja,
 )
 
+FALLBACKS = fallbacks()  # name -> Jinja, from the chat-family table
 ASSETS = Path(__file__).parent / "assets" / "tokenizers"
 GOLDEN = Path(__file__).parent / "golden"
 CUSTOM = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"

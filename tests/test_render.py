@@ -15,11 +15,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from qlocal.chat_families import fallbacks
 from qlocal.data.formats import Sample, load_samples
 from qlocal.data.render import Example, render, render_for_display, trained_spans
-from qlocal.data.templates import FALLBACKS, resolve_chat_template
+from qlocal.data.templates import resolve_chat_template
 from qlocal.errors import UserError
 
+FALLBACKS = fallbacks()  # name -> Jinja, from the chat-family table
 ASSETS = Path(__file__).resolve().parent / "assets" / "tokenizers"
 DATA = Path(__file__).resolve().parent.parent / "data"
 NAMES = ["qwen2", "llama3", "gemma3"]

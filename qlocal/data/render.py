@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from qlocal.chat_families import end_of_turn_tokens
 from qlocal.data.formats import Sample
 from qlocal.errors import UserError
 
@@ -48,10 +49,13 @@ def _apply(tokenizer: Any, messages: list[dict[str, str]], template: str, gen: b
 
 
 def _end_tokens(tokenizer: Any) -> list[str]:
-    """Special tokens that can close a turn (eos, <|im_end|>, <end_of_turn>, <|eot_id|>, ...)."""
+    """Special tokens that can close a turn: eos, the chat-family table's end-of-turn tokens, and
+    any other special token that looks like an end (for model templates outside the table)."""
     specials = set(tokenizer.all_special_tokens) | {str(t) for t in tokenizer.added_tokens_decoder.values()
                                                     if getattr(t, "special", False)}
-    ends = {t for t in specials if re.search(r"end|eot|eos|</s>", t, re.I) and not re.search(r"header|start|begin", t, re.I)}
+    known = set(end_of_turn_tokens())
+    ends = {t for t in specials if t in known or (
+        re.search(r"end|eot|eos|</s>", t, re.I) and not re.search(r"header|start|begin", t, re.I))}
     if tokenizer.eos_token:
         ends.add(tokenizer.eos_token)
     return sorted(ends, key=len, reverse=True)

@@ -26,6 +26,7 @@ from typing import Any
 
 from gguf import GGUFWriter, TokenType
 
+from qlocal.chat_families import end_of_turn_tokens
 from qlocal.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,6 @@ TEKKEN_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm
 GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 # Split regex -> llama.cpp pre-tokenizer name (llama-vocab.cpp implements each of these by name).
 KNOWN_PRE = {QWEN2_REGEX: "qwen2", LLAMA3_REGEX: "llama-bpe", TEKKEN_REGEX: "tekken", GPT2_REGEX: "gpt2"}
-# Tokens that end a chat turn; written as eot so llama.cpp stops there even when eos differs.
-EOT_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|END_OF_TURN_TOKEN|>")
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
@@ -272,7 +271,8 @@ def _write_specials(w: GGUFWriter, info: VocabInfo, tj: dict[str, Any], tok_conf
             cid = cid[0] if cid else None
         if isinstance(cid, int) and 0 <= cid < info.n_tokens:
             ids[typ] = cid
-    eot = next((lookup[t] for t in EOT_TOKENS if t in lookup), None)
+    # The token that ends a chat turn is written as eot, so llama.cpp stops there even when eos differs.
+    eot = next((lookup[t] for t in end_of_turn_tokens() if t in lookup), None)
     if eot is not None:
         ids["eot"] = eot
     for typ, tid in ids.items():

@@ -1,12 +1,7 @@
 """Ollama Modelfile: FROM the GGUF, TEMPLATE translated from the run's chat template, stop set, SYSTEM.
 
-Translation is by family, detected from the markers in the run's Jinja template:
-
-    chatml   <|im_start|>           (Qwen 2/2.5/3, many fine-tunes)
-    llama3   <|start_header_id|>
-    gemma    <start_of_turn>        (system folded into the first user turn, role "model")
-    mistral  [INST]
-    alpaca   ### Instruction:       (qlocal's alpaca fallback)
+Translation is by family, detected from the markers in the run's Jinja template. The families,
+their markers, Go templates and stop strings are the chat-family table (qlocal.chat_families).
 
 Known families get a hand-written Go template in Ollama's `.Messages` style (golden-tested).
 Any other template is *derived*: it is rendered with sentinel messages to find each role's prefix
@@ -31,60 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from qlocal import chat_families
 from qlocal.errors import UserError
-
-MARKERS: list[tuple[str, str]] = [
-    ("chatml", "<|im_start|>"), ("llama3", "<|start_header_id|>"), ("gemma", "<start_of_turn>"),
-    ("mistral", "[INST]"), ("alpaca", "### Instruction:"),
-]
-END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>"}
-
-GO_TEMPLATES: dict[str, str] = {
-    "chatml": (
-        "{{- range .Messages }}<|im_start|>{{ .Role }}\n"
-        "{{ .Content }}<|im_end|>\n"
-        "{{ end }}<|im_start|>assistant\n"
-    ),
-    "llama3": (
-        "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
-        "{{ .Content }}<|eot_id|>\n"
-        "{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
-    ),
-    # Gemma has no system role: like the Jinja, the system text leads the first user turn.
-    "gemma": (
-        "{{- $system := \"\" }}\n"
-        "{{- range .Messages }}{{ if eq .Role \"system\" }}{{ $system = .Content }}{{ end }}{{ end }}\n"
-        "{{- $first := true }}\n"
-        "{{- range .Messages }}\n"
-        "{{- if eq .Role \"user\" }}<start_of_turn>user\n"
-        "{{ if and $first $system }}{{ $system }}\n\n{{ end }}{{ .Content }}<end_of_turn>\n"
-        "{{ $first = false }}\n"
-        "{{- else if eq .Role \"assistant\" }}<start_of_turn>model\n"
-        "{{ .Content }}<end_of_turn>\n"
-        "{{ $first = false }}\n"
-        "{{- end }}\n"
-        "{{- end }}<start_of_turn>model\n"
-    ),
-    "mistral": (
-        "{{- $system := \"\" }}\n"
-        "{{- range .Messages }}{{ if eq .Role \"system\" }}{{ $system = .Content }}{{ end }}{{ end }}\n"
-        "{{- $first := true }}\n"
-        "{{- range .Messages }}\n"
-        "{{- if eq .Role \"user\" }}[INST] {{ if and $first $system }}{{ $system }}\n\n{{ end }}"
-        "{{ .Content }} [/INST]{{ $first = false }}\n"
-        "{{- else if eq .Role \"assistant\" }}{{ .Content }}{EOS}{{ $first = false }}\n"
-        "{{- end }}\n"
-        "{{- end }}"
-    ),
-    "alpaca": (
-        "{{- range .Messages }}\n"
-        "{{- if eq .Role \"system\" }}{{ .Content }}\n\n"
-        "{{ else if eq .Role \"assistant\" }}### Response:\n{{ .Content }}{EOS}\n\n"
-        "{{ else }}### Instruction:\n{{ .Content }}\n\n"
-        "{{ end }}\n"
-        "{{- end }}### Response:\n"
-    ),
-}
 
 _SENT = {"system": "\x01SYS\x01", "user": "\x01USR\x01", "assistant": "\x01AST\x01", "user2": "\x01US2\x01"}
 
@@ -103,11 +46,9 @@ class ModelfileInfo:
 
 
 def detect_family(template: str) -> str | None:
-    """The chat family whose markers the Jinja template contains, or None."""
-    for family, marker in MARKERS:
-        if marker in template:
-            return family
-    return None
+    """The name of the chat family whose marker the Jinja template contains, or None."""
+    found = chat_families.detect(template)
+    return found.name if found else None
 
 
 def render_jinja(template: str, messages: list[dict[str, str]], add_generation_prompt: bool,
@@ -147,8 +88,11 @@ def default_system(template: str, bos_token: str | None, eos_token: str | None) 
 def stop_strings(family: str | None, eos_token: str | None, derived_suffix: str | None = None) -> list[str]:
     """Every end-of-turn token text for the family, plus the tokenizer's EOS, deduplicated."""
     stops: list[str] = []
-    eot = END_OF_TURN.get(family or "") or (derived_suffix.strip() if derived_suffix else None)
-    for s in (eot, eos_token):
+    known = chat_families.family(family)
+    eots = list(known.stop_strings) if known else []
+    if not eots and derived_suffix:
+        eots = [derived_suffix.strip()]
+    for s in (*eots, eos_token):
         if s and s not in stops:
             stops.append(s)
     return stops
@@ -218,22 +162,24 @@ def build_modelfile(gguf_file: str, template: str, bos_token: str | None, eos_to
     `system` (from --system) wins over a default system prompt built into the template.
     `adapter_file` adds an ADAPTER line (GGUF LoRA applied on top of FROM).
     """
-    family = detect_family(template)
+    known = chat_families.detect(template)
+    family = known.name if known else None
     notes: list[str] = []
     suffix = None
-    if family is not None:
-        go = GO_TEMPLATES[family].replace("{EOS}", _go_literal(eos_token or ""))
+    if known is not None and known.go_template is not None:
+        go = known.go_template.replace("{EOS}", _go_literal(eos_token or ""))
         source = "family"
     else:
+        why = "chat template family not recognised" if known is None else f"chat family {family} has no Go template"
         derived = derive_go_template(template, bos_token, eos_token)
         if derived:
             go, suffix = derived
             source = "derived"
-            notes.append("chat template family not recognised; TEMPLATE was derived from it by rendering "
+            notes.append(f"{why}; TEMPLATE was derived from it by rendering "
                          "sample messages and checked by a round trip")
         else:
             go, source = "", "gguf"
-            notes.append("chat template family not recognised and too complex to derive; no TEMPLATE line: "
+            notes.append(f"{why} and too complex to derive; no TEMPLATE line: "
                          "Ollama will use the chat template stored in the GGUF")
     stops = stop_strings(family, eos_token, suffix)
     if system is None:
