@@ -25,7 +25,9 @@ from qlocal.infer import GGUFGenerator, HFSource, Sampling, find_gguf, gguf_cont
 
 LABEL_RULE = ("labels when data.label_map is set, else when there are >= 4 references, each <= 4 tokens, "
               "with 2..min(20, n/2) distinct values")
-METRICS = ("loss", "perplexity", "rouge_l", "bleu", "exact_match", "accuracy", "macro_f1")
+METRICS = ("loss", "perplexity", "rouge_l", "bleu", "chrf", "exact_match", "accuracy", "macro_precision",
+           "macro_recall", "macro_f1")
+_TOKENS = {"zh": "characters (CJK)", "ja-mecab": "words (MeCab, Japanese)", "13a": "words"}
 
 
 @dataclass
@@ -229,7 +231,7 @@ def evaluate(target: str, opts: EvalOptions, quiet: bool = False) -> dict[str, A
     from qlocal.data.formats import load_samples
     from qlocal.data.mapping import mapping_from_config
     from qlocal.data.render import render
-    from qlocal.metrics_text import is_mostly_cjk, label_set
+    from qlocal.metrics_text import bleu_tokenizer, label_set, sources
 
     scorer, kind, cfg = open_scorer(target, opts)
     dc = cfg.data
@@ -256,8 +258,10 @@ def evaluate(target: str, opts: EvalOptions, quiet: bool = False) -> dict[str, A
         "records": len(samples), "format": stats["format"], "loss_examples": len(examples),
         "truncated": truncated, "dropped_long": dropped,
         "generation": {"records": len(items), "max_tokens": opts.max_tokens, "sampling": "greedy",
-                       "tokens": "characters (CJK)" if refs and is_mostly_cjk("".join(refs)) else "words",
-                       "labels": labels, "label_rule": LABEL_RULE} if items else None,
+                       "tokens": _TOKENS[bleu_tokenizer(refs)], "labels": labels, "label_rule": LABEL_RULE,
+                       # Which library computed each metric, and how (sacrebleu's signatures); also
+                       # fails with the missing-extra line here, before any generation.
+                       "computed_by": sources(refs, labels)} if items else None,
     }
     if scorer.tokenizer is None:
         report["loss_note"] = "loss needs the HF tokenizer next to the GGUF (an export folder's fused/); not computed"
@@ -270,8 +274,9 @@ def evaluate(target: str, opts: EvalOptions, quiet: bool = False) -> dict[str, A
         scorer.set_base(False)
     report["metrics"], preds = _score(scorer, examples, items, opts, labels, kind, quiet)
     if opts.compare_base:
+        # Scalars only: per_class and confusion_matrix are shown side by side, not subtracted.
         report["delta"] = {k: report["metrics"][k] - v for k, v in report["base"].items()
-                           if k in report["metrics"] and k != "trained_tokens"}
+                           if k in report["metrics"] and k != "trained_tokens" and isinstance(v, (int, float))}
     report["samples"] = [
         {"where": s.where, "reference": r, "prediction": p, **({"base_prediction": base_preds[i]} if base_preds else {})}
         for i, ((s, _, r), p) in enumerate(zip(items, preds))]
@@ -291,19 +296,22 @@ def write_report(report: dict[str, Any], path: Path) -> None:
 def _fmt(key: str, value: float | None) -> str:
     if value is None:
         return "-"
-    return f"{value:.2f}" if key in ("bleu", "perplexity") else f"{value:.4f}"
+    return f"{value:.2f}" if key in ("bleu", "chrf", "perplexity") else f"{value:.4f}"
 
 
 def table(report: dict[str, Any]) -> str:
-    """The metrics as a text table: one column, or base / fine-tuned / delta."""
+    """The metrics as a text table: one column, or base / fine-tuned / delta; for labels, per-class
+    precision/recall/F1 and the confusion matrix of each column; then how BLEU/chrF were computed."""
+    from qlocal.metrics_text import label_table
+
     m, base = report["metrics"], report.get("base")
     name = {"run": "fine-tuned", "model": "model", "gguf": "gguf"}[report["kind"]]
     cols = ["base", name, "delta"] if base is not None else [name]
     rows = [k for k in METRICS if k in m or (base and k in base)]
-    lines = [f"{'metric':<12}" + "".join(f"{c:>13}" for c in cols)]
+    lines = [f"{'metric':<16}" + "".join(f"{c:>13}" for c in cols)]
     for k in rows:
         vals = [base.get(k), m.get(k), report["delta"].get(k)] if base is not None else [m.get(k)]
-        lines.append(f"{k:<12}" + "".join(f"{_fmt(k, v):>13}" for v in vals))
+        lines.append(f"{k:<16}" + "".join(f"{_fmt(k, v):>13}" for v in vals))
     gen = report.get("generation")
     head = (f"{report['data']}: {report['records']} records ({report['format']}); loss over "
             f"{m.get('trained_tokens', 0)} trained tokens in {report['loss_examples']} examples")
@@ -311,8 +319,12 @@ def table(report: dict[str, Any]) -> str:
         head += f"; generated {gen['records']} (greedy, <= {gen['max_tokens']} tokens, BLEU on {gen['tokens']})"
         if gen["labels"]:
             head += f"; labels: {', '.join(gen['labels'][:8])}"
+    for title, col in ([("base", base)] if base is not None else []) + [(name, m)]:
+        lines += [""] * bool(col.get("per_class")) + label_table(col, title)
     notes = [report["loss_note"]] if report.get("loss_note") else []
-    return "\n".join([head, ""] + lines + notes)
+    how = (gen or {}).get("computed_by", {})
+    notes += [f"{label} {how[k]}" for k, label in (("bleu", "BLEU:"), ("chrf", "chrF:")) if k in how]
+    return "\n".join([head, ""] + lines + [""] * bool(notes) + notes)
 
 
 def default_report_path(target: str, data: str) -> Path:

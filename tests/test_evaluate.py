@@ -14,6 +14,8 @@ from qlocal.metrics_text import (classification, corpus_bleu, exact_match, is_mo
                                  normalize, predicted_label, rouge_l, text_metrics, tokenize)
 
 REPO = Path(__file__).resolve().parent.parent
+eval_needed = pytest.mark.skipif(any(__import__("importlib").util.find_spec(m) is None for m in
+                                     ("sacrebleu", "rouge_score", "sklearn")), reason="needs the eval extra")
 
 
 # ---- metrics, by hand ------------------------------------------------------------------------
@@ -27,14 +29,17 @@ def test_tokenize_cjk_characters_and_words() -> None:
     assert is_mostly_cjk("今天天气很好 ok") and not is_mostly_cjk("a GPU 很")
 
 
+@eval_needed
 def test_rouge_l_by_hand() -> None:
     # LCS "the cat on the mat" = 5 of 6 tokens each way.
     assert rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(5 / 6)
     # Chinese by characters: LCS 5, P = 5/5, R = 5/6.
     assert rouge_l("今天天气好", "今天天气很好") == pytest.approx(2 * 1 * (5 / 6) / (1 + 5 / 6))
-    assert rouge_l("The Cat!", "the cat") == 1.0 and rouge_l("", "x") == 0.0 and rouge_l("", "") == 1.0
+    # rouge-score gives 0 when either side has no tokens, two empty texts included (was 1.0 by hand).
+    assert rouge_l("The Cat!", "the cat") == 1.0 and rouge_l("", "x") == 0.0 and rouge_l("", "") == 0.0
 
 
+@eval_needed
 def test_bleu_by_hand() -> None:
     assert corpus_bleu(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(100.0)
     # p1..p4 = 4/5, 3/4, 2/3, 1/2; brevity exp(1 - 6/5).
@@ -46,6 +51,7 @@ def test_bleu_by_hand() -> None:
     assert corpus_bleu(["a b c d", "x y"], ["a b c d", "p q"]) == pytest.approx(100 * (4 / 6 * 3 / 4) ** 0.25)
 
 
+@eval_needed
 def test_bleu_chinese_is_character_level() -> None:
     # Characters: p1 5/5 (今天天气好 all occur), p2 3/4 (今天 天天 天气, not 气好), p3 2/3, p4 1/2;
     # brevity exp(1 - 6/5). Split on spaces, each side would be one differing token: BLEU 0.
@@ -72,6 +78,7 @@ def test_label_rule() -> None:
     assert label_set(["whatever"], known=["Positive", "negative"]) == ["negative", "positive"]  # label_map
 
 
+@eval_needed
 def test_predicted_label_and_classification_by_hand() -> None:
     labels = ["正面", "负面"]
     assert predicted_label("正面", labels) == "正面"
@@ -83,7 +90,7 @@ def test_predicted_label_and_classification_by_hand() -> None:
     # 正面: tp 1, fp 1, fn 0 -> 2/3; 负面: tp 1, fp 0, fn 2 -> 1/2.
     assert out["accuracy"] == pytest.approx(0.5)
     assert out["macro_f1"] == pytest.approx((2 / 3 + 1 / 2) / 2)
-    assert set(text_metrics(["a"], ["a"], None)) == {"rouge_l", "bleu", "exact_match"}
+    assert set(text_metrics(["a"], ["a"], None)) == {"rouge_l", "bleu", "chrf", "exact_match"}
 
 
 # ---- models ----------------------------------------------------------------------------------
@@ -179,6 +186,7 @@ def test_eval_loss_equals_training_validation_loss(tiny_model_dir, tmp_path: Pat
 
 
 @torch_needed
+@eval_needed
 def test_compare_base_columns_and_report(run: Path, test_file: Path, tmp_path: Path, qlocal_cli) -> None:
     res = qlocal_cli("eval", run, "--data", test_file, "--compare-base", "--limit", "2", "--max-tokens", "4",
                      "--report", tmp_path / "report.json", "--quiet")
@@ -215,6 +223,7 @@ def test_default_report_in_run_folder_and_errors(run: Path, test_file: Path, tin
 
 
 @torch_needed
+@eval_needed
 def test_labels_through_the_sentiment_mapping(tiny_model_dir, tmp_path: Path) -> None:
     from qlocal.evaluate import EvalOptions, evaluate
 
@@ -226,12 +235,65 @@ def test_labels_through_the_sentiment_mapping(tiny_model_dir, tmp_path: Path) ->
     assert gen["labels"] == ["正面", "负面"] and gen["tokens"] == "characters (CJK)" and gen["records"] == 4
     assert 0.0 <= report["metrics"]["accuracy"] <= 1.0 and 0.0 <= report["metrics"]["macro_f1"] <= 1.0
     assert [s["reference"] for s in report["samples"]] == ["正面", "负面", "正面", "负面"]
+    assert "tok:zh" in gen["computed_by"]["bleu"]  # sacrebleu's Chinese tokenizer, said in its signature
+
+
+LABEL_RECORDS = [{"messages": [{"role": "user", "content": f"Is {n} even?"}, {"role": "assistant", "content": a}]}
+                 for n, a in ((2, "yes"), (3, "no"), (4, "yes"), (5, "no"))]
+
+
+@torch_needed
+@eval_needed
+def test_report_and_table_on_a_tiny_run_have_every_metric(run: Path, tmp_path: Path, qlocal_cli) -> None:
+    """Label answers on a run with --compare-base: the report has every text and label metric, the
+    per-class numbers and confusion matrix of both columns, and how each was computed; the table
+    prints them."""
+    data = tmp_path / "labels.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in LABEL_RECORDS), encoding="utf-8")
+    res = qlocal_cli("eval", run, "--data", data, "--compare-base", "--max-tokens", "3",
+                     "--report", tmp_path / "r.json", "--quiet")
+    assert res.returncode == 0, res.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    gen = report["generation"]
+    assert gen["labels"] == ["no", "yes"] and gen["tokens"] == "words"
+    assert gen["computed_by"]["bleu"].startswith("sacrebleu nrefs:1|case:mixed|eff:yes|tok:13a|smooth:exp|version:")
+    assert gen["computed_by"]["chrf"].startswith("sacrebleu nrefs:1|") and "rouge-score" in gen["computed_by"]["rouge_l"]
+    scalars = {"loss", "perplexity", "rouge_l", "bleu", "chrf", "exact_match", "accuracy", "macro_precision",
+               "macro_recall", "macro_f1"}
+    for col in ("base", "metrics"):
+        m = report[col]
+        assert scalars | {"per_class", "confusion_matrix", "trained_tokens"} == set(m)
+        cm = m["confusion_matrix"]
+        assert cm["predicted"] == cm["labels"] + ["(none)"] and set(cm["labels"]) <= {"no", "yes"}
+        assert [sum(row) for row in cm["matrix"]] == [m["per_class"][c]["support"] for c in cm["labels"]]
+        assert sum(map(sum, cm["matrix"])) == 4 and set(m["per_class"]) == set(cm["labels"])
+    assert set(report["delta"]) == scalars  # scalars only: matrices are not subtracted
+    out = res.stdout
+    for needle in ("macro_precision", "macro_recall", "chrf", "base: per class", "fine-tuned: per class",
+                   "base: confusion matrix", "fine-tuned: confusion matrix", "BLEU: sacrebleu nrefs:1",
+                   "chrF: sacrebleu nrefs:1"):
+        assert needle in out, needle
+
+
+@torch_needed
+def test_missing_eval_library_is_one_line_naming_the_extra(tiny_model_dir, test_file: Path, tmp_path: Path,
+                                                            qlocal_cli) -> None:
+    shadow = tmp_path / "shadow" / "sacrebleu"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    res = qlocal_cli("eval", tiny_model_dir("qwen2"), "--data", test_file, "--max-tokens", "2", "--quiet",
+                     "--report", tmp_path / "r.json", env={"PYTHONPATH": str(shadow.parent)})
+    # The last line (bitsandbytes may print a line of its own when peft imports it), and no traceback.
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines()[-1] == "error: sacrebleu is not installed: pip install 'qlocal[eval]'"
+    assert not (tmp_path / "r.json").exists()
 
 
 # ---- GGUF and MLX ------------------------------------------------------------------------------
 
 
 @torch_needed
+@eval_needed
 def test_gguf_loss_matches_torch(run: Path, test_file: Path, tmp_path_factory, tmp_path: Path) -> None:
     pytest.importorskip("llama_cpp")
     from infer_helpers import export_folder
@@ -255,6 +317,7 @@ def test_gguf_loss_matches_torch(run: Path, test_file: Path, tmp_path_factory, t
 
 
 @torch_needed
+@eval_needed
 def test_mlx_loss_equals_torch(run: Path, test_file: Path, tmp_path_factory) -> None:
     pytest.importorskip("mlx.core")
     pytest.importorskip("mlx_lm")
