@@ -159,7 +159,7 @@ def _sampling_options(f: Any) -> Any:
         _opt("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
         _opt("--top-p", type=float, default=1.0, show_default=True),
         _opt("--backend", "-b", type=click.Choice(["auto", "torch", "mlx"]), default="auto", show_default=True,
-             help="For runs and HF models; auto = the run's own backend when installed."),
+             help="For runs and HF models; auto = as train picks (MLX on Apple Silicon, else PyTorch)."),
         _opt("--chat-template", help=f"For a plain HF model without its own template: {TEMPLATE_NAMES}|FILE.jinja."),
     ]):
         f = opt(f)

@@ -20,8 +20,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from qlocal.backends.base import Backend
 from qlocal.errors import UserError
-from qlocal.infer import GGUFGenerator, HFSource, Sampling, find_gguf, gguf_context_length, hf_stream, mlx_stream
+from qlocal.infer import GGUFGenerator, HFSource, Sampling, chat_stream, find_gguf, gguf_context_length
 
 LABEL_RULE = ("labels when data.label_map is set, else when there are >= 4 references, each <= 4 tokens, "
               "with 2..min(20, n/2) distinct values")
@@ -51,52 +52,27 @@ class EvalOptions:
 class BackendScorer:
     """A training backend (torch or MLX) set up as the run was, with the run's adapter loaded."""
 
-    def __init__(self, src: HFSource, backend_name: str) -> None:
+    def __init__(self, src: HFSource, backend: Backend) -> None:
         from qlocal import config as config_mod
-        from qlocal.backends.select import create_backend
         from qlocal.hf import load_tokenizer
 
         cfg = copy.deepcopy(src.cfg) if src.cfg is not None else config_mod.Config()
         cfg.model.name = str(src.base_path)
         cfg.train.grad_checkpointing = False  # no backward pass here
-        self.backend_name = backend_name
-        self.backend = create_backend(backend_name)
-        self.backend.setup(src.base_path, cfg)
+        self.backend = backend
+        self.backend_name = backend.name
+        backend.setup(src.base_path, cfg)
         self.tokenizer = load_tokenizer(src.base_path, cfg.model.trust_remote_code)
         self.template = src.template
         self.has_adapter = src.adapter is not None
         if src.adapter is not None:
-            self._load_adapter(src.adapter)
+            backend.load_adapter(src.adapter)
         # A plain model gets LoRA from setup too (B = 0, so it is the base); keep it switched off.
         self.set_base(not self.has_adapter)
 
-    def _load_adapter(self, adapter: Path) -> None:
-        if self.backend_name == "mlx":
-            from qlocal.backends.mlx_backend import load_peft_adapter_into_mlx
-
-            load_peft_adapter_into_mlx(self.backend.model, adapter)
-            return
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        weights = load_file(str(adapter / "adapter_model.safetensors"), device=self.backend.device)
-        result = set_peft_model_state_dict(self.backend.model, weights)
-        if result.unexpected_keys:
-            raise UserError(f"{adapter}: adapter does not fit the run's base model (unexpected {result.unexpected_keys[0]})")
-
     def set_base(self, on: bool) -> None:
         """Switch the adapter off (on=True: the base model) or back on."""
-        model = self.backend.model
-        if self.backend_name == "torch":
-            model.base_model.disable_adapter_layers() if on else model.base_model.enable_adapter_layers()
-            return
-        from mlx_lm.tuner.lora import LoRALinear
-
-        for _, m in model.named_modules():
-            if isinstance(m, LoRALinear):
-                if not hasattr(m, "_qlocal_scale"):
-                    m._qlocal_scale = m.scale
-                m.scale = 0.0 if on else m._qlocal_scale
+        self.backend.set_adapter_enabled(not on)
 
     def loss(self, examples: list[Any], batch_size: int) -> tuple[float, int]:
         from qlocal.data.batching import collate
@@ -110,8 +86,7 @@ class BackendScorer:
         return self.backend.eval_loss(batches)
 
     def chat(self, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[str]:
-        stream = mlx_stream if self.backend_name == "mlx" else hf_stream
-        return stream(self.backend.model, self.tokenizer, self.template, messages, sampling)
+        return chat_stream(self.backend, self.tokenizer, self.template, messages, sampling)
 
 
 class GGUFScorer:
@@ -176,7 +151,7 @@ def _data_config(target: Path, config_file: str | None, run_cfg: Any) -> Any:
 
 def open_scorer(target: str, opts: EvalOptions) -> tuple[Any, str, Any]:
     """(scorer, kind, Config whose data section applies) for a run, an HF model or a GGUF."""
-    from qlocal.infer import pick_backend, resolve_hf_source
+    from qlocal.infer import open_backend, resolve_hf_source
 
     path = Path(target)
     found = find_gguf(path) if path.exists() and not (path / "config.yaml").is_file() else None
@@ -191,7 +166,7 @@ def open_scorer(target: str, opts: EvalOptions) -> tuple[Any, str, Any]:
         run_cfg = rundir.load_config(path)[0]
     cfg = _data_config(path, opts.config_file, run_cfg)
     src = resolve_hf_source(target, None if run_cfg is not None else cfg.model.chat_template)
-    scorer = BackendScorer(src, pick_backend(src, opts.backend))
+    scorer = BackendScorer(src, open_backend(opts.backend))
     return scorer, "run" if src.adapter is not None else "model", cfg
 
 

@@ -8,23 +8,16 @@ what the model sees at inference is what it saw in training.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol, TextIO
 
+from qlocal.backends.base import Backend, Sampling
+from qlocal.config import Config
 from qlocal.errors import UserError, missing_extra
-from qlocal.hf import load_tokenizer, pad_id
-
-
-@dataclass
-class Sampling:
-    max_tokens: int = 256
-    temperature: float = 0.0
-    """0 = greedy."""
-    top_p: float = 1.0
+from qlocal.hf import load_tokenizer
 
 
 class Generator(Protocol):
@@ -56,61 +49,6 @@ def prompt_ids(tokenizer: Any, template: str, messages: list[dict[str, str]]) ->
     return ids
 
 
-def hf_stream(model: Any, tokenizer: Any, template: str, messages: list[dict[str, str]],
-              sampling: Sampling) -> Iterator[str]:
-    """Stream a reply from a transformers (or PEFT) model; generation runs in a thread."""
-    from threading import Thread
-
-    import torch
-    from transformers import TextIteratorStreamer
-
-    model.eval()  # training code may have left dropout on
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids(tokenizer, template, messages)], device=device)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    pad = pad_id(tokenizer)
-    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "streamer": streamer,
-                              "max_new_tokens": sampling.max_tokens, "pad_token_id": pad, "use_cache": True,
-                              "eos_token_id": stop_token_ids(tokenizer, template)}
-    if sampling.temperature > 0:
-        kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=None)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            with torch.no_grad():
-                model.generate(**kwargs)
-        except BaseException as e:  # surfaced below, after the streamer ends
-            errors.append(e)
-            streamer.end()
-
-    thread = Thread(target=run, daemon=True)
-    thread.start()
-    yield from streamer
-    thread.join()
-    if errors:
-        raise errors[0]
-
-
-def mlx_stream(model: Any, tokenizer: Any, template: str, messages: list[dict[str, str]],
-               sampling: Sampling) -> Iterator[str]:
-    """Stream a reply from an mlx-lm model with mlx-lm's stream_generate."""
-    from mlx_lm import stream_generate
-    from mlx_lm.sample_utils import make_sampler
-    from mlx_lm.tokenizer_utils import TokenizerWrapper
-
-    model.eval()
-    wrapper = TokenizerWrapper(tokenizer, eos_token_ids=stop_token_ids(tokenizer, template))
-    # mlx-lm reads top_p 0 or 1 as "off"; temp 0 is greedy.
-    sampler = make_sampler(temp=sampling.temperature, top_p=sampling.top_p if sampling.top_p < 1 else 0.0)
-    for resp in stream_generate(model, wrapper, prompt_ids(tokenizer, template, messages),
-                                max_tokens=sampling.max_tokens, sampler=sampler):
-        if resp.text:
-            yield resp.text
-
-
 # --------------------------------------------------------------------------------------------
 # What a target is
 
@@ -124,10 +62,8 @@ class HFSource:
     template: str
     adapter: Path | None = None
     """The run's adapter/ folder (PEFT); None for a plain model."""
-    cfg: Any = None
+    cfg: Config | None = None
     """The run's Config (None for a plain model)."""
-    backend: str | None = None
-    """The backend the run was trained with."""
     run: Path | None = None
 
 
@@ -147,7 +83,7 @@ def resolve_hf_source(target: str, chat_template: str | None = None) -> HFSource
         template = (path / "chat_template.jinja").read_text(encoding="utf-8")
         if chat_template:
             raise UserError(f"{path}: a run answers with the template it trained with; drop --chat-template")
-        return HFSource(path.name, base, template, path / "adapter", cfg, resolved.get("backend"), path)
+        return HFSource(path.name, base, template, path / "adapter", cfg, path)
     from qlocal.data.templates import resolve_chat_template
     from qlocal.models import resolve_model
 
@@ -157,68 +93,32 @@ def resolve_hf_source(target: str, chat_template: str | None = None) -> HFSource
     return HFSource(Path(target).name, model.path, template)
 
 
-def pick_backend(src: HFSource, backend: str | None) -> str:
-    """--backend if given; else the run's own backend when its framework is installed; else torch, else MLX."""
-    if backend and backend != "auto":
-        return backend
-    have_torch = importlib.util.find_spec("torch") is not None
-    have_mlx = importlib.util.find_spec("mlx_lm") is not None
-    if src.backend == "mlx" and have_mlx:
-        return "mlx"
-    if have_torch:
-        return "torch"
-    if have_mlx:
-        return "mlx"
-    raise missing_extra("torch", "torch")
+def chat_stream(backend: Backend, tokenizer: Any, template: str, messages: list[dict[str, str]],
+                sampling: Sampling) -> Iterator[str]:
+    """Stream the assistant reply to `messages` from a backend holding a model (+ adapter)."""
+    return backend.stream(prompt_ids(tokenizer, template, messages), tokenizer, stop_token_ids(tokenizer, template),
+                          sampling)
 
 
-class TorchGenerator:
-    """transformers base model (+ the run's PEFT adapter), on CUDA or CPU."""
+def open_backend(requested: str | None) -> Backend:
+    """The backend chat, generate and eval run on: the rule train uses (backends.select)."""
+    from qlocal.backends.select import create_backend, select_backend
 
-    def __init__(self, src: HFSource) -> None:
-        try:
-            import torch
-            from transformers import AutoModelForCausalLM
-        except ImportError:
-            raise missing_extra("torch", "torch") from None
+    return create_backend(select_backend(requested or "auto")[0])
 
-        trust = bool(src.cfg and src.cfg.model.trust_remote_code)
-        self.tokenizer = load_tokenizer(src.base_path, trust)
+
+class BackendGenerator:
+    """A run's base + PEFT adapter (or a plain HF model) loaded for inference on a backend."""
+
+    def __init__(self, src: HFSource, backend: Backend) -> None:
+        cfg = src.cfg if src.cfg is not None else Config()
+        self.backend = backend
+        self.tokenizer = load_tokenizer(src.base_path, cfg.model.trust_remote_code)
         self.template = src.template
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(str(src.base_path), dtype=dtype, trust_remote_code=trust).to(device)
-        if src.adapter is not None:
-            import peft
-
-            model = peft.PeftModel.from_pretrained(model, str(src.adapter))
-        self.model = model.eval()
+        backend.load_for_inference(src.base_path, src.adapter, cfg)
 
     def chat(self, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[str]:
-        return hf_stream(self.model, self.tokenizer, self.template, messages, sampling)
-
-
-# Kept for callers of the first version of this module.
-def RunGenerator(run: Path) -> TorchGenerator:  # noqa: N802
-    """A torch generator for a run folder."""
-    return TorchGenerator(resolve_hf_source(str(run)))
-
-
-class MLXGenerator:
-    """mlx-lm model (quantised as the run was) + the run's PEFT adapter loaded into it."""
-
-    def __init__(self, src: HFSource) -> None:
-        from qlocal.backends.mlx_backend import load_mlx_model, load_peft_adapter_into_mlx
-
-        self.tokenizer = load_tokenizer(src.base_path)
-        self.template = src.template
-        quantize = src.cfg.train.quantize if src.cfg is not None else "none"
-        self.model, _ = load_mlx_model(src.base_path, quantize)
-        if src.adapter is not None:
-            load_peft_adapter_into_mlx(self.model, src.adapter)
-
-    def chat(self, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[str]:
-        return mlx_stream(self.model, self.tokenizer, self.template, messages, sampling)
+        return chat_stream(self.backend, self.tokenizer, self.template, messages, sampling)
 
 
 def find_gguf(target: Path) -> tuple[Path, Path | None] | None:
@@ -319,7 +219,7 @@ def open_generator(target: str, backend: str | None = None, chat_template: str |
     if path.exists() and path.is_file():
         raise UserError(f"{target}: not a run folder (config.yaml), export folder, HF model folder or .gguf file")
     src = resolve_hf_source(target, chat_template)
-    return MLXGenerator(src) if pick_backend(src, backend) == "mlx" else TorchGenerator(src)
+    return BackendGenerator(src, open_backend(backend))
 
 
 def generate_file(gen: Generator, input_file: Path, output: Path, sampling: Sampling) -> int:

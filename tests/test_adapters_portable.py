@@ -117,7 +117,7 @@ def _torch_logits(model_dir: Path, ids: np.ndarray, adapter: Path | None) -> np.
 
 
 def _mlx_model(model_dir: Path, adapter: Path | None):  # type: ignore[no-untyped-def]
-    from qlocal.backends.mlx_backend import load_mlx_model, load_peft_adapter_into_mlx
+    from qlocal.backends.mlx_infer import load_mlx_model, load_peft_adapter_into_mlx
 
     model, _ = load_mlx_model(model_dir)
     if adapter is not None:

@@ -327,7 +327,8 @@ def test_mlx_loss_equals_torch(run: Path, test_file: Path, tmp_path_factory) -> 
 
     root = tmp_path_factory.getbasetemp()
     mlx_run = synthetic_run(root, lively_model(root, "qwen2"), backend="mlx")
-    mlx = evaluate(str(mlx_run), EvalOptions(data=str(test_file), compare_base=True, limit=1, max_tokens=3), quiet=True)
+    mlx = evaluate(str(mlx_run), EvalOptions(data=str(test_file), backend="mlx", compare_base=True, limit=1,
+                                             max_tokens=3), quiet=True)
     torch_ = evaluate(str(mlx_run), EvalOptions(data=str(test_file), backend="torch", compare_base=True, limit=1,
                                                 max_tokens=3), quiet=True)
     assert mlx["backend"] == "mlx" and torch_["backend"] == "torch"

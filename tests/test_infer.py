@@ -181,14 +181,13 @@ def test_mlx_run_generates_like_torch(tmp_path_factory, qlocal_cli) -> None:
     pytest.importorskip("mlx_lm")
     root = tmp_path_factory.getbasetemp()
     mlx_run = synthetic_run(root, lively_model(root, "qwen2"), backend="mlx")
-    from qlocal.infer import MLXGenerator, TorchGenerator
-
-    assert isinstance(open_generator(str(mlx_run)), MLXGenerator)  # the run's recorded backend
-    assert isinstance(open_generator(str(mlx_run), "torch"), TorchGenerator)
-    res = qlocal_cli("generate", mlx_run, "--prompt", PROMPT, "--max-tokens", "6")
+    # --backend picks explicitly; auto is train's rule (tests/test_select.py), not the run's backend.
+    assert open_generator(str(mlx_run), "mlx").backend.name == "mlx"
+    assert open_generator(str(mlx_run), "torch").backend.name == "torch"
+    res = qlocal_cli("generate", mlx_run, "--backend", "mlx", "--prompt", PROMPT, "--max-tokens", "6")
     assert res.returncode == 0, res.stderr
     assert _same_text(res.stdout, _peft_greedy(mlx_run, [{"role": "user", "content": PROMPT}], 6) + "\n")
-    res = qlocal_cli("chat", mlx_run, "--max-tokens", "4", input=f"{PROMPT}\n/reset\n{PROMPT}\n")
+    res = qlocal_cli("chat", mlx_run, "--backend", "mlx", "--max-tokens", "4", input=f"{PROMPT}\n/reset\n{PROMPT}\n")
     assert res.returncode == 0, res.stderr
     half = len(res.stdout) // 2
     assert res.stdout[:half] == res.stdout[half:] and res.stdout.endswith("\n")

@@ -227,7 +227,7 @@ def test_doctor_says_mlx_is_ready() -> None:
 
 
 def test_hf5_config_translation() -> None:
-    from qlocal.backends.mlx_backend import hf_config_overrides
+    from qlocal.backends.mlx_infer import hf_config_overrides
 
     llama = {"model_type": "llama", "rope_parameters": {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0}}
     assert hf_config_overrides(llama) == {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}

@@ -99,3 +99,39 @@ def test_doctor_reports_missing_libraries(monkeypatch: pytest.MonkeyPatch) -> No
     report = doctor_report()
     assert "llama-cpp-python: not installed — pip install 'qlocal[gguf]'" in report
     assert "not installed — pip install 'qlocal[mlx]'" in report
+
+
+# ---- one rule for train, eval, chat and generate ---------------------------------------------
+
+both_installed = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("torch", "peft", "mlx", "mlx_lm")),
+    reason="needs both backends installed (torch extra and mlx[cpu])")
+
+
+@both_installed
+@pytest.mark.parametrize("mac", [False, True], ids=["linux", "apple-silicon"])
+def test_eval_chat_generate_choose_what_train_chooses(mac: bool, monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path_factory: pytest.TempPathFactory) -> None:
+    """With torch and mlx installed, `auto` gives the same backend everywhere, whichever backend a
+    run was trained on; an explicit --backend wins."""
+    from infer_helpers import lively_model, synthetic_run
+
+    from qlocal.config import Config
+    from qlocal.evaluate import EvalOptions, open_scorer
+    from qlocal.infer import open_generator
+
+    monkeypatch.setattr(select, "is_apple_silicon", lambda: mac)
+    trains_on, _ = select_backend(Config().train.backend)  # what `qlocal train` without --backend uses
+    assert trains_on == ("mlx" if mac else "torch")
+    root = tmp_path_factory.getbasetemp()
+    base = lively_model(root, "qwen2")
+    for trained_with in ("torch", "mlx"):
+        run = str(synthetic_run(root, base, backend=trained_with))
+        # chat and generate open their target with open_generator(target, --backend), eval with open_scorer.
+        assert open_generator(run, "auto").backend.name == trains_on
+        assert open_generator(run).backend.name == trains_on
+        scorer, kind, _ = open_scorer(run, EvalOptions(data="unused.jsonl", backend="auto"))
+        assert kind == "run" and scorer.backend_name == trains_on
+    other = "torch" if mac else "mlx"
+    assert open_generator(run, other).backend.name == other
+    assert open_scorer(str(base), EvalOptions(data="unused.jsonl", backend=other))[0].backend_name == other

@@ -1,4 +1,5 @@
-"""The contract every training backend meets. Backends share no implementation, only this shape.
+"""The contract every backend meets, for training and for inference. Backends share no
+implementation, only this shape.
 
 Batches are numpy dicts from `qlocal.data.batching.collate` (input_ids, loss_mask,
 attention_mask). The loss is the same everywhere: mean next-token cross-entropy over target
@@ -11,11 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 
 from qlocal.config import Config
+from qlocal.distributed import Dist
 
 Batch = dict[str, np.ndarray]
 
@@ -28,14 +30,41 @@ class StepStats:
     """Gradient norm before clipping."""
 
 
+@dataclass
+class Sampling:
+    """How a reply is sampled: greedy by default."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    """0 = greedy."""
+    top_p: float = 1.0
+
+
 class Backend(Protocol):
+    """Everything train, eval and inference use of a backend; callers never branch on `name`."""
+
     name: str
+    """"torch" or "mlx": recorded in config.yaml and eval reports."""
+    supports_packing: bool
+    """Whether train_step takes packed rows (several examples per row, position_ids restarting)."""
+
+    def init_distributed(self) -> Dist:
+        """Join the process group of the launcher this backend runs under (torchrun/accelerate
+        for torch, mlx.launch for MLX); a single process when not launched. A launcher of the
+        other framework is a UserError. Called before setup()."""
+        ...
 
     def setup(self, model_path: Path, cfg: Config) -> dict[str, Any]:
         """Load the base model (quantised as configured), attach LoRA, build the optimizer.
 
         Returns facts for config.yaml (device, dtype, resolved target modules, trainable params).
         """
+        ...
+
+    def load_for_inference(self, model_path: Path, adapter: Path | None, cfg: Config) -> None:
+        """Load the base model plus a PEFT adapter folder (None: the plain model) to generate
+        from, without training state. torch loads the 16-bit base (bf16 on CUDA, fp32 on CPU);
+        MLX quantises as the run did (cfg.train.quantize), since its adapter trained on that."""
         ...
 
     def train_step(self, micro_batches: list[Batch], lr: float) -> StepStats:
@@ -46,8 +75,28 @@ class Backend(Protocol):
         """Summed target-token loss and the number of target tokens, without gradients."""
         ...
 
+    def gather_state(self) -> None:
+        """Collect sharded adapter and optimizer state before saving; every rank calls it (the
+        gathers are collectives). A no-op except under torch FSDP."""
+        ...
+
     def save_adapter(self, path: Path) -> None:
         """Write the adapter in PEFT format (adapter_config.json + adapter_model.safetensors)."""
+        ...
+
+    def load_adapter(self, path: Path) -> None:
+        """Load a PEFT adapter folder's weights into the LoRA layers setup() attached (the run's
+        rank and targets); the adapter is switched on afterwards."""
+        ...
+
+    def set_adapter_enabled(self, enabled: bool) -> None:
+        """Switch the adapter off (exactly the base model: eval --compare-base, the reference
+        model of preference training) or back on. Nothing is copied or reloaded."""
+        ...
+
+    def stream(self, prompt: list[int], tokenizer: Any, stop_ids: list[int], sampling: Sampling) -> Iterator[str]:
+        """Generate a reply to the prompt token ids, text piece by piece, ending at any of
+        stop_ids; `tokenizer` (transformers) decodes."""
         ...
 
     def save_state(self, path: Path) -> None:

@@ -2,7 +2,8 @@
 
 Only the model classes and LoRALinear come from mlx-lm; data, loss, schedule and checkpoints are
 qlocal's, so the same Examples and the same loss contract as the torch backend apply (base.py).
-Adapters are converted to PEFT on save and from PEFT on load (qlocal.adapters).
+Adapters are converted to PEFT on save and from PEFT on load (qlocal.adapters). Loading,
+generation and the adapter switch are in mlx_infer.py.
 
 Under mlx.launch every rank holds the whole model and its shard of each global batch; gradients are
 averaged across ranks (mlx.nn.average_gradients) inside the compiled step, so every rank takes the
@@ -15,101 +16,22 @@ import resource
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from qlocal import adapters
-from qlocal.backends.base import Batch, StepStats
+from qlocal.backends import mlx_infer
+from qlocal.backends.base import Batch, Sampling, StepStats
+from qlocal.backends.mlx_infer import import_mlx as _mlx
+from qlocal.backends.mlx_infer import load_mlx_model
 from qlocal.config import Config
-from qlocal.errors import UserError, missing_extra
+from qlocal.distributed import Dist
+from qlocal.errors import UserError
 
-GROUP_SIZE = 64  # affine quantisation group, mlx-lm's default
 PAD_MULTIPLE = 16  # sequence widths are rounded up so mx.compile sees few distinct shapes
 _NEVER_ADAPT = {"lm_head", "embed_tokens", "embed_out", "output", "score"}
 _STATE_FILE = "mlx_optimizer.safetensors"
-
-
-def _mlx() -> tuple[Any, Any, Any]:
-    try:
-        import mlx.core as mx
-        import mlx.nn as nn
-        import mlx.optimizers as optim
-    except ImportError:
-        raise missing_extra("mlx", "mlx") from None
-    try:
-        import mlx_lm  # noqa: F401
-    except ImportError:
-        raise missing_extra("mlx-lm", "mlx") from None
-    return mx, nn, optim
-
-
-def hf_config_overrides(config: dict[str, Any]) -> dict[str, Any]:
-    """Config keys mlx-lm 0.32 reads but transformers >= 5 no longer writes.
-
-    transformers 5 moved rope_theta/rope_scaling into `rope_parameters` (per attention type for
-    Gemma 3) and describes Gemma 3's local/global pattern with `layer_types`. Without this, mlx-lm
-    silently uses its defaults (e.g. Llama's rope_theta 10000 instead of 500000).
-    """
-    out: dict[str, Any] = {}
-    rp = config.get("rope_parameters")
-    if isinstance(rp, dict) and "rope_theta" not in config:
-        nested = "full_attention" in rp
-        full = rp["full_attention"] if nested else rp
-        if "rope_theta" in full:
-            out["rope_theta"] = full["rope_theta"]
-        if full.get("rope_type", "default") != "default" and not config.get("rope_scaling"):
-            out["rope_scaling"] = {k: v for k, v in full.items() if k != "rope_theta"}
-        if nested and "rope_theta" in rp.get("sliding_attention", {}):
-            out["rope_local_base_freq"] = rp["sliding_attention"]["rope_theta"]
-    types = config.get("layer_types")
-    if config.get("model_type") == "gemma3_text" and types and "sliding_window_pattern" not in config:
-        # mlx-lm's Gemma 3 assumes a periodic pattern: layer i is global iff (i+1) % p == 0.
-        p = types.index("full_attention") + 1 if "full_attention" in types else len(types) + 1
-        if any((t == "full_attention") != ((i + 1) % p == 0) for i, t in enumerate(types)):
-            raise UserError(f"Gemma 3 layer_types {types} are not periodic; the MLX backend cannot run them")
-        out["sliding_window_pattern"] = p
-    return out
-
-
-def load_mlx_model(model_path: Path, quantize: str = "none", dtype: str = "auto") -> tuple[Any, dict[str, Any]]:
-    """Load an HF (or mlx-lm quantised) folder as an mlx-lm model; quantise it affine when asked.
-
-    Returns (model, facts) with facts: dtype, quantization ("4bit"/"8bit"/"none", and whether it
-    was pre-quantised on disk), model_type. The folder on disk is never modified.
-    """
-    mx, nn, _ = _mlx()
-    from mlx_lm.utils import load_config, load_model
-
-    model_path = Path(model_path)
-    config = load_config(model_path)
-    try:
-        model, config = load_model(model_path, model_config=hf_config_overrides(config))
-    except ValueError as e:
-        raise UserError(f"{model_path}: mlx-lm cannot load this model ({e})") from None
-    on_disk = config.get("quantization")
-    gpu = mx.default_device() == mx.gpu
-    name = dtype if dtype != "auto" else ("bfloat16" if gpu else "float32")
-    if not gpu and name == "float16":
-        raise UserError("train.dtype=float16 is not supported by MLX on CPU; use float32 or bfloat16")
-    model.set_dtype(getattr(mx, name))
-    quant = "none"
-    if on_disk:
-        quant = f"{on_disk.get('bits', '?')}bit (pre-quantised {on_disk.get('mode', 'affine')})"
-        if quantize != "none" and not quant.startswith(quantize):
-            raise UserError(f"{model_path} is already quantised to {quant}; drop --quantize {quantize} "
-                            "or point --model at the 16-bit original")
-    elif quantize != "none":
-        bits = int(quantize.removesuffix("bit"))
-
-        # As mlx-lm's convert: every linear/embedding whose input width divides into groups.
-        def predicate(path: str, m: Any) -> bool:
-            return hasattr(m, "to_quantized") and m.weight.shape[-1] % GROUP_SIZE == 0
-
-        nn.quantize(model, group_size=GROUP_SIZE, bits=bits, mode="affine", class_predicate=predicate)
-        quant = f"{bits}bit (affine, group {GROUP_SIZE})"
-    mx.eval(model.parameters())
-    return model, {"dtype": name, "quantization": quant, "model_type": config.get("model_type")}
 
 
 def attach_lora(model: Any, rank: int, alpha: float, dropout: float, targets: list[str],
@@ -142,39 +64,6 @@ def attach_lora(model: Any, rank: int, alpha: float, dropout: float, targets: li
                    for k, m in block.named_modules() if k in chosen]
         block.update_modules(tree_unflatten(wrapped))
     return sorted({k.rsplit(".", 1)[-1] for k in chosen}), list(range(first, len(blocks)))
-
-
-def load_peft_adapter_into_mlx(model: Any, adapter_dir: Path) -> Any:
-    """Apply a PEFT LoRA adapter folder to an mlx-lm model in place (wrapping layers as needed).
-
-    Modules come from the tensor names, ranks from their shapes, scale from lora_alpha (with
-    alpha_pattern / rsLoRA as PEFT defines them). Returns the model.
-    """
-    mx, nn, _ = _mlx()
-    from mlx.utils import tree_unflatten
-    from mlx_lm.tuner.lora import LoRALinear
-
-    config, peft_weights = adapters.read_peft_adapter(Path(adapter_dir))
-    weights = adapters.peft_to_mlx(peft_weights)
-    modules = dict(model.named_modules())
-    wrapped = []
-    for path, rank in adapters.lora_modules(weights).items():
-        m = modules.get(path)
-        a, b = mx.array(weights[f"{path}.lora_a"]), mx.array(weights[f"{path}.lora_b"])
-        if isinstance(m, (nn.Linear, nn.QuantizedLinear)):
-            m = LoRALinear.from_base(m, r=rank)
-            wrapped.append((path, m))
-        elif not isinstance(m, LoRALinear):
-            raise UserError(f"{adapter_dir}: adapter targets '{path}', which is not a linear layer of this model")
-        out_dims = m.linear.weight.shape[0]
-        if a.shape[0] != m.lora_a.shape[0] or b.shape[1] != out_dims:
-            raise UserError(f"{adapter_dir}: {path} has shape {tuple(a.shape)}/{tuple(b.shape)}, "
-                            f"the model's layer is {m.lora_a.shape[0]} -> {out_dims}: wrong base model?")
-        m.lora_a, m.lora_b = a.astype(m.lora_a.dtype), b.astype(m.lora_b.dtype)
-        m.scale = adapters.lora_scale(config, path, rank)
-    if wrapped:
-        model.update_modules(tree_unflatten(wrapped))
-    return model
 
 
 def _checkpoint_blocks(model: Any) -> None:
@@ -212,12 +101,20 @@ class MLXBackend:
     """Trains a LoRA adapter on an mlx-lm model; writes and reads PEFT adapters."""
 
     name = "mlx"
+    supports_packing = False  # mlx-lm's models take no position_ids: rows are padded, length-bucketed
 
     def __init__(self) -> None:
         self.model: Any = None
         self.optimizer: Any = None
         self._fns: Any = None
         self.world = 1
+        self._lora_scales: dict[str, float] | None = None
+        """The LoRA scales while the adapter is switched off; None while it is on."""
+
+    def init_distributed(self) -> Dist:
+        from qlocal import distributed
+
+        return distributed.init_mlx()
 
     def setup(self, model_path: Path, cfg: Config) -> dict[str, Any]:
         mx, _, optim = _mlx()
@@ -346,6 +243,30 @@ class MLXBackend:
             count = int(count_f)
         return total, count
 
+    # -- inference and the adapter switch (mlx_infer) -----------------------------------------
+
+    def load_for_inference(self, model_path: Path, adapter: Path | None, cfg: Config) -> None:
+        self.model, _ = load_mlx_model(model_path, cfg.train.quantize)
+        self._lora_scales = None
+        if adapter is not None:
+            mlx_infer.load_peft_adapter_into_mlx(self.model, adapter)
+
+    def load_adapter(self, path: Path) -> None:
+        self.set_adapter_enabled(True)  # the adapter's own scales replace the saved ones
+        mlx_infer.load_peft_adapter_into_mlx(self.model, path)
+
+    def set_adapter_enabled(self, enabled: bool) -> None:
+        """Off = every LoRA scale 0 (exactly the base); on = the scales saved when switched off."""
+        if not enabled and self._lora_scales is None:
+            self._lora_scales = mlx_infer.lora_scales(self.model)
+            mlx_infer.set_lora_scales(self.model, dict.fromkeys(self._lora_scales, 0.0))
+        elif enabled and self._lora_scales is not None:
+            mlx_infer.set_lora_scales(self.model, self._lora_scales)
+            self._lora_scales = None
+
+    def stream(self, prompt: list[int], tokenizer: Any, stop_ids: list[int], sampling: Sampling) -> Iterator[str]:
+        return mlx_infer.stream(self.model, tokenizer, prompt, stop_ids, sampling)
+
     # -- adapters and checkpoints --------------------------------------------------------------
 
     def lora_weights(self) -> dict[str, np.ndarray]:
@@ -354,6 +275,9 @@ class MLXBackend:
         from mlx.utils import tree_flatten
 
         return {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(self.model.trainable_parameters())}
+
+    def gather_state(self) -> None:
+        """Nothing to gather: under mlx.launch every rank holds the whole adapter and optimizer."""
 
     def save_adapter(self, path: Path) -> None:
         adapters.write_peft_adapter(path, self.adapter_config, adapters.mlx_to_peft(self.lora_weights()))

@@ -1,7 +1,13 @@
-"""Pick the training backend (MLX or PyTorch) and the torch device, without importing either.
+"""Pick the backend (MLX or PyTorch) and the torch device, without importing either.
 
 `auto` = MLX on Apple Silicon when mlx is installed, else PyTorch on CUDA when available, else
 PyTorch on CPU. Every choice comes with a one-sentence reason that `qlocal doctor` prints.
+
+One rule for train, eval, chat and generate: they all call select_backend with --backend (auto
+when not given). A run folder records the backend it trained on, but that is a fact about the
+machine it trained on, not a request: its adapter is PEFT on disk and loads into either backend,
+so a run trained on a Mac is evaluated and served by PyTorch on a CUDA box (and a CUDA run by
+MLX on a Mac). An explicit --backend always wins.
 """
 
 from __future__ import annotations

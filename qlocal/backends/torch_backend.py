@@ -6,12 +6,14 @@ import math
 import resource
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
-from qlocal.backends.base import Batch, StepStats
+from qlocal.backends import torch_infer
+from qlocal.backends.base import Batch, Sampling, StepStats
 from qlocal.config import Config
+from qlocal.distributed import Dist
 from qlocal.errors import UserError, missing_extra
 
 # Leaf module names that are never adapted: output heads and embeddings.
@@ -148,6 +150,14 @@ class TorchBackend:
         self.fsdp = False
         self.optimizer: Any = None
         self.device = "cpu"
+
+    def init_distributed(self) -> Dist:
+        from qlocal import distributed
+
+        if distributed.launched_by_mlx():
+            raise UserError("launched by mlx.launch, which starts MLX ranks; the torch backend runs under "
+                            "torchrun or accelerate launch (or use --backend mlx)")
+        return distributed.init_torch()
 
     def setup(self, model_path: Path, cfg: Config) -> dict[str, Any]:
         torch = _import_torch()
@@ -364,6 +374,21 @@ class TorchBackend:
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+
+    # -- inference and the adapter switch (torch_infer) ---------------------------------------
+
+    def load_for_inference(self, model_path: Path, adapter: Path | None, cfg: Config) -> None:
+        self.model, self.device = torch_infer.load_model(model_path, adapter, cfg.model.trust_remote_code)
+
+    def load_adapter(self, path: Path) -> None:
+        torch_infer.load_adapter(self.model, path, self.device)
+        torch_infer.set_adapter_enabled(self.model, True)
+
+    def set_adapter_enabled(self, enabled: bool) -> None:
+        torch_infer.set_adapter_enabled(self.model, enabled)
+
+    def stream(self, prompt: list[int], tokenizer: Any, stop_ids: list[int], sampling: Sampling) -> Iterator[str]:
+        return torch_infer.stream(self.model, tokenizer, prompt, stop_ids, sampling)
 
     def peak_memory_mb(self) -> float:
         torch = _import_torch()
