@@ -20,9 +20,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
 sys.path.insert(0, {repo!r})
+from qlocal.memory import peak_rss_mb
 from qlocal.export.gguf import convert_hf_to_gguf, index_safetensors
 hf, out, outtype = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 t = time.perf_counter()
@@ -31,7 +32,7 @@ if outtype == "baseline":
 else:
     convert_hf_to_gguf(hf, out, outtype=outtype)
 print(json.dumps({{"seconds": time.perf_counter() - t,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+                  "peak_rss_mb": peak_rss_mb()}}))
 """
 
 

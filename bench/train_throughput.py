@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -86,12 +85,15 @@ def peak_mb(device: str) -> float:
         import torch
 
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from qlocal.memory import peak_rss_mb
+
+    return peak_rss_mb()
 
 
 def run_qlocal(case: dict[str, Any], model: Path, steps: int, warmup: int) -> dict[str, Any]:
     from qlocal import config as config_mod
     from qlocal.backends.torch_backend import TorchBackend
+    from qlocal.data.batching import count_targets
     from qlocal.train import _Schedule
 
     cfg = config_mod.build(sets=[f"train.quantize={case['quantize']}", f"train.dtype={case['dtype']}",
@@ -109,7 +111,7 @@ def run_qlocal(case: dict[str, Any], model: Path, steps: int, warmup: int) -> di
         backend.train_step(micro, 1e-4)
         if step >= warmup:
             tokens += sum(int(b["attention_mask"].sum()) for b in micro)
-            trained += sum(int(b["loss_mask"][:, 1:].sum()) for b in micro)
+            trained += sum(count_targets(b) for b in micro)
     _sync(case)
     dt = time.perf_counter() - t0
     return {"tokens_per_s": tokens / dt, "trained_tokens_per_s": trained / dt, "peak_mb": peak_mb(case["device"])}

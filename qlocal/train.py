@@ -22,8 +22,10 @@ import numpy as np
 
 from qlocal import distributed, rundir
 from qlocal import hf
+from qlocal.backends.base import Backend, Batch, StepStats
 from qlocal.config import Config
 from qlocal.errors import UserError
+from qlocal.objectives import SFT, Objective
 
 
 @dataclass
@@ -194,7 +196,7 @@ def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
                         "torchrun or accelerate launch (or use --backend mlx)")
     else:
         dist = distributed.init_torch()
-    packed = tc.packing and getattr(backend, "supports_packing", False)
+    packed = tc.packing and backend.supports_packing
     sched = _Schedule(data.train, tc.batch_size, tc.grad_accum, tc.seed, pad_id, packed, dist)
     total = tc.iters or max(1, math.ceil(tc.epochs * sched.per_epoch / tc.grad_accum))
     warmup = tc.warmup_steps or int(tc.warmup_ratio * total)
@@ -207,7 +209,7 @@ def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
         "total_steps": total, "packing": packed, "truncated_examples": data.truncated,
         "dropped_long": data.dropped, **facts,
     }
-    plan = _Plan(cfg, data, sched, total, warmup, pad_id, resolved)
+    plan = _Plan(cfg, data, sched, total, warmup, pad_id, resolved, SFT())
     if resume is not None:
         run = resume
     elif dist.is_main:
@@ -235,100 +237,147 @@ class _Plan:
     warmup: int
     pad_id: int
     resolved: dict[str, Any]
+    objective: Objective
 
 
-def _run_loop(run: Path, plan: _Plan, backend: Any, resumed: bool, quiet: bool) -> Path:
-    cfg, data, sched, total, warmup, pad_id, resolved = (plan.cfg, plan.data, plan.sched, plan.total, plan.warmup,
-                                                         plan.pad_id, plan.resolved)
-    tc = cfg.train
+class _Progress:
+    """The tqdm bar and what it shows after each step."""
+
+    def __init__(self, total: int, start: int, quiet: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=quiet, dynamic_ncols=True,
+                        file=sys.stderr)
+        self.last_val: float | None = None
+
+    def advance(self, stats: StepStats, tokens_per_s: float) -> None:
+        post = {"loss": f"{stats.loss:.4f}", "tok/s": f"{tokens_per_s:.0f}"}
+        if self.last_val is not None:
+            post["val"] = f"{self.last_val:.4f}"
+        self.bar.set_postfix(post)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _run_loop(run: Path, plan: _Plan, backend: Backend, resumed: bool, quiet: bool) -> Path:
+    """Optimizer steps from the resume point to the end, then the adapter; Ctrl-C saves and exits 130."""
+    tc = plan.cfg.train
     main = distributed.current().is_main
-    start, elapsed_before = 0, 0.0
-    ckpts = rundir.checkpoints(run)
-    if resumed and ckpts:
-        step_done, ckpt = ckpts[-1]
-        backend.load_state(ckpt)
-        state = json.loads((ckpt / "state.json").read_text())
-        start, elapsed_before = step_done, state.get("elapsed_s", 0.0)
+    start, elapsed_before = _resume_point(run, backend, resumed)
     if main:
-        rundir.save_config_with_template(run, cfg, resolved, data.template)
+        rundir.save_config_with_template(run, plan.cfg, plan.resolved, plan.data.template)
     metrics = rundir.Metrics(run / "metrics.jsonl", resume_step=start if resumed and main else None)
     if not quiet:
-        _print_header(run, cfg, resolved, data, start)
-
-    val_batches = []
-    if data.val:
-        from qlocal.data.batching import collate, epoch_batches
-
-        lengths = [len(e.input_ids) for e in data.val]
-        val_batches = [collate(distributed.shard([data.val[j] for j in b], sched.dist), pad_id)
-                       for b in epoch_batches(lengths, sched.bs, 0, 0)]
-
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=quiet, dynamic_ncols=True,
-               file=sys.stderr)
+        _print_header(run, plan.cfg, plan.resolved, plan.data, start)
+    val_batches = _validation_batches(plan)
+    progress = _Progress(plan.total, start, quiet)
     t_run = time.perf_counter()
     last_saved = start
-    last_val: float | None = None
     with _StopFlag() as stop:
-        for step in range(start, total):
-            micro, epoch_pos = sched.micro_batches(step)
-            lr = lr_at(step, total, tc.lr, tc.lr_schedule, warmup)
-            t0 = time.perf_counter()
-            stats = backend.train_step(micro, lr)
-            dt = max(time.perf_counter() - t0, 1e-9)
+        for step in range(start, plan.total):
             done = step + 1
-            if not (math.isfinite(stats.loss) and math.isfinite(stats.grad_norm)):
-                bar.close()
-                kept = f"; the last good checkpoint is {rundir.checkpoints(run)[-1][1]}" if rundir.checkpoints(run) else ""
-                bad = stats.loss if not math.isfinite(stats.loss) else f"finite but its gradient {stats.grad_norm}"
-                raise UserError(f"loss became {bad} at step {done}; lower the learning rate "
-                                f"(now train.lr={tc.lr}, try {tc.lr / 4:g}){kept}")
-            tokens, trained, stop_votes = distributed.all_sum([
-                float(sum(int(b["attention_mask"].sum()) for b in micro)),
-                float(sum(int(b["loss_mask"][:, 1:].sum()) for b in micro)), float(stop.requested)])
-            tokens, trained = int(tokens), int(trained)
-            stop.requested = stop_votes > 0  # every rank stops at the same step
-            record: dict[str, Any] = {
-                "step": done, "epoch": round(epoch_pos, 4), "loss": round(stats.loss, 6), "lr": lr,
-                "grad_norm": round(stats.grad_norm, 6), "tokens": tokens, "trained_tokens": trained,
-                "tokens_per_s": round(tokens / dt, 2), "trained_tokens_per_s": round(trained / dt, 2),
-                "peak_memory_mb": round(backend.peak_memory_mb(), 1),
-            }
-            if val_batches and (done % tc.eval_every == 0 or done == total):
-                s, n = backend.eval_loss(val_batches)
-                last_val = record["val_loss"] = round(s / max(n, 1), 6)
-            if main and (done % tc.log_every == 0 or done == total or "val_loss" in record):
+            record, stats, dt = _step(run, plan, backend, step, stop, progress)
+            if val_batches and (done % tc.eval_every == 0 or done == plan.total):
+                s, n = backend.eval_loss(val_batches, plan.objective)
+                progress.last_val = record["val_loss"] = round(s / max(n, 1), 6)
+            if main and (done % tc.log_every == 0 or done == plan.total or "val_loss" in record):
                 metrics.write(record)
-            post = {"loss": f"{stats.loss:.4f}", "tok/s": f"{tokens / dt:.0f}"}
-            if last_val is not None:
-                post["val"] = f"{last_val:.4f}"
-            bar.set_postfix(post)
-            bar.update(1)
-            if done % tc.save_every == 0 or done == total or stop.requested:
-                elapsed = elapsed_before + time.perf_counter() - t_run
-                if hasattr(backend, "gather_state"):
-                    backend.gather_state()  # sharded (FSDP) state: every rank joins the gather, rank 0 writes
-                if main:
-                    rundir.save_checkpoint(run, done, {"step": done, "total_steps": total, "elapsed_s": elapsed},
-                                           backend, tc.keep_last)
-                distributed.barrier()
+            progress.advance(stats, record["tokens"] / dt)
+            if done % tc.save_every == 0 or done == plan.total or stop.requested:
+                _checkpoint(run, plan, backend, done, elapsed_before + time.perf_counter() - t_run)
                 last_saved = done
             if stop.requested:
-                bar.close()
+                progress.close()
                 if main:
                     rundir.plot_losses(metrics, run / "loss.png", run.name)
-                    print(f"stopped at step {done}/{total}; continue with: qlocal train --resume {run}",
+                    print(f"stopped at step {done}/{plan.total}; continue with: qlocal train --resume {run}",
                           file=sys.stderr)
                 raise SystemExit(130)
-    bar.close()
-    assert last_saved == total
+    progress.close()
+    if last_saved != plan.total:  # the final step always checkpoints; the adapter must match it
+        raise RuntimeError(f"{run}: the last checkpoint is step {last_saved}, not the final step {plan.total}")
     if main:
         rundir.save_dir_atomic(run / "adapter", backend.save_adapter)
         rundir.plot_losses(metrics, run / "loss.png", run.name)
     if not quiet:
         _print_footer(run, metrics)
     return run
+
+
+def _resume_point(run: Path, backend: Backend, resumed: bool) -> tuple[int, float]:
+    """(steps done, seconds trained) of the last checkpoint, its state loaded into the backend; (0, 0) when fresh."""
+    ckpts = rundir.checkpoints(run)
+    if not (resumed and ckpts):
+        return 0, 0.0
+    step_done, ckpt = ckpts[-1]
+    backend.load_state(ckpt)
+    state = json.loads((ckpt / "state.json").read_text())
+    return step_done, state.get("elapsed_s", 0.0)
+
+
+def _validation_batches(plan: _Plan) -> list[Batch]:
+    """The validation set as this rank's share of fixed, length-bucketed batches (same every eval)."""
+    if not plan.data.val:
+        return []
+    from qlocal.data.batching import collate, epoch_batches
+
+    val = plan.data.val
+    lengths = [len(e.input_ids) for e in val]
+    return [collate(distributed.shard([val[j] for j in b], plan.sched.dist), plan.pad_id)
+            for b in epoch_batches(lengths, plan.sched.bs, 0, 0)]
+
+
+def _step(run: Path, plan: _Plan, backend: Backend, step: int, stop: _StopFlag,
+          progress: _Progress) -> tuple[dict[str, Any], StepStats, float]:
+    """Optimizer step `step` (0-based): its metrics record (counted over all ranks), stats, seconds.
+
+    Every rank votes on a pending Ctrl-C here, so all of them stop after the same step.
+    """
+    from qlocal.data.batching import count_targets
+
+    tc = plan.cfg.train
+    micro, epoch_pos = plan.sched.micro_batches(step)
+    lr = lr_at(step, plan.total, tc.lr, tc.lr_schedule, plan.warmup)
+    t0 = time.perf_counter()
+    stats = backend.train_step(micro, lr, plan.objective)
+    dt = max(time.perf_counter() - t0, 1e-9)
+    _check_finite(run, stats, step + 1, tc.lr, progress)
+    tokens, trained, stop_votes = distributed.all_sum([
+        float(sum(int(b["attention_mask"].sum()) for b in micro)),
+        float(sum(count_targets(b) for b in micro)), float(stop.requested)])
+    tokens, trained = int(tokens), int(trained)
+    stop.requested = stop_votes > 0
+    record: dict[str, Any] = {
+        "step": step + 1, "epoch": round(epoch_pos, 4), "loss": round(stats.loss, 6), "lr": lr,
+        "grad_norm": round(stats.grad_norm, 6), "tokens": tokens, "trained_tokens": trained,
+        "tokens_per_s": round(tokens / dt, 2), "trained_tokens_per_s": round(trained / dt, 2),
+        "peak_memory_mb": round(backend.peak_memory_mb(), 1),
+        **{k: round(v, 6) for k, v in stats.metrics.items()},
+    }
+    return record, stats, dt
+
+
+def _check_finite(run: Path, stats: StepStats, done: int, lr: float, progress: _Progress) -> None:
+    """Stop the run at a NaN/inf loss or gradient (the backend skipped that update), naming the fix."""
+    if math.isfinite(stats.loss) and math.isfinite(stats.grad_norm):
+        return
+    progress.close()
+    ckpts = rundir.checkpoints(run)
+    kept = f"; the last good checkpoint is {ckpts[-1][1]}" if ckpts else ""
+    bad = stats.loss if not math.isfinite(stats.loss) else f"finite but its gradient {stats.grad_norm}"
+    raise UserError(f"loss became {bad} at step {done}; lower the learning rate "
+                    f"(now train.lr={lr}, try {lr / 4:g}){kept}")
+
+
+def _checkpoint(run: Path, plan: _Plan, backend: Backend, done: int, elapsed: float) -> None:
+    """Save checkpoint `done`: every rank joins the state gather (FSDP), rank 0 writes, all wait."""
+    backend.gather_state()
+    if distributed.current().is_main:
+        rundir.save_checkpoint(run, done, {"step": done, "total_steps": plan.total, "elapsed_s": elapsed},
+                               backend, plan.cfg.train.keep_last)
+    distributed.barrier()
 
 
 def _print_header(run: Path, cfg: Config, resolved: dict[str, Any], data: PreparedData, start: int) -> None:

@@ -102,6 +102,7 @@ def test_saved_adapter_reproduces_trained_logits(tiny_model_dir, tmp_path: Path)
 def test_prompt_tokens_carry_no_loss(tiny_model_dir, tmp_path: Path) -> None:
     """The backend's loss is HF's CE with every non-target (prompt) label ignored."""
     from qlocal.backends.torch_backend import TorchBackend
+    from qlocal.objectives import SFT
 
     model_dir = tiny_model_dir("llama")
     backend = TorchBackend()
@@ -114,7 +115,8 @@ def test_prompt_tokens_carry_no_loss(tiny_model_dir, tmp_path: Path) -> None:
     mask[1, 4:9] = 1
     batch = {"input_ids": ids, "loss_mask": mask, "attention_mask": np.ones_like(ids)}
     with torch.no_grad():
-        summed, n = backend._summed_loss(batch)
+        summed, _ = backend._summed_loss(batch)
+        n = SFT().count(batch)
         labels = torch.from_numpy(np.where(mask == 1, ids, -100))
         ref = backend.model(input_ids=torch.from_numpy(ids), labels=labels).loss
     assert n == int(mask[:, 1:].sum())
@@ -173,6 +175,7 @@ def test_packed_and_padded_batches_give_the_same_loss_and_grads(arch: str, tiny_
     from qlocal.data.formats import load_samples
     from qlocal.data.render import render
     from qlocal.data.templates import resolve_chat_template
+    from qlocal.objectives import SFT
     from transformers import AutoTokenizer
 
     model_dir = tiny_model_dir(arch)
@@ -191,7 +194,8 @@ def test_packed_and_padded_batches_give_the_same_loss_and_grads(arch: str, tiny_
         b.setup(model_dir, _cfg(model_dir, tmp_path, "x", **{"lora.dropout": 0.0}))
         # Compare gradients, not parameters after an Adam step: Adam's first step is ~lr*sign(grad),
         # which turns float noise on near-zero gradients into full-size differences.
-        summed, n = b._summed_loss(batch)
+        summed, _ = b._summed_loss(batch)
+        n = SFT().count(batch)
         (summed / n).backward()
         grads = {k: v.grad.detach().clone() for k, v in b.model.named_parameters() if v.requires_grad}
         results.append((float(summed) / n, grads))
@@ -201,7 +205,10 @@ def test_packed_and_padded_batches_give_the_same_loss_and_grads(arch: str, tiny_
 
 
 def test_chunked_loss_equals_full(tiny_model_dir) -> None:
-    from qlocal.backends.torch_backend import chunked_cross_entropy
+    from qlocal.backends.torch_backend import chunked_target_logprobs
+
+    def chunked_cross_entropy(*args: object) -> "torch.Tensor":
+        return -chunked_target_logprobs(*args).sum()
 
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=False)

@@ -2,15 +2,16 @@
 implementation, only this shape.
 
 Batches are numpy dicts from `qlocal.data.batching.collate` (input_ids, loss_mask,
-attention_mask). The loss is the same everywhere: mean next-token cross-entropy over target
-tokens, where logits[t] predict input_ids[t+1] weighted by loss_mask[t+1]. Over gradient
-accumulation the mean is taken over all targets of the optimizer step, so accumulating k
-micro-batches equals one batch k times larger.
+attention_mask). What a step minimises is its `objective` (qlocal.objectives; SFT by default:
+mean next-token cross-entropy over target tokens, logits[t] predicting input_ids[t+1] weighted by
+loss_mask[t+1]). A backend computes the target tokens' log-probabilities in one function of its
+own and hands them to the objective; the mean is over the objective's count for the whole
+optimizer step, so accumulating k micro-batches equals one batch k times larger.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
@@ -18,16 +19,22 @@ import numpy as np
 
 from qlocal.config import Config
 from qlocal.distributed import Dist
+from qlocal.objectives import SFT, Objective
 
 Batch = dict[str, np.ndarray]
+
+# Leaf module names that are never adapted: output heads and embeddings.
+NEVER_ADAPT = frozenset({"lm_head", "embed_tokens", "embed_out", "output", "score"})
 
 
 @dataclass
 class StepStats:
     loss: float
-    """Mean target-token loss of the optimizer step."""
+    """Mean loss of the optimizer step (SFT: per target token)."""
     grad_norm: float
     """Gradient norm before clipping."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The objective's metrics, means over the step like the loss (SFT has none)."""
 
 
 @dataclass
@@ -67,12 +74,13 @@ class Backend(Protocol):
         MLX quantises as the run did (cfg.train.quantize), since its adapter trained on that."""
         ...
 
-    def train_step(self, micro_batches: list[Batch], lr: float) -> StepStats:
-        """One optimizer step over the micro-batches (gradient accumulation) at learning rate lr."""
+    def train_step(self, micro_batches: list[Batch], lr: float, objective: Objective = SFT()) -> StepStats:
+        """One optimizer step minimising `objective` over the micro-batches (gradient
+        accumulation) at learning rate lr."""
         ...
 
-    def eval_loss(self, batches: list[Batch]) -> tuple[float, int]:
-        """Summed target-token loss and the number of target tokens, without gradients."""
+    def eval_loss(self, batches: list[Batch], objective: Objective = SFT()) -> tuple[float, int]:
+        """Summed objective loss and its count (SFT: target tokens) over all ranks, without gradients."""
         ...
 
     def gather_state(self) -> None:

@@ -12,8 +12,6 @@ same update (qlocal.distributed).
 
 from __future__ import annotations
 
-import resource
-import sys
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,15 +20,16 @@ import numpy as np
 
 from qlocal import adapters
 from qlocal.backends import mlx_infer
-from qlocal.backends.base import Batch, Sampling, StepStats
+from qlocal.backends.base import NEVER_ADAPT, Batch, Sampling, StepStats
 from qlocal.backends.mlx_infer import import_mlx as _mlx
 from qlocal.backends.mlx_infer import load_mlx_model
 from qlocal.config import Config
 from qlocal.distributed import Dist
 from qlocal.errors import UserError
+from qlocal.memory import peak_rss_mb
+from qlocal.objectives import SFT, Objective, row_fields
 
 PAD_MULTIPLE = 16  # sequence widths are rounded up so mx.compile sees few distinct shapes
-_NEVER_ADAPT = {"lm_head", "embed_tokens", "embed_out", "output", "score"}
 _STATE_FILE = "mlx_optimizer.safetensors"
 
 
@@ -50,7 +49,7 @@ def attach_lora(model: Any, rank: int, alpha: float, dropout: float, targets: li
     linear = (nn.Linear, nn.QuantizedLinear)
     every = {k for b in blocks for k, m in b.named_modules() if isinstance(m, linear)}
     if targets == ["all-linear"]:
-        chosen = {k for k in every if k.rsplit(".", 1)[-1] not in _NEVER_ADAPT}
+        chosen = {k for k in every if k.rsplit(".", 1)[-1] not in NEVER_ADAPT}
     else:
         chosen = {k for k in every for t in targets if k == t or k.endswith("." + t)}
         unknown = [t for t in targets if not any(k == t or k.endswith("." + t) for k in every)]
@@ -89,12 +88,12 @@ def _checkpoint_blocks(model: Any) -> None:
         block.__class__ = type(cls.__name__, (cls,), {"__call__": call, "_qlocal_checkpointed": True})
 
 
-def _loss_sum(model: Any, ids: Any, weights: Any) -> Any:
-    """Summed next-token CE over targets: logits[t] predicts ids[t+1], weighted by loss_mask[t+1]."""
+def _target_logprobs(model: Any, ids: Any) -> Any:
+    """The one place this backend computes target log-probs: (B, T-1) float32, logp[:, t] =
+    log p(ids[:, t+1] | ids[:, :t+1]) at every position; the objective masks them (objectives.py)."""
     mx, nn, _ = _mlx()
     logits = model(ids[:, :-1]).astype(mx.float32)
-    ce = nn.losses.cross_entropy(logits, ids[:, 1:], reduction="none")
-    return (ce * weights).sum()
+    return -nn.losses.cross_entropy(logits, ids[:, 1:], reduction="none")
 
 
 class MLXBackend:
@@ -147,20 +146,22 @@ class MLXBackend:
 
     # -- compiled step pieces ------------------------------------------------------------------
 
-    def _compiled(self) -> tuple[Any, Any, Any]:
-        """(grad_fn, apply_fn, step_fn) compiled once per optimizer-state object (rebuilt after load_state).
+    def _compiled(self, objective: Objective) -> tuple[Any, Any, Any]:
+        """(grad_fn, apply_fn, step_fn) compiled once per objective and optimizer-state object
+        (rebuilt after load_state).
 
-        step_fn fuses forward, backward, clipping and the update for the common one-micro-batch
-        step; with accumulation, grad_fn runs per micro-batch and apply_fn once.
+        step_fn fuses forward, objective, backward, clipping and the update for the common
+        one-micro-batch step; with accumulation, grad_fn runs per micro-batch and apply_fn once.
         """
-        if self._fns is not None:
-            return self._fns
+        if self._fns is not None and self._fns[0] == objective:
+            return self._fns[1]
         mx, nn, optim = _mlx()
         model, opt, max_norm, world = self.model, self.optimizer, self.max_grad_norm, self.world
         state = [model.state, opt.state, mx.random.state]
 
-        def scaled(m: Any, ids: Any, w: Any, inv_total: Any) -> Any:
-            return _loss_sum(m, ids, w) * inv_total
+        def scaled(m: Any, ids: Any, w: Any, rows: Any, inv_total: Any) -> tuple[Any, dict[str, Any]]:
+            loss, metrics = objective.loss(_target_logprobs(m, ids), w, rows, mx)
+            return loss * inv_total, {k: v * inv_total for k, v in metrics.items()}
 
         value_and_grad = nn.value_and_grad(model, scaled)
 
@@ -175,16 +176,21 @@ class MLXBackend:
             opt.update(model, grads)
             return norm
 
-        def step(ids: Any, w: Any, inv_total: Any) -> tuple[Any, Any]:
-            loss, grads = value_and_grad(model, ids, w, inv_total)
-            return loss, apply(grads)
+        def step(ids: Any, w: Any, rows: Any, inv_total: Any) -> tuple[Any, Any, Any]:
+            (loss, metrics), grads = value_and_grad(model, ids, w, rows, inv_total)
+            return loss, metrics, apply(grads)
+
+        def grad(ids: Any, w: Any, rows: Any, inv_total: Any) -> Any:
+            return value_and_grad(model, ids, w, rows, inv_total)
 
         compile_ = partial(mx.compile, inputs=state, outputs=state)
-        self._fns = (compile_(lambda ids, w, inv: value_and_grad(model, ids, w, inv)), compile_(apply), compile_(step))
-        return self._fns
+        fns = (compile_(grad), compile_(apply), compile_(step))
+        self._fns = (objective, fns)
+        return fns
 
-    def _arrays(self, batch: Batch) -> tuple[Any, Any]:
-        """(ids int32, target weights float32) with the width rounded up; the extra is masked out."""
+    def _arrays(self, batch: Batch) -> tuple[Any, Any, dict[str, Any]]:
+        """(ids int32, target weights float32, per-row fields) with the width rounded up; the
+        extra is masked out."""
         mx, _, _ = _mlx()
         ids, mask = batch["input_ids"], batch["loss_mask"]
         b, t = ids.shape
@@ -194,47 +200,50 @@ class MLXBackend:
         pad_ids[:, :t] = ids
         w = np.zeros((b, width - 1), np.float32)
         w[:, : t - 1] = mask[:, 1:]
-        return mx.array(pad_ids), mx.array(w)
+        return mx.array(pad_ids), mx.array(w), {k: mx.array(v) for k, v in row_fields(batch).items()}
 
-    def train_step(self, micro_batches: list[Batch], lr: float) -> StepStats:
+    def train_step(self, micro_batches: list[Batch], lr: float, objective: Objective = SFT()) -> StepStats:
         mx, _, _ = _mlx()
         from mlx.utils import tree_map
 
         from qlocal import distributed
 
-        grad_fn, apply_fn, step_fn = self._compiled()
-        total = sum(int(b["loss_mask"][:, 1:].sum()) for b in micro_batches)
+        grad_fn, apply_fn, step_fn = self._compiled(objective)
+        total = sum(objective.count(b) for b in micro_batches)
         if self.world > 1:
-            # The loss is token-weighted over the global batch: every rank divides by all ranks' targets.
+            # The loss is weighted over the global batch: every rank divides by all ranks' count.
             (total,) = distributed.all_sum([float(total)])
         inv_total = mx.array(self.world / max(total, 1), mx.float32)
         self.optimizer.learning_rate = lr
         # Dropout masks are a pure function of (seed, step): resume needs no saved RNG state.
         mx.random.seed(self.seed * 1_000_003 + self.step)
         if len(micro_batches) == 1:
-            loss, norm = step_fn(*self._arrays(micro_batches[0]), inv_total)
+            loss, metrics, norm = step_fn(*self._arrays(micro_batches[0]), inv_total)
         else:
-            loss, grads = None, None
+            loss, metrics, grads = None, None, None
             for batch in micro_batches:
-                part, g = grad_fn(*self._arrays(batch), inv_total)
+                (part, m), g = grad_fn(*self._arrays(batch), inv_total)
                 # Lazy sums: nothing is evaluated until the single mx.eval below (no per-batch host sync).
                 loss = part if loss is None else loss + part
+                metrics = m if metrics is None else tree_map(lambda x, y: x + y, metrics, m)
                 grads = g if grads is None else tree_map(lambda x, y: x + y, grads, g)
             norm = apply_fn(grads)
         if self.world > 1:
             loss = mx.distributed.all_sum(loss) / self.world
-        mx.eval(loss, norm, self.model.state, self.optimizer.state)
+            metrics = {k: mx.distributed.all_sum(v) / self.world for k, v in metrics.items()}
+        mx.eval(loss, norm, metrics, self.model.state, self.optimizer.state)
         self.step += 1
-        return StepStats(loss=float(loss), grad_norm=float(norm))
+        return StepStats(loss=float(loss), grad_norm=float(norm), metrics={k: float(v) for k, v in metrics.items()})
 
-    def eval_loss(self, batches: list[Batch]) -> tuple[float, int]:
+    def eval_loss(self, batches: list[Batch], objective: Objective = SFT()) -> tuple[float, int]:
         mx, _, _ = _mlx()
         self.model.eval()
         total, count = 0.0, 0
         for batch in batches:
-            ids, w = self._arrays(batch)
-            total += float(_loss_sum(self.model, ids, w))
-            count += int(batch["loss_mask"][:, 1:].sum())
+            ids, w, rows = self._arrays(batch)
+            loss, _ = objective.loss(_target_logprobs(self.model, ids), w, rows, mx)
+            total += float(loss)
+            count += objective.count(batch)
         self.model.train()
         if self.world > 1:
             from qlocal import distributed
@@ -313,8 +322,7 @@ class MLXBackend:
         peak = mx.get_peak_memory()  # MLX's allocator peak: Metal on a Mac, the CPU heap on mlx[cpu]
         if peak > 0:
             return peak / 2**20
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+        return peak_rss_mb()
 
 
 def _leaves(tree: Any) -> list[Any]:

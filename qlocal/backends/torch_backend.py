@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import math
-import resource
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from qlocal.backends import torch_infer
-from qlocal.backends.base import Batch, Sampling, StepStats
+from qlocal.backends.base import NEVER_ADAPT, Batch, Sampling, StepStats
 from qlocal.config import Config
 from qlocal.distributed import Dist
 from qlocal.errors import UserError, missing_extra
-
-# Leaf module names that are never adapted: output heads and embeddings.
-_NEVER_ADAPT = {"lm_head", "embed_tokens", "embed_out", "output", "score"}
+from qlocal.memory import peak_rss_mb
+from qlocal.objectives import SFT, Objective, row_fields
 
 
 def _import_torch() -> Any:
@@ -53,7 +50,7 @@ def linear_module_names(model: Any) -> list[str]:
     for full, module in model.named_modules():
         if isinstance(module, linear_types) and module is not head:
             leaf = full.rsplit(".", 1)[-1]
-            if leaf not in _NEVER_ADAPT:
+            if leaf not in NEVER_ADAPT:
                 names.add(leaf)
     return sorted(names)
 
@@ -86,8 +83,8 @@ def num_layers(model: Any) -> int:
     return int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg.get_text_config(), "num_hidden_layers"))
 
 
-def chunked_cross_entropy(h: Any, targets: Any, head: Any, softcap: float | None, chunk: int) -> Any:
-    """Summed CE of head(h) against targets, `chunk` rows at a time.
+def chunked_target_logprobs(h: Any, targets: Any, head: Any, softcap: float | None, chunk: int) -> Any:
+    """log softmax(head(h))[targets] per row (float32, shape (n,)), `chunk` rows at a time.
 
     Each chunk's logits are recomputed in the backward pass (checkpointed), so full-vocabulary
     logits never exist for more than `chunk` positions: with Gemma's 262k vocabulary that is the
@@ -100,30 +97,31 @@ def chunked_cross_entropy(h: Any, targets: Any, head: Any, softcap: float | None
         logits = head(hc).float()
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
-        return torch.nn.functional.cross_entropy(logits, tc, reduction="sum")
+        return -torch.nn.functional.cross_entropy(logits, tc, reduction="none")
 
     if chunk <= 0 or h.shape[0] <= chunk:
         return piece(h, targets)
-    total = h.new_zeros((), dtype=torch.float32)
+    parts = []
     for i in range(0, h.shape[0], chunk):
         hc, tc = h[i:i + chunk], targets[i:i + chunk]
-        total = total + (checkpoint(piece, hc, tc, use_reentrant=False) if torch.is_grad_enabled() else piece(hc, tc))
-    return total
+        parts.append(checkpoint(piece, hc, tc, use_reentrant=False) if torch.is_grad_enabled() else piece(hc, tc))
+    return torch.cat(parts)
 
 
-def _loss_module(peft_model: Any, chunk: int) -> Any:
-    """The training forward as a module (summed target CE, target count), so DDP can wrap it.
+def _logprob_module(peft_model: Any, chunk: int) -> Any:
+    """The one place this backend computes target log-probs: a module, so DDP/FSDP can wrap it.
 
-    The head runs only on target positions, in chunks (see chunked_cross_entropy).
+    forward(batch) -> (B, T-1) float32: log p(ids[:, t+1] | ids[:, :t+1]) where loss_mask[:, t+1]
+    is set, 0 elsewhere. The head runs only on those positions, in chunks (chunked_target_logprobs).
     """
     torch = _import_torch()
 
-    class SummedLoss(torch.nn.Module):
+    class TargetLogprobs(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.model = peft_model
 
-        def forward(self, t: dict[str, Any]) -> tuple[Any, int]:
+        def forward(self, t: dict[str, Any]) -> Any:
             ids, mask = t["input_ids"], t["loss_mask"]
             base = self.model.get_base_model()
             if "position_ids" in t:  # packed: no 2-D mask, so transformers builds a per-example causal mask
@@ -132,11 +130,11 @@ def _loss_module(peft_model: Any, chunk: int) -> Any:
                 out = base.get_decoder()(input_ids=ids, attention_mask=t["attention_mask"], use_cache=False)
             select = mask[:, 1:].bool()
             h = out.last_hidden_state[:, :-1][select]
-            targets = ids[:, 1:][select]
             cap = getattr(base.config, "final_logit_softcapping", None)
-            return chunked_cross_entropy(h, targets, base.get_output_embeddings(), cap, chunk), int(targets.numel())
+            logp = chunked_target_logprobs(h, ids[:, 1:][select], base.get_output_embeddings(), cap, chunk)
+            return logp.new_zeros(select.shape).masked_scatter(select, logp)
 
-    return SummedLoss()
+    return TargetLogprobs()
 
 
 class TorchBackend:
@@ -219,17 +217,17 @@ class TorchBackend:
         except ValueError as e:
             raise UserError(f"lora.target_modules: {e}") from None
         self.model.train()
-        self.loss_fn = _loss_module(self.model, tc.loss_chunk)
+        self.logprob_fn = _logprob_module(self.model, tc.loss_chunk)
         if self.fsdp:
             from qlocal.backends import torch_fsdp
 
-            self.loss_fn = torch_fsdp.shard(self.loss_fn, model, self.device, dtype)
+            self.logprob_fn = torch_fsdp.shard(self.logprob_fn, model, self.device, dtype)
         elif self.dist.enabled:
             # DDP all-reduces the LoRA gradients during backward; frozen weights are not touched.
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.dist.local_rank] if self.device.startswith("cuda") else None
-            self.loss_fn = DistributedDataParallel(self.loss_fn, device_ids=ids)
+            self.logprob_fn = DistributedDataParallel(self.logprob_fn, device_ids=ids)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
         self.max_grad_norm = tc.max_grad_norm
@@ -264,45 +262,51 @@ class TorchBackend:
         torch = _import_torch()
         return {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in batch.items()}
 
-    def _summed_loss(self, batch: Batch) -> tuple[Any, int]:
-        loss, n = self.loss_fn(self._tensors(batch))
-        return loss, n
+    def _summed_loss(self, batch: Batch, objective: Objective = SFT()) -> tuple[Any, dict[str, Any]]:
+        """The objective's (summed loss, summed metrics) on this batch's target log-probs."""
+        torch = _import_torch()
+        t = self._tensors(batch)
+        logp = self.logprob_fn(t)
+        return objective.loss(logp, t["loss_mask"][:, 1:].to(logp.dtype), row_fields(t), torch)
 
-    def train_step(self, micro_batches: list[Batch], lr: float) -> StepStats:
-        """Token-weighted over the global batch: with N ranks each backward uses N * loss / all
-        targets, and DDP's gradient average turns that into the single-process gradient."""
+    def train_step(self, micro_batches: list[Batch], lr: float, objective: Objective = SFT()) -> StepStats:
+        """Weighted by the objective's count over the global batch (SFT: tokens): with N ranks each
+        backward uses N * loss / all ranks' count, and DDP's gradient average turns that into the
+        single-process gradient."""
         import contextlib
 
         torch = _import_torch()
         from qlocal import distributed
 
-        local = sum(int(b["loss_mask"][:, 1:].sum()) for b in micro_batches)
-        (total,) = distributed.all_sum([float(local)])
+        (total,) = distributed.all_sum([float(sum(objective.count(b) for b in micro_batches))])
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
+        loss_sum, metric_sums = 0.0, {}  # type: dict[str, float]
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             if self.fsdp:
-                self.loss_fn.set_requires_gradient_sync(last)  # reduce-scatter once, after the last micro-batch
+                self.logprob_fn.set_requires_gradient_sync(last)  # reduce-scatter once, after the last micro-batch
                 sync: Any = contextlib.nullcontext()
             else:
-                sync = contextlib.nullcontext() if last or not self.dist.enabled else self.loss_fn.no_sync()
+                sync = contextlib.nullcontext() if last or not self.dist.enabled else self.logprob_fn.no_sync()
             with sync:
-                loss, _ = self._summed_loss(batch)
+                loss, metrics = self._summed_loss(batch, objective)
                 (loss * self.dist.world / max(total, 1.0)).backward()
             loss_sum += float(loss.detach())
-        (loss_sum,) = distributed.all_sum([loss_sum])
+            for k, v in metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + float(v.detach())
+        loss_sum, *sums = distributed.all_sum([loss_sum, *metric_sums.values()])
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         clip = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
         if math.isfinite(grad_norm):  # a non-finite step would poison the weights; the loop stops the run
             self.optimizer.step()
-        return StepStats(loss=loss_sum / max(total, 1.0), grad_norm=grad_norm)
+        means = {k: v / max(total, 1.0) for k, v in zip(metric_sums, sums)}
+        return StepStats(loss=loss_sum / max(total, 1.0), grad_norm=grad_norm, metrics=means)
 
-    def eval_loss(self, batches: list[Batch]) -> tuple[float, int]:
+    def eval_loss(self, batches: list[Batch], objective: Objective = SFT()) -> tuple[float, int]:
         torch = _import_torch()
         from qlocal import distributed
 
@@ -310,9 +314,9 @@ class TorchBackend:
         total, count = 0.0, 0
         with torch.no_grad():
             for batch in batches:
-                loss, n = self._summed_loss(batch)
+                loss, _ = self._summed_loss(batch, objective)
                 total += float(loss)
-                count += n
+                count += objective.count(batch)
         self.model.train()
         total, count_f = distributed.all_sum([total, float(count)])
         return total, int(count_f)
@@ -324,21 +328,24 @@ class TorchBackend:
             return
         from qlocal.backends import torch_fsdp
 
-        lora, optim = torch_fsdp.gather(self.model, self.loss_fn, self.optimizer)
+        lora, optim = torch_fsdp.gather(self.model, self.logprob_fn, self.optimizer)
         self._gathered = (lora, optim)
+
+    def _full_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The FSDP state gather_state() collected (full LoRA weights, full optimizer state)."""
+        if self._gathered is None:
+            raise RuntimeError("TorchBackend under FSDP saves only after gather_state() on every rank")
+        return self._gathered
 
     def save_adapter(self, path: Path) -> None:
         if self.fsdp:
-            assert self._gathered is not None, "gather_state() first"
-            self.model.save_pretrained(str(path), safe_serialization=True, state_dict=self._gathered[0])
+            self.model.save_pretrained(str(path), safe_serialization=True, state_dict=self._full_state()[0])
             return
         self.model.save_pretrained(str(path), safe_serialization=True)
 
     def save_state(self, path: Path) -> None:
         torch = _import_torch()
-        if self.fsdp:
-            assert self._gathered is not None, "gather_state() first"
-        optim = self._gathered[1] if self.fsdp else self.optimizer.state_dict()
+        optim = self._full_state()[1] if self.fsdp else self.optimizer.state_dict()
         torch.save(optim, path / "optimizer.pt")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -369,7 +376,7 @@ class TorchBackend:
         torch = _import_torch()
         from qlocal.backends import torch_fsdp
 
-        torch_fsdp.load(self.model, self.loss_fn, self.optimizer, path)
+        torch_fsdp.load(self.model, self.logprob_fn, self.optimizer, path)
         rng = torch.load(path / "rng.pt", weights_only=False)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
@@ -394,6 +401,5 @@ class TorchBackend:
         torch = _import_torch()
         if self.device.startswith("cuda"):
             return torch.cuda.max_memory_allocated() / 2**20
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+        return peak_rss_mb()
 
