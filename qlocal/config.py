@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from qlocal import atomic
 from qlocal.errors import UserError
 
 
@@ -354,6 +355,4 @@ def save(cfg: Config, path: Path, extra: dict[str, Any] | None = None) -> None:
     doc = cfg.to_dict()
     if extra:
         doc["resolved"] = extra
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    tmp.replace(path)
+    atomic.write_text(path, yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))

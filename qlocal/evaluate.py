@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from qlocal import atomic
 from qlocal.backends.base import Backend
 from qlocal.errors import UserError
 from qlocal.infer import GGUFGenerator, HFSource, Sampling, chat_stream, find_gguf, gguf_context_length
@@ -263,9 +264,7 @@ def evaluate(target: str, opts: EvalOptions, quiet: bool = False) -> dict[str, A
 def write_report(report: dict[str, Any], path: Path) -> None:
     """Write the report as JSON, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(path)
+    atomic.write_text(path, json.dumps(report, indent=1, ensure_ascii=False))
 
 
 def _fmt(key: str, value: float | None) -> str:

@@ -1,4 +1,4 @@
-"""Hugging Face helpers every part of qlocal shares (tokenizer loading, quiet logging, pad id).
+"""Hugging Face helpers every part of qlocal shares (tokenizer loading, quiet logging, pad id, hub ids).
 
 A leaf module: it imports nothing of qlocal's own, so the trainer, backends, export and inference
 can all use it without importing each other.
@@ -6,8 +6,18 @@ can all use it without importing each other.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
+
+# `org/name` as the Hub accepts it for models and datasets: each part starts with a letter or digit.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """True for `org/name` that is not a local path: `models/foo` is a hub id by shape, but when a
+    local `models/` folder exists the user meant a path."""
+    return bool(_HUB_ID.match(name)) and not Path(name.split("/", 1)[0]).is_dir()
 
 
 def quiet_transformers() -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol, TextIO
 
+from qlocal import atomic
 from qlocal.backends.base import Backend, Sampling
 from qlocal.config import Config
 from qlocal.errors import UserError, missing_extra
@@ -239,9 +240,7 @@ def generate_file(gen: Generator, input_file: Path, output: Path, sampling: Samp
         else:
             raise UserError(f"{input_file}:{n}: expected {{\"prompt\": ...}} or {{\"messages\": [...]}}")
         rows.append({**rec, "response": "".join(gen.chat(messages, sampling))})
-    tmp = output.with_name(f".{output.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(output)
+    atomic.write_text(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return len(rows)
 
 

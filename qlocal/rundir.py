@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import yaml
 
+from qlocal import atomic
 from qlocal import config as config_mod
 from qlocal.config import Config
 from qlocal.errors import UserError
@@ -55,27 +56,10 @@ def load_config(run: Path) -> tuple[Config, dict[str, Any]]:
     return config_mod.from_dict(doc, str(cfg_path)), resolved
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def save_dir_atomic(final: Path, fill: Callable[[Path], None]) -> None:
-    """Create a folder by filling a temp sibling and renaming it over `final`."""
-    tmp = final.with_name(f".{final.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    fill(tmp)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    """Create a folder by filling a temp sibling and renaming it over `final` (see qlocal.atomic)."""
+    with atomic.building(final) as tmp:
+        fill(tmp)
 
 
 def checkpoints(run: Path) -> list[tuple[int, Path]]:
@@ -93,8 +77,8 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
 def save_checkpoint(run: Path, step: int, state: dict[str, Any], backend: Any, keep_last: int) -> Path:
     """Write checkpoints/step-N (adapter, optimizer, RNG, state.json) and drop the oldest beyond keep_last."""
     final = run / "checkpoints" / f"step-{step:08d}"
-    for stale in (run / "checkpoints").glob(".step-*"):  # half-written or half-deleted by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
+    atomic.remove_stale_temps(run)  # loss.png, config.yaml, adapter/ ... of a killed run
+    atomic.remove_stale_temps(run / "checkpoints")  # half-written or half-deleted by a killed run
     for incomplete in (run / "checkpoints").glob("step-*"):  # lost its state.json: never resumable
         if not (incomplete / "state.json").is_file():
             shutil.rmtree(incomplete, ignore_errors=True)
@@ -106,11 +90,9 @@ def save_checkpoint(run: Path, step: int, state: dict[str, Any], backend: Any, k
 
     save_dir_atomic(final, fill)
     for _, old in checkpoints(run)[:-keep_last]:
-        # Rename first: a kill during rmtree then leaves a hidden .step-* (cleaned up next save),
+        # Renamed before deleting: a kill mid-delete leaves a hidden temp (cleaned up next save),
         # never a step-N folder that has lost its state.json.
-        doomed = old.with_name(f".{old.name}.del")
-        os.replace(old, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        atomic.remove_dir(old)
     return final
 
 
@@ -122,7 +104,7 @@ class Metrics:
         if resume_step is not None and path.exists():
             kept = [ln for ln in path.read_text(encoding="utf-8").splitlines()
                     if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            write_atomic(path, "".join(ln + "\n" for ln in kept))
+            atomic.write_text(path, "".join(ln + "\n" for ln in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as f:
@@ -155,13 +137,14 @@ def plot_losses(metrics: Metrics, out: Path, title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    tmp = out.with_name(".loss.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        with atomic.writing(out) as tmp:
+            fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")  # the temp name has no .png
+    finally:
+        plt.close(fig)
 
 
 def save_config_with_template(run: Path, cfg: Config, resolved: dict[str, Any], template: str) -> None:
     """config.yaml (settings + resolved facts) and chat_template.jinja: all export needs to know."""
-    write_atomic(run / "chat_template.jinja", template)
+    atomic.write_text(run / "chat_template.jinja", template)
     config_mod.save(cfg, run / "config.yaml", extra=resolved)

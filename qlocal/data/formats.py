@@ -16,11 +16,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qlocal import hf
 from qlocal.errors import UserError
 
 FORMATS = ("alpaca", "sharegpt", "messages", "completion", "text")
@@ -34,7 +34,6 @@ ROLES = {
     "bot": "assistant", "chatgpt": "assistant", "function_call": "assistant", "system": "system",
     "tool": "tool", "observation": "tool", "function": "tool", "ipython": "tool",
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
@@ -163,10 +162,8 @@ def _load_saved_dataset(path: str, split: str) -> list[tuple[Any, str]]:
 
 
 def looks_like_hub_id(path: str) -> bool:
-    """True for `org/name` that is not a local path (no known file extension, no local folder)."""
-    if not _HUB_ID.match(path) or path.lower().endswith(EXTENSIONS + (".txt",)):
-        return False
-    return not Path(path.split("/")[0]).is_dir()
+    """True for a dataset `org/name` that is not a local path (no data file extension, no local folder)."""
+    return hf.looks_like_hub_id(path) and not path.lower().endswith(EXTENSIONS + (".txt",))
 
 
 def load_records(path: str, split: str = "train", skipped: list[str] | None = None) -> list[tuple[dict, str]]:

@@ -10,9 +10,9 @@ Families and their quirks live in `gguf_arch.FAMILIES`; tokenizer metadata in `g
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from qlocal import atomic
 from qlocal.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -193,10 +194,7 @@ def convert_hf_to_gguf(hf_dir: Path, out_path: Path, outtype: str = "f16",
     plan = plan_tensors(hf_dir, hp, family, outtype)
     embd = next((t for t in plan if t.name == "token_embd.weight"), None)
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    writer = gguf.GGUFWriter(tmp, family.gguf_arch)
-    try:
+    with open_writer(out_path, family.gguf_arch) as writer:
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name or hf_dir.name)
         writer.add_file_type(_file_type(outtype))
@@ -211,12 +209,21 @@ def convert_hf_to_gguf(hf_dir: Path, out_path: Path, outtype: str = "f16",
         writer.write_ti_data_to_file()
         for t in plan:
             _write_tensor(writer, t)
-        writer.close()
-        tmp.replace(out_path)
-    finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
     return out_path
+
+
+@contextlib.contextmanager
+def open_writer(out_path: Path, arch: str) -> Iterator[Any]:
+    """A gguf.GGUFWriter on a temp file that becomes `out_path` when the block ends normally."""
+    import gguf
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.writing(out_path) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        try:
+            yield writer
+        finally:
+            writer.close()  # before the rename: it flushes the last bytes
 
 
 def _file_type(outtype: str) -> int:

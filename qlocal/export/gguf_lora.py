@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ def convert_lora_to_gguf(adapter_dir: Path, base_hf_dir: Path, out_path: Path) -
     """
     import gguf
 
-    from qlocal.export.gguf import StTensor, index_safetensors
+    from qlocal.export.gguf import StTensor, index_safetensors, open_writer
     from qlocal.export.gguf_arch import find_family, hf_tensor_name, permute_qk, text_hparams
 
     adapter_dir, base_hf_dir, out_path = Path(adapter_dir), Path(base_hf_dir), Path(out_path)
@@ -100,10 +99,7 @@ def convert_lora_to_gguf(adapter_dir: Path, base_hf_dir: Path, out_path: Path) -
     if not writer_items:
         raise UserError(f"{adapter_dir}: the adapter has no LoRA tensors")
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    writer = gguf.GGUFWriter(tmp, family.gguf_arch)
-    try:
+    with open_writer(out_path, family.gguf_arch) as writer:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_name(f"{base_hf_dir.name} LoRA")
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -113,9 +109,4 @@ def convert_lora_to_gguf(adapter_dir: Path, base_hf_dir: Path, out_path: Path) -
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-        writer.close()
-        tmp.replace(out_path)
-    finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
     return out_path

@@ -16,14 +16,13 @@ and the Modelfile has FROM the base and ADAPTER the LoRA.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qlocal import atomic
 from qlocal.errors import UserError
 
 
@@ -79,19 +78,11 @@ def export_run(run_dir: Path, opts: ExportOptions, echo: Callable[[str], None] =
         raise UserError("--adapter-only writes GGUF files; drop --no-gguf")
     final = Path(opts.out_dir) if opts.out_dir else Path("export") / info.name
     final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(final)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     _quiet_llama_cpp()
-    try:
+    with atomic.building(final) as tmp:  # also cleans what a killed export of `final` left
         summary = _build(info, opts, quants, tmp, echo)
         summary["seconds"] = round(time.perf_counter() - t0, 2)
         (tmp / "export.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
-        _replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     echo(f"export written to {final}/ in {summary['seconds']:.1f}s")
     if opts.ollama_name:
         from qlocal.export.ollama import ollama_create
@@ -100,30 +91,6 @@ def export_run(run_dir: Path, opts: ExportOptions, echo: Callable[[str], None] =
     else:
         echo(f"serve it: cd {final} && ollama create <name> -f Modelfile")
     return ExportResult(final, summary, summary.get("verify", {}).get("passed"))
-
-
-def _remove_stale_temps(final: Path) -> None:
-    """Delete temp folders left by an export that was killed (its pid no longer runs)."""
-    for tmp in final.parent.glob(f".{final.name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        except OSError:
-            pass  # alive but not ours, or cannot tell: leave it
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 def _build(info: Any, opts: ExportOptions, quants: list[str], tmp: Path, echo: Callable[[str], None]) -> dict[str, Any]:

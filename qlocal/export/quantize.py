@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qlocal import atomic
 from qlocal.errors import UserError, missing_extra
 
 DIRECT = ("f32", "f16", "bf16", "q8_0")
@@ -92,19 +93,15 @@ def quantize_gguf(src: Path, out: Path, quant: str, nthread: int = 0) -> QuantRe
         raise missing_extra("llama-cpp-python", "gguf") from None
     t0 = time.perf_counter()
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, VIA_LLAMA_CPP[quant])
     params.nthread = nthread
-    try:
+    with atomic.writing(out) as tmp:
         with _captured_output() as log:
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
         if rc != 0 or not tmp.is_file():
             tail = " | ".join(log().strip().splitlines()[-3:])
             raise UserError(f"{src}: llama.cpp could not quantise it to {quant} (status {rc}: {tail})")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     types = tensor_types(out)
     return QuantReport(quant, str(out), out.stat().st_size, round(time.perf_counter() - t0, 2), types,
                        fallback_count(out, quant))

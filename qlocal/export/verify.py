@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qlocal import atomic
 from qlocal.errors import missing_extra
 from qlocal.export.fuse import PROBE_CONVERSATIONS, render_chat
 
@@ -246,9 +247,7 @@ def verify_all(hf_dir: Path, files: list[tuple[Path, str]], stops: list[str], ou
     doc = {"passed": all(c.passed for c in checks), "nmse_limits": NMSE_LIMITS, "nmse_required_for": EXACT,
            "greedy_min_quantised": GREEDY_MIN, "tie_margin": TIE_MARGIN,
            "stops": stops, "files": [asdict(c) for c in checks]}
-    tmp = out_json.with_name(f".{out_json.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, out_json)
+    atomic.write_text(out_json, json.dumps(doc, indent=1, ensure_ascii=False))
     return checks
 
 
