@@ -46,11 +46,8 @@ EXPORT_ARCHS = ("qwen2", "qwen3", "llama", "llama31", "mistral", "gemma2", "gemm
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", default=False,
-                     help="run tests marked slow (real Gemma 3 270M; minutes on CPU). Or set QLOCAL_SLOW=1.")
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: uses the real Gemma 3 270M model (minutes on CPU)")
+                     help="also run tests marked slow (the marker's description in pyproject.toml says which). "
+                          "Or set QLOCAL_SLOW=1.")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

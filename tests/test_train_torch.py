@@ -13,22 +13,13 @@ peft = pytest.importorskip("peft")
 
 from qlocal import config as config_mod  # noqa: E402
 from qlocal.train import train  # noqa: E402
+from train_helpers import REPO, accumulation_batches, assert_trained_run, losses, metrics_rows, train_cfg  # noqa: E402
 
 ARCHS = ("qwen2", "llama", "gemma3")
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _cfg(model: Path, out: Path, name: str, **train_kw: object) -> config_mod.Config:
-    sets = {"model.name": str(model), "data.path": str(REPO / "data/alpaca_sample.jsonl"),
-            "run.output_dir": str(out), "run.name": name, "train.backend": "torch",
-            "train.iters": 12, "train.batch_size": 4, "train.lr": 5e-3, "train.lr_schedule": "constant",
-            "data.max_seq_len": 256, "train.save_every": 6}
-    sets.update({f"train.{k}" if "." not in k else k: v for k, v in train_kw.items()})
-    return config_mod.build(sets=[f"{k}={v}" for k, v in sets.items()])
-
-
-def _losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return train_cfg("torch", model, out, name, **train_kw)
 
 
 def _logits(model: object, ids: "torch.Tensor") -> "torch.Tensor":
@@ -44,13 +35,7 @@ def test_lora_loss_falls_base_untouched_adapter_reloads(arch: str, tiny_model_di
     model_dir = tiny_model_dir(arch)
     before = load_file(str(model_dir / "model.safetensors"))
     run = train(_cfg(model_dir, tmp_path, arch), quiet=True)
-
-    losses = _losses(run)
-    assert np.mean(losses[-3:]) < losses[0] - 0.05, losses
-    for name in ("config.yaml", "chat_template.jinja", "metrics.jsonl", "loss.png",
-                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
-        assert (run / name).is_file(), name
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000006", "step-00000012"]
+    assert_trained_run(run)
 
     # The base model on disk is never modified.
     after = load_file(str(model_dir / "model.safetensors"))
@@ -127,8 +112,8 @@ def test_prompt_tokens_carry_no_loss(tiny_model_dir, tmp_path: Path) -> None:
 def test_qlora_4bit_loss_falls(arch: str, tiny_model_dir, tmp_path: Path) -> None:
     pytest.importorskip("bitsandbytes")
     run = train(_cfg(tiny_model_dir(arch), tmp_path, arch, quantize="4bit"), quiet=True)
-    losses = _losses(run)
-    assert np.mean(losses[-3:]) < losses[0] - 0.05, losses
+    ls = losses(run)
+    assert np.mean(ls[-3:]) < ls[0] - 0.05, ls
     resolved = (run / "config.yaml").read_text()
     assert "quantize: 4bit" in resolved
     assert peft.PeftConfig.from_pretrained(str(run / "adapter")).r == 8
@@ -142,7 +127,7 @@ def test_options_reach_the_model(tiny_model_dir, tmp_path: Path) -> None:
     cfg = json.loads((run / "adapter/adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["layers_to_transform"] == [1]
     assert sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(run)
     assert [r["step"] for r in rows if "val_loss" in r] == [2, 4]
     assert all(r["peak_memory_mb"] > 0 and r["tokens_per_s"] > 0 for r in rows)
 
@@ -151,11 +136,7 @@ def test_grad_accumulation_equals_one_big_batch(tiny_model_dir, tmp_path: Path) 
     from qlocal.backends.torch_backend import TorchBackend
 
     model_dir = tiny_model_dir("qwen2")
-    rng = np.random.default_rng(1)
-    ids = rng.integers(3, 200, size=(4, 10))
-    mask = (rng.random((4, 10)) > 0.4).astype(np.int64)
-    whole = {"input_ids": ids, "loss_mask": mask, "attention_mask": np.ones_like(ids)}
-    halves = [{k: v[:2] for k, v in whole.items()}, {k: v[2:] for k, v in whole.items()}]
+    whole, halves = accumulation_batches()
     results = []
     for batches in ([whole], halves):
         b = TorchBackend()
