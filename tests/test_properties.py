@@ -17,9 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qlocal.data.formats import Sample, detect_format, normalise
-from qlocal.data.render import render, trained_spans
+from qlocal.data.render import render
 from qlocal.data.templates import resolve_chat_template
 from qlocal.errors import UserError
+from render_helpers import trained_spans
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "tokenizers"
 END = {"qwen2": "<|im_end|>\n", "llama3": "<|eot_id|>", "gemma3": "<end_of_turn>\n"}

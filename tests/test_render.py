@@ -17,9 +17,10 @@ from hypothesis import strategies as st
 
 from qlocal.chat_families import fallbacks
 from qlocal.data.formats import Sample, load_samples
-from qlocal.data.render import Example, render, render_for_display, trained_spans
+from qlocal.data.render import Example, render, render_for_display
 from qlocal.data.templates import resolve_chat_template
 from qlocal.errors import UserError
+from render_helpers import trained_spans
 
 FALLBACKS = fallbacks()  # name -> Jinja, from the chat-family table
 ASSETS = Path(__file__).resolve().parent / "assets" / "tokenizers"

@@ -154,11 +154,6 @@ def render(sample: Sample, tokenizer: Any, template: str, train_on_prompt: bool 
     return Example(ids, mask, truncated)
 
 
-def trained_spans(example: Example, tokenizer: Any) -> list[str]:
-    """Decoded text of each run of consecutive target tokens."""
-    return [tokenizer.decode(ids, skip_special_tokens=False) for on, ids in _runs(example) if on]
-
-
 def _runs(example: Example) -> list[tuple[int, list[int]]]:
     runs: list[tuple[int, list[int]]] = []
     for tok, m in zip(example.input_ids, example.loss_mask):
