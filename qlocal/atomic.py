@@ -129,7 +129,9 @@ def remove_stale_temps(folder: Path, name: str | None = None) -> list[Path]:
             continue
         final = entry.with_name(m["name"])
         if m["kind"] == "old" and not os.path.lexists(final):
-            os.replace(entry, final)  # killed between moving the old folder aside and the new one in
+            # Killed between moving the old folder aside and the new one in: put the old one back.
+            with contextlib.suppress(FileNotFoundError):  # another sweeper was first
+                os.replace(entry, final)
         else:
             _remove(entry)
         cleaned.append(entry)
