@@ -21,8 +21,15 @@ def looks_like_hub_id(name: str) -> bool:
 
 
 def quiet_transformers() -> None:
-    """Hide transformers' loading bars and deprecation chatter; our own progress is what users read."""
+    """Hide transformers' loading bars and deprecation chatter; our own progress is what users read.
+
+    bitsandbytes (imported by peft) logs a warning on CPUs with AVX512-BF16 when the optional
+    `kernels` package is absent; it changes nothing and would break one-line errors.
+    """
+    import logging
     import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
     from transformers.utils import logging as hf_logging
 
