@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,18 +13,16 @@ from conftest import run_group
 mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 
-REPO = Path(__file__).resolve().parent.parent
+from train_helpers import (  # noqa: E402
+    DATA, adapter_arrays, assert_two_ranks_match_one, metrics_rows, run_single, subprocess_env,
+)
 
 
 def _train_args(model: Path, out: Path, name: str, batch: int) -> list[str]:
     return ["-m", "qlocal", "train", "--backend", "mlx", "--model", str(model),
-            "--data", str(REPO / "data/alpaca_sample.jsonl"), "--iters", "6", "--batch-size", str(batch),
+            "--data", str(DATA), "--iters", "6", "--batch-size", str(batch),
             "--grad-accum", "2", "--lr", "5e-3", "--max-seq-len", "128", "--val-split", "0.1", "--eval-every", "3",
             "--save-every", "3", "--output-dir", str(out), "--name", name, "--quiet"]
-
-
-def _rows(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def _launcher() -> list[str]:
@@ -38,30 +34,17 @@ def _launcher() -> list[str]:
     return [exe, "-n", "2", "--backend", "ring", "--starting-port", str(20000 + os.getpid() % 20000), "--"]
 
 
+@pytest.mark.slow  # a training subprocess and two 2-rank launches
 def test_mlx_launch_two_ranks_match_one_process(tiny_model_dir, tmp_path: Path) -> None:
     launch = _launcher()
     model = tiny_model_dir("qwen2")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    single = subprocess.run([sys.executable, *_train_args(model, tmp_path, "one", 4)],
-                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr
+    env = subprocess_env(OMP_NUM_THREADS="1")
+    run_single(_train_args(model, tmp_path, "one", 4), env, tmp_path)
     two_ranks = run_group([*launch, sys.executable, *_train_args(model, tmp_path, "two", 2)], env, tmp_path)
     assert two_ranks.returncode == 0, (two_ranks.stdout[-2000:], two_ranks.stderr[-3000:])
-
-    one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
-    # Same global batch (2 ranks x 2 = 4 examples per micro-batch): the same first-step loss.
-    assert abs(one[0]["loss"] - two[0]["loss"]) < 1e-5, (one[0], two[0])
-    assert one[0]["trained_tokens"] == two[0]["trained_tokens"]
-    assert two[-1]["loss"] < two[0]["loss"]
-    assert [r["step"] for r in two] == list(range(1, 7)), "one rank writes metrics, once per step"
-    assert "val_loss" in two[2] and abs(one[2]["val_loss"] - two[2]["val_loss"]) < 1e-4
-    assert "world_size: 2" in (tmp_path / "two" / "config.yaml").read_text()
+    assert_two_ranks_match_one(tmp_path / "one", tmp_path / "two", 6, val_step=3, val_tol=1e-4)
     # Gradients averaged across ranks = the same updates as one process: the adapters agree.
-    from safetensors.numpy import load_file
-
-    a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    a, b = adapter_arrays(tmp_path / "one"), adapter_arrays(tmp_path / "two")
     assert a.keys() == b.keys()
     assert max(float(abs(a[k] - b[k]).max()) for k in a) < 1e-3
 
@@ -71,9 +54,9 @@ def test_mlx_launch_two_ranks_match_one_process(tiny_model_dir, tmp_path: Path) 
     shutil.rmtree(run / "adapter")
     res = run_group([*launch, sys.executable, "-m", "qlocal", "train", "--resume", str(run), "--quiet"], env, tmp_path)
     assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-3000:])
-    again = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    again = adapter_arrays(run)
     assert max(float(abs(b[k] - again[k]).max()) for k in b) < 1e-6
-    assert [r["step"] for r in _rows(run)] == list(range(1, 7))
+    assert [r["step"] for r in metrics_rows(run)] == list(range(1, 7))
 
 
 def test_launcher_mismatch_is_a_user_error(monkeypatch) -> None:
