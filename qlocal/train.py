@@ -189,13 +189,7 @@ def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
 
     tc = cfg.train
     backend = create_backend(backend_name)
-    if backend_name == "mlx":
-        dist = distributed.init_mlx()
-    elif distributed.launched_by_mlx():
-        raise UserError("launched by mlx.launch, which starts MLX ranks; the torch backend runs under "
-                        "torchrun or accelerate launch (or use --backend mlx)")
-    else:
-        dist = distributed.init_torch()
+    dist = backend.init_distributed()
     packed = tc.packing and backend.supports_packing
     sched = _Schedule(data.train, tc.batch_size, tc.grad_accum, tc.seed, pad_id, packed, dist)
     total = tc.iters or max(1, math.ceil(tc.epochs * sched.per_epoch / tc.grad_accum))
