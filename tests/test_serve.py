@@ -20,6 +20,7 @@ pytest.importorskip("torch")
 
 from conftest import OFFLINE_ENV, REPO  # noqa: E402
 from infer_helpers import export_folder, free_port, lively_model, synthetic_run  # noqa: E402
+from train_helpers import HANG_GUARD_S  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_serve_answers_chat_completion(export_dir: Path, tmp_path: Path) -> None
                              "--host", "127.0.0.1", "--name", "tiny"], env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + HANG_GUARD_S  # a hang guard: polling the port is the wait
         while True:
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()
             try:
@@ -51,7 +52,7 @@ def test_serve_answers_chat_completion(export_dir: Path, tmp_path: Path) -> None
                 break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 assert time.monotonic() < deadline, "server did not come up: " + (tmp_path / "serve.log").read_text()
-                time.sleep(0.5)
+                time.sleep(0.2)  # poll interval
         assert [m["id"] for m in models["data"]] == ["tiny"]
         out = _request(f"{base}/chat/completions", {
             "model": "tiny", "messages": [{"role": "user", "content": "Name a colour."}],
