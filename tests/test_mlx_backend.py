@@ -6,11 +6,9 @@ The torch comparisons need the torch extra too; everything skips cleanly without
 from __future__ import annotations
 
 import json
-import os
-import signal
+import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,22 +20,16 @@ pytest.importorskip("mlx_lm")
 from qlocal import config as config_mod  # noqa: E402
 from qlocal.errors import UserError  # noqa: E402
 from qlocal.train import train  # noqa: E402
+from train_helpers import (  # noqa: E402
+    DATA, HANG_GUARD_S, REPO, accumulation_batches, assert_same_adapter, assert_trained_run, kill_at, metrics_rows,
+    resume_to_end, subprocess_env, train_argv, train_cfg,
+)
 
 ARCHS = ("qwen2", "llama", "gemma3")
-REPO = Path(__file__).resolve().parent.parent
-DATA = REPO / "data/alpaca_sample.jsonl"
 
 
 def _cfg(model: Path, out: Path, name: str, **kw: object) -> config_mod.Config:
-    sets = {"model.name": str(model), "data.path": str(DATA), "run.output_dir": str(out), "run.name": name,
-            "train.backend": "mlx", "train.iters": 12, "train.batch_size": 4, "train.lr": 5e-3,
-            "train.lr_schedule": "constant", "data.max_seq_len": 256, "train.save_every": 6}
-    sets.update({f"train.{k}" if "." not in k else k: v for k, v in kw.items()})
-    return config_mod.build(sets=[f"{k}={v}" for k, v in sets.items()])
-
-
-def _losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return train_cfg("mlx", model, out, name, **kw)
 
 
 def sample_batches(model_dir: Path, n: int = 5, bs: int = 4, max_len: int = 128) -> list[dict[str, np.ndarray]]:
@@ -93,13 +85,8 @@ def test_train_lora_end_to_end(arch: str, tiny_model_dir, tmp_path: Path) -> Non
     model_dir = tiny_model_dir(arch)
     before = load_file(str(model_dir / "model.safetensors"))
     run = train(_cfg(model_dir, tmp_path, arch, **{"data.val_split": 0.1, "train.eval_every": 6}), quiet=True)
-    losses = _losses(run)
-    assert np.mean(losses[-3:]) < losses[0] - 0.05, losses
-    for name in ("config.yaml", "chat_template.jinja", "metrics.jsonl", "loss.png",
-                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
-        assert (run / name).is_file(), name
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000006", "step-00000012"]
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert_trained_run(run)
+    rows = metrics_rows(run)
     assert [r["step"] for r in rows if "val_loss" in r] == [6, 12]
     assert all(r["peak_memory_mb"] > 0 and r["tokens_per_s"] > 0 for r in rows)
     after = load_file(str(model_dir / "model.safetensors"))
@@ -141,11 +128,7 @@ def test_prequantised_mlx_folder(tiny_model_dir, tmp_path: Path) -> None:
 
 def test_grad_accumulation_equals_one_big_batch(tiny_model_dir, tmp_path: Path) -> None:
     model_dir = tiny_model_dir("qwen2")
-    rng = np.random.default_rng(1)
-    ids = rng.integers(3, 200, size=(4, 10))
-    mask = (rng.random((4, 10)) > 0.4).astype(np.int64)
-    whole = {"input_ids": ids, "loss_mask": mask, "attention_mask": np.ones_like(ids)}
-    halves = [{k: v[:2] for k, v in whole.items()}, {k: v[2:] for k, v in whole.items()}]
+    whole, halves = accumulation_batches()
     results = []
     for batches in ([whole], halves):
         b = _backend(model_dir, tmp_path)
@@ -240,47 +223,40 @@ def test_hf5_config_translation() -> None:
     assert hf_config_overrides({"model_type": "qwen2", "rope_theta": 1e6}) == {}
 
 
-# ---------------------------------------------------------------- kill and resume (as tests/test_resume.py)
+# ---------------------------------------------------------------- resume (as tests/test_resume.py)
 
-ITERS = 24
+def test_resume_in_process_matches_uninterrupted(tiny_model_dir, tmp_path: Path) -> None:
+    """A run cut back to its step-4 checkpoint resumes to the same adapter (optimizer, RNG, data order)."""
+    from qlocal import rundir
+    from qlocal.config import Config
+
+    cfg = _cfg(tiny_model_dir("qwen2"), tmp_path, "full", iters=8, batch_size=2, save_every=4, lr=3e-3,
+               **{"lora.dropout": 0.1, "data.val_split": 0.1, "train.eval_every": 3, "data.max_seq_len": 128})
+    full = train(cfg, quiet=True)
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "adapter")
+    shutil.rmtree(cut / "checkpoints" / "step-00000008")
+    assert train(Config(), resume=cut, quiet=True) == cut
+    assert_same_adapter(full, cut)
+    assert [r["step"] for r in metrics_rows(cut)] == list(range(1, 9)), "metrics must hold each step once"
+    assert [s for s, _ in rundir.checkpoints(cut)] == [4, 8]
 
 
-def _args(model: Path, out: Path, name: str) -> list[str]:
-    return [sys.executable, "-m", "qlocal", "train", "--backend", "mlx", "--model", str(model), "--data", str(DATA),
-            "--iters", str(ITERS), "--batch-size", "2", "--save-every", "2", "--keep-last", "2", "--lr", "3e-3",
-            "--dropout", "0.1", "--max-seq-len", "128", "--val-split", "0.1", "--eval-every", "5",
-            "--output-dir", str(out), "--name", name, "--quiet"]
-
-
+@pytest.mark.slow
 def test_kill_and_resume_matches_uninterrupted(tiny_model_dir, tmp_path: Path) -> None:
-    from safetensors.numpy import load_file
-
+    iters = 24
     model = tiny_model_dir("qwen2")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    full_run = subprocess.run(_args(model, tmp_path, "full"), env=env, cwd=REPO, capture_output=True, text=True)
+    full_run = subprocess.run(train_argv("mlx", model, tmp_path, "full", iters), env=subprocess_env(), cwd=REPO,
+                              capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert full_run.returncode == 0, full_run.stderr
 
-    proc = subprocess.Popen(_args(model, tmp_path, "killed"), env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run = tmp_path / "killed"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (run / "checkpoints" / "step-00000008").is_dir():
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    proc = subprocess.Popen(train_argv("mlx", model, tmp_path, "killed", iters), env=subprocess_env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Step 8 or later, in any form: rotation deletes step 8 itself once step 12 is saved.
+    kill_at(proc, run, ("checkpoint", 8))
     assert not (run / "adapter").exists()
-
-    res = subprocess.run([sys.executable, "-m", "qlocal", "train", "--resume", str(run), "--quiet"],
-                         env=env, cwd=REPO, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    full = load_file(str(tmp_path / "full/adapter/adapter_model.safetensors"))
-    resumed = load_file(str(run / "adapter/adapter_model.safetensors"))
-    assert full.keys() == resumed.keys()
-    for k in full:
-        np.testing.assert_allclose(full[k], resumed[k], atol=1e-5, err_msg=k)
-    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, ITERS + 1)), "metrics must hold each step once after resume"
+    resume_to_end(run, iters)
+    assert_same_adapter(tmp_path / "full", run)
     assert len(list((run / "checkpoints").iterdir())) == 2
