@@ -34,10 +34,10 @@ DATA = REPO / "data/alpaca_sample.jsonl"
 HANG_GUARD_S = 900  # only a hung subprocess gets here; a normal run passes or fails on state
 
 
-def train_cfg(backend: str, model: Path, out: Path, name: str, **kw: object) -> Any:
+def train_cfg(backend: str, model: Path, out: Path, name: str, /, **kw: object) -> Any:
     """Config for `backend`: 12 constant-lr steps of batch 4 on the alpaca sample, checkpoints every 6.
 
-    kw: `iters=4` means train.iters; dotted keys (`lora.rank`) are used as given.
+    kw: `iters=4` means train.iters (`backend="torch"` overrides too); dotted keys (`lora.rank`) are used as given.
     """
     from qlocal import config as config_mod
 
