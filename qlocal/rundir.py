@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
@@ -19,6 +19,9 @@ from qlocal import atomic
 from qlocal import config as config_mod
 from qlocal.config import Config
 from qlocal.errors import UserError
+
+if TYPE_CHECKING:
+    from qlocal.backends.base import Backend
 
 _CKPT = re.compile(r"^step-(\d+)$")
 
@@ -74,7 +77,7 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(run: Path, step: int, state: dict[str, Any], backend: Any, keep_last: int) -> Path:
+def save_checkpoint(run: Path, step: int, state: dict[str, Any], backend: Backend, keep_last: int) -> Path:
     """Write checkpoints/step-N (adapter, optimizer, RNG, state.json) and drop the oldest beyond keep_last."""
     final = run / "checkpoints" / f"step-{step:08d}"
     atomic.remove_stale_temps(run)  # loss.png, config.yaml, adapter/ ... of a killed run
