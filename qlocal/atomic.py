@@ -72,6 +72,25 @@ def writing(final: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def scratch(final: Path) -> Iterator[Path]:
+    """Yield a temp path next to `final` for a file only read inside the block (a probe, a check).
+
+    It never reaches `final`: it is removed when the block ends, or by the next sweep of `final`'s
+    temps if this process is killed first.
+    """
+    final = Path(final)
+    remove_stale_temps(final.parent, final.name)
+    tmp = temp_path(final)
+    _remove(tmp)
+    _ACTIVE.add(_key(tmp))
+    try:
+        yield tmp
+    finally:
+        _remove(tmp)
+        _ACTIVE.discard(_key(tmp))
+
+
+@contextlib.contextmanager
 def building(final: Path, replace: bool = True) -> Iterator[Path]:
     """Yield an empty temp folder to fill; when the block ends normally it becomes `final`.
 

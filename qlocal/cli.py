@@ -251,8 +251,9 @@ def eval_cmd(target: str, data: str, generate: bool, max_tokens: int, limit: int
 @_opt("--no-verify", is_flag=True, default=False, help="Skip the llama-cpp-python checks (tokens, logits, greedy, stops).")
 @_opt("--adapter-only", is_flag=True, default=False, help="GGUF LoRA adapter + base GGUF + Modelfile with ADAPTER, instead of a fused GGUF.")
 @_opt("--system", help="System prompt for the Modelfile's SYSTEM line.")
+@_opt("--allow-tokenizer-mismatch", is_flag=True, default=False, help="Export even when no llama.cpp pre-tokenizer tokenises like the HF tokenizer (warns; the GGUF then splits some text differently).")
 def export(run_dir: str, gguf: bool, quant: str, out: str | None, ollama_name: str | None, no_verify: bool,
-           adapter_only: bool, system: str | None) -> None:
+           adapter_only: bool, system: str | None, allow_tokenizer_mismatch: bool) -> None:
     """Fuse a run's adapter, convert to GGUF, quantise, verify and write an Ollama Modelfile.
 
     \b
@@ -263,7 +264,8 @@ def export(run_dir: str, gguf: bool, quant: str, out: str | None, ollama_name: s
 
     result = export_run(Path(run_dir), ExportOptions(
         quants=quant.split(","), out_dir=Path(out) if out else None, gguf=gguf, verify=not no_verify,
-        adapter_only=adapter_only, system=system, ollama_name=ollama_name), echo=click.echo)
+        adapter_only=adapter_only, system=system, ollama_name=ollama_name,
+        allow_tokenizer_mismatch=allow_tokenizer_mismatch), echo=click.echo)
     if result.verify_passed is False:
         click.echo(f"error: verification failed; see {result.out_dir}/verify.json", err=True)
         sys.exit(1)

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Protocol, TextIO
 from qlocal import atomic
 from qlocal.backends.base import Backend, Sampling
 from qlocal.config import Config
-from qlocal.errors import UserError, missing_extra
+from qlocal.errors import UserError
 from qlocal.hf import load_tokenizer
 
 
@@ -155,36 +155,18 @@ def gguf_context_length(path: Path) -> int | None:
         return None
 
 
-_LOG_SINK: Any = None
-
-
-def silence_llama_logs() -> None:
-    """Route llama.cpp's own log lines (printed even with verbose=False, e.g. the SWA cache
-    notice) to nowhere: a user asked for an answer, not for llama.cpp's internals."""
-    global _LOG_SINK
-    if _LOG_SINK is not None:
-        return
-    import llama_cpp
-
-    _LOG_SINK = llama_cpp.llama_log_callback(lambda level, text, user_data: None)  # kept alive: C holds it
-    llama_cpp.llama_log_set(_LOG_SINK, None)
-
-
 class GGUFGenerator:
     """llama-cpp-python with the chat template embedded in the GGUF."""
 
     def __init__(self, path: Path, lora: Path | None = None, n_ctx: int = 4096, logits_all: bool = False) -> None:
-        try:
-            from llama_cpp import Llama
-        except ImportError:
-            raise missing_extra("llama-cpp-python", "gguf") from None
+        from qlocal.llamacpp import load_llama
+
         # Never beyond the trained context: llama.cpp warns, and the KV cache would be wasted.
         n_ctx = min(n_ctx, gguf_context_length(path) or n_ctx)
-        kw: dict[str, Any] = {"model_path": str(path), "n_ctx": n_ctx, "verbose": False, "logits_all": logits_all}
+        kw: dict[str, Any] = {"n_ctx": n_ctx, "logits_all": logits_all}
         if lora is not None:
             kw["lora_path"] = str(lora)
-        silence_llama_logs()
-        self.llm = Llama(**kw)
+        self.llm = load_llama(path, **kw)  # a file llama.cpp refuses is a one-line UserError
         self.path = path
         # The GGUF's own template (what export wrote: the run's), never a guessed built-in format.
         if "tokenizer.chat_template" in self.llm.metadata:

@@ -8,7 +8,6 @@ unknown-pre-tokenizer choice and the unsupported-architecture error.
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -271,10 +270,11 @@ def test_bf16_safetensors_read_exactly(tiny_model_dir: Any, tmp_path: Path) -> N
 
 # ---------------------------------------------------------------- choices and errors
 
-def test_unknown_bpe_pre_tokenizer_falls_back(tiny_model_dir: Any, tmp_path: Path,
-                                              caplog: pytest.LogCaptureFixture) -> None:
-    """An unknown GPT-4-style regex (\\p{N}{1,3}) gets 'llama-bpe' with a warning, and still tokenises alike."""
+def test_unknown_bpe_pre_tokenizer_falls_back(tiny_model_dir: Any, tmp_path: Path) -> None:
+    """An unknown GPT-4-style regex (\\p{N}{1,3}) gets 'llama-bpe' by behaviour, and still tokenises alike."""
     from transformers import AutoTokenizer
+
+    from qlocal.export.pretokenizer import check_pretokenizer
 
     hf_dir = tmp_path / "model"
     shutil.copytree(tiny_model_dir("llama"), hf_dir)
@@ -282,10 +282,10 @@ def test_unknown_bpe_pre_tokenizer_falls_back(tiny_model_dir: Any, tmp_path: Pat
     split = tj["pre_tokenizer"]["pretokenizers"][0]["pattern"]
     split["Regex"] = split["Regex"].replace(r"|\s+(?!\S)|\s+", r"|\s+(?!\S)|\s+|\s")  # same behaviour, new text
     (hf_dir / "tokenizer.json").write_text(json.dumps(tj))
-    with caplog.at_level(logging.WARNING):
-        path = convert_hf_to_gguf(hf_dir, tmp_path / "m.gguf")
+    path = convert_hf_to_gguf(hf_dir, tmp_path / "m.gguf")
     assert read_fields(path)["tokenizer.ggml.pre"] == "llama-bpe"
-    assert "unknown BPE pre-tokenizer" in caplog.text
+    check = check_pretokenizer(hf_dir)  # suggested by the regex's \p{N}{1,3}, kept because it matches
+    assert check.suggested == "llama-bpe" and check.matched and list(check.tried) == ["llama-bpe"]
     tok = AutoTokenizer.from_pretrained(hf_dir)
     llm = load_gguf(path)
     for text in PLAIN_PROBES:
@@ -296,14 +296,16 @@ def test_unknown_bpe_pre_tokenizer_falls_back(tiny_model_dir: Any, tmp_path: Pat
 @pytest.mark.parametrize("regex,expected", [
     (r"\p{N}{1,3}|\p{L}+|\s+", "llama-bpe"),
     (r"\p{N}|\p{L}+|\s+", "qwen2"),
-    (r" ?\p{L}+| ?\p{N}+|\s+", "gpt2"),
+    (r" ?\p{L}+| ?\p{N}+|\s+", "gpt-2"),
 ])
 def test_choose_pre_heuristic(regex: str, expected: str) -> None:
-    from qlocal.export.gguf_vocab import choose_pre
+    """The regex only suggests the name tried first (llama.cpp's own names: GPT-2's is 'gpt-2')."""
+    from qlocal.export.gguf_vocab import suggest_pre
+    from qlocal.export.pretokenizer import CANDIDATES
 
     tj = {"pre_tokenizer": {"type": "Split", "pattern": {"Regex": regex}}}
-    assert choose_pre(tj) == (expected, True)
-    assert choose_pre({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == ("gpt2", False)
+    assert suggest_pre(tj) == expected and expected in CANDIDATES
+    assert suggest_pre({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt-2"
 
 
 def test_unsupported_architecture(tmp_path: Path) -> None:

@@ -168,18 +168,24 @@ def _planned(name: str, st: StTensor, transform: Callable[[np.ndarray], np.ndarr
 # ---------------------------------------------------------------- the converter
 
 def convert_hf_to_gguf(hf_dir: Path, out_path: Path, outtype: str = "f16",
-                       chat_template: str | None = None, name: str | None = None) -> Path:
+                       chat_template: str | None = None, name: str | None = None,
+                       pretokenizer: Any = None, allow_tokenizer_mismatch: bool = False) -> Path:
     """Convert an HF safetensors model folder to a GGUF file at `out_path` and return the path.
 
     outtype: f32 | f16 | bf16 | q8_0 (1-D tensors stay f32, as llama.cpp does). `chat_template`
     (the run's template) replaces the tokenizer's own in `tokenizer.chat_template`. `name` goes
     into general.name (default: the folder name). Unsupported families raise a one-line UserError
     listing the supported ones. The file is written to a temporary name and renamed at the end.
+
+    `tokenizer.ggml.pre` comes from `pretokenizer` (a pretokenizer.PreTokenizerCheck, made once
+    per export), else from a fresh check; a tokenizer llama.cpp cannot reproduce is a UserError
+    unless `allow_tokenizer_mismatch`.
     """
     import gguf
 
     from qlocal.export.gguf_arch import find_family, text_hparams
     from qlocal.export.gguf_vocab import write_vocab
+    from qlocal.export.pretokenizer import check_pretokenizer
 
     hf_dir, out_path = Path(hf_dir), Path(out_path)
     if outtype not in OUTTYPES:
@@ -191,6 +197,11 @@ def convert_hf_to_gguf(hf_dir: Path, out_path: Path, outtype: str = "f16",
     config = json.loads(cfg_path.read_text(encoding="utf-8"))
     family = find_family(config)
     hp = text_hparams(config)
+    if pretokenizer is None:
+        pretokenizer = check_pretokenizer(hf_dir)
+        pretokenizer.require(allow_tokenizer_mismatch)
+        if not pretokenizer.matched:
+            log.warning("%s; writing it anyway (allow_tokenizer_mismatch)", pretokenizer.line())
     plan = plan_tensors(hf_dir, hp, family, outtype)
     embd = next((t for t in plan if t.name == "token_embd.weight"), None)
 
@@ -200,7 +211,8 @@ def convert_hf_to_gguf(hf_dir: Path, out_path: Path, outtype: str = "f16",
         writer.add_file_type(_file_type(outtype))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         family.write_hparams(hp, writer)
-        write_vocab(writer, hf_dir, embd.shape[0] if embd else hp.get("vocab_size"), chat_template)
+        write_vocab(writer, hf_dir, embd.shape[0] if embd else hp.get("vocab_size"), chat_template,
+                    pre=pretokenizer.pre)
         for t in plan:
             writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), _nbytes(t.shape, t.qtype),
                                    raw_dtype=t.qtype)

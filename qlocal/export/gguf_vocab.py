@@ -10,15 +10,14 @@ Two shapes cover the supported families:
   merges the highest-scoring pair first, so -rank reproduces BPE order); a Unigram model keeps its
   own scores; a lone tokenizer.model is read with sentencepiece via gguf.vocab.
 
-`tokenizer.ggml.pre` is chosen by matching the Split regex against the ones llama.cpp implements.
-An unknown regex gets the closest family (see `choose_pre`) and a warning instead of llama.cpp's
-refusal: `\\p{N}{1,3}` digit groups -> "llama-bpe", single digits -> "qwen2", otherwise "gpt2".
+`tokenizer.ggml.pre` is chosen by behaviour in `qlocal.export.pretokenizer` (llama.cpp must
+tokenise a probe corpus exactly as the HF tokenizer does); `suggest_pre` here only says which name
+the tokenizer.json regex points to, the name tried first.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +28,6 @@ from gguf import GGUFWriter, TokenType
 from qlocal.chat_families import end_of_turn_tokens
 from qlocal.errors import UserError
 
-log = logging.getLogger(__name__)
-
 QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -39,8 +36,8 @@ TEKKEN_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm
                 r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-# Split regex -> llama.cpp pre-tokenizer name (llama-vocab.cpp implements each of these by name).
-KNOWN_PRE = {QWEN2_REGEX: "qwen2", LLAMA3_REGEX: "llama-bpe", TEKKEN_REGEX: "tekken", GPT2_REGEX: "gpt2"}
+# Split regex -> the llama.cpp pre-tokenizer name it suggests (tried first; behaviour decides).
+KNOWN_PRE = {QWEN2_REGEX: "qwen2", LLAMA3_REGEX: "llama-bpe", TEKKEN_REGEX: "tekken", GPT2_REGEX: "gpt-2"}
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
@@ -50,31 +47,41 @@ class VocabInfo:
 
     model: str                      # "gpt2" or "llama"
     pre: str | None                 # tokenizer.ggml.pre for BPE
-    pre_guessed: bool               # True when the regex was not one llama.cpp knows by name
     n_tokens: int
     special_ids: dict[str, int] = field(default_factory=dict)
     add_bos: bool = False
 
 
-def choose_pre(tokenizer: dict[str, Any]) -> tuple[str, bool]:
-    """The llama.cpp pre-tokenizer name for a byte-level BPE tokenizer.json, and whether it was guessed."""
-    patterns = _split_patterns(tokenizer.get("pre_tokenizer"))
+def suggest_pre(tokenizer: dict[str, Any]) -> str:
+    """The llama.cpp pre-tokenizer name a byte-level BPE tokenizer.json's regex points to.
+
+    Only a first guess: `qlocal.export.pretokenizer` keeps it when llama.cpp then tokenises like HF.
+    """
+    pre = tokenizer.get("pre_tokenizer")
+    patterns = _split_patterns(pre)
     if not patterns:
-        # Plain GPT-2 ByteLevel(use_regex=True) splits with GPT-2's own regex.
-        return "gpt2", False
+        # Plain ByteLevel(use_regex=True) splits with GPT-2's regex; StarCoder/SmolLM isolate digits first.
+        digits = _find(pre, "Digits")
+        return "starcoder" if digits and digits.get("individual_digits") else "gpt-2"
     for p in patterns:
         if p in KNOWN_PRE:
-            return KNOWN_PRE[p], False
+            return KNOWN_PRE[p]
     p = patterns[0]
     if r"\p{N}{1,3}" in p:
-        guess = "llama-bpe"
-    elif re.search(r"\\p\{N\}(?![+*{])", p):
-        guess = "qwen2"
-    else:
-        guess = "gpt2"
-    log.warning("unknown BPE pre-tokenizer regex %r: using llama.cpp's %r, the closest known one; "
-                "check tokenisation with `qlocal export` verification", p, guess)
-    return guess, True
+        return "llama-bpe"
+    if re.search(r"\\p\{N\}(?![+*{])", p):
+        return "qwen2"
+    return "gpt-2"
+
+
+def is_sentencepiece_style(tokenizer: dict[str, Any]) -> bool:
+    """Whether a tokenizer.json is SentencePiece-style (Unigram, or BPE with byte_fallback or no
+    ByteLevel anywhere) rather than GPT-2 byte-level BPE."""
+    model = tokenizer.get("model", {})
+    if model.get("type") == "Unigram":
+        return True
+    return bool(model.get("byte_fallback")) or (_find(tokenizer.get("pre_tokenizer"), "ByteLevel") is None
+                                                and _find(tokenizer.get("decoder"), "ByteLevel") is None)
 
 
 def _split_patterns(pre: dict[str, Any] | None) -> list[str]:
@@ -123,43 +130,56 @@ def load_chat_template(hf_dir: Path, tok_config: dict[str, Any]) -> str | None:
     return None
 
 
-def write_vocab(w: GGUFWriter, hf_dir: Path, n_vocab: int | None, chat_template: str | None = None) -> VocabInfo:
-    """Add tokenizer metadata for the HF folder `hf_dir` to `w`; `n_vocab` pads to the embedding rows."""
-    tok_config = _read_json(hf_dir / "tokenizer_config.json")
-    config = _read_json(hf_dir / "config.json")
+def write_vocab(w: GGUFWriter, hf_dir: Path, n_vocab: int | None, chat_template: str | None = None,
+                pre: str | None = None) -> VocabInfo:
+    """Add tokenizer metadata for the HF folder `hf_dir` to `w`; `n_vocab` pads to the embedding rows.
+
+    `pre` is the byte-level BPE pre-tokenizer name (convert_hf_to_gguf passes the one chosen by
+    behaviour); None writes `suggest_pre`'s, unchecked. SentencePiece-style vocabs always get "default".
+    """
+    tok_config = read_json(hf_dir / "tokenizer_config.json")
+    config = read_json(hf_dir / "config.json")
     tj_path = hf_dir / "tokenizer.json"
     if tj_path.is_file():
-        tokenizer = json.loads(tj_path.read_text(encoding="utf-8"))
-        info, lookup = _write_tokens_json(w, tokenizer, tok_config, n_vocab)
+        info = write_tokenizer_json(w, json.loads(tj_path.read_text(encoding="utf-8")), tok_config, config,
+                                    n_vocab, pre)
     elif (hf_dir / "tokenizer.model").is_file():
-        tokenizer = {}
         info, lookup = _write_tokens_sentencepiece(w, hf_dir, n_vocab)
+        _write_specials(w, info, {}, tok_config, config, lookup)
     else:
         raise UserError(f"{hf_dir}: no tokenizer.json or tokenizer.model; the GGUF needs the tokenizer")
-    _write_specials(w, info, tokenizer, tok_config, config, lookup)
     template = chat_template or load_chat_template(hf_dir, tok_config)
     if template:
         w.add_chat_template(template)
     return info
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file's object, or {} when the file is absent."""
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
+def write_tokenizer_json(w: GGUFWriter, tj: dict[str, Any], tok_config: dict[str, Any], config: dict[str, Any],
+                         n_vocab: int | None, pre: str | None = None) -> VocabInfo:
+    """Tokens, merges or scores, and special-token metadata of a parsed tokenizer.json (no chat template).
+
+    May drop `tj["model"]["merges"]` to save memory; pass a copy to keep it.
+    """
+    info, lookup = _write_tokens_json(w, tj, tok_config, n_vocab, pre)
+    _write_specials(w, info, tj, tok_config, config, lookup)
+    return info
+
+
 def _write_tokens_json(w: GGUFWriter, tj: dict[str, Any], tok_config: dict[str, Any],
-                       n_vocab: int | None) -> tuple[VocabInfo, dict[str, int]]:
+                       n_vocab: int | None, pre: str | None) -> tuple[VocabInfo, dict[str, int]]:
     model = tj.get("model", {})
     kind = model.get("type")
     added = {a["id"]: a for a in tj.get("added_tokens", [])}
+    spm = is_sentencepiece_style(tj)
     if kind == "Unigram":
         pieces = {i: (p, float(s)) for i, (p, s) in enumerate(model["vocab"])}
-        spm = True
     elif kind == "BPE":
         vocab: dict[str, int] = model["vocab"]
-        # byte_fallback (or no ByteLevel anywhere) means SentencePiece-style pieces, not GPT-2 bytes.
-        spm = bool(model.get("byte_fallback")) or (_find(tj.get("pre_tokenizer"), "ByteLevel") is None
-                                                   and _find(tj.get("decoder"), "ByteLevel") is None)
         rank: dict[str, int] = {}
         n_merges = len(model.get("merges") or [])
         if spm:
@@ -208,9 +228,9 @@ def _write_tokens_json(w: GGUFWriter, tj: dict[str, Any], tok_config: dict[str, 
         w.add_token_scores(scores)
         w.add_token_types(types)
         w.add_add_space_prefix(_spm_space_prefix(tj))
-        info = VocabInfo("llama", None, False, n)
+        info = VocabInfo("llama", None, n)
     else:
-        pre, guessed = choose_pre(tj)
+        pre = pre or suggest_pre(tj)
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre(pre)
         w.add_token_list(tokens)
@@ -218,7 +238,7 @@ def _write_tokens_json(w: GGUFWriter, tj: dict[str, Any], tok_config: dict[str, 
         # gguf-py's convention for merges whose parts contain a space (list format only).
         w.add_token_merges([m if isinstance(m, str) else " ".join(p.replace(" ", "\u0120") for p in m)
                             for m in model.get("merges") or []])
-        info = VocabInfo("gpt2", pre, guessed, n)
+        info = VocabInfo("gpt2", pre, n)
     return info, lookup
 
 
@@ -255,7 +275,7 @@ def _write_tokens_sentencepiece(w: GGUFWriter, hf_dir: Path,
     w.add_token_types(types)
     w.add_add_space_prefix(bool(vocab.sentencepiece_tokenizer.get_add_dummy_prefix())
                            if hasattr(vocab.sentencepiece_tokenizer, "get_add_dummy_prefix") else True)
-    return VocabInfo("llama", None, False, len(tokens)), {t: i for i, t in reversed(list(enumerate(tokens)))}
+    return VocabInfo("llama", None, len(tokens)), {t: i for i, t in reversed(list(enumerate(tokens)))}
 
 
 def _write_specials(w: GGUFWriter, info: VocabInfo, tj: dict[str, Any], tok_config: dict[str, Any],

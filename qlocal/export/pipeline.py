@@ -37,6 +37,8 @@ class ExportOptions:
     adapter_only: bool = False
     system: str | None = None
     ollama_name: str | None = None
+    allow_tokenizer_mismatch: bool = False
+    """Export even when no llama.cpp pre-tokenizer tokenises like the HF tokenizer (warns instead)."""
 
 
 @dataclass
@@ -112,7 +114,9 @@ def _build(info: Any, opts: ExportOptions, quants: list[str], tmp: Path, echo: C
     # GGUFs come from the fused model, or for --adapter-only from the untouched original base.
     src = info.base_path if opts.adapter_only else tmp / "fused"
     prefix = "base" if opts.adapter_only else "model"
-    files, reports = _write_ggufs(src, quants, tmp, prefix, info.template, info.name, echo)
+    pre = _choose_pretokenizer(src, opts.allow_tokenizer_mismatch, echo)
+    summary["tokenizer"] = pre.to_dict()
+    files, reports = _write_ggufs(src, quants, tmp, prefix, info.template, info.name, pre, echo)
     summary["files"] = {q: {"file": p.name, "bytes": p.stat().st_size} for q, p in files}
     summary["quantize"] = reports
     adapter_file = None
@@ -136,14 +140,29 @@ def _build(info: Any, opts: ExportOptions, quants: list[str], tmp: Path, echo: C
 
         echo("verifying with llama-cpp-python ...")
         lora = tmp / adapter_file if adapter_file else None
-        checks = verify_all(tmp / "fused", [(p, q) for q, p in files], mf.stops, tmp / "verify.json", lora)
+        checks = verify_all(tmp / "fused", [(p, q) for q, p in files], mf.stops, tmp / "verify.json", lora,
+                            tokenizer=pre.to_dict())
         echo(table(checks))
         summary["verify"] = {"passed": all(c.passed for c in checks),
                              "files": {c.file: c.passed for c in checks}}
     return summary
 
 
-def _write_ggufs(src: Path, quants: list[str], tmp: Path, prefix: str, template: str, name: str,
+def _choose_pretokenizer(src: Path, allow_mismatch: bool, echo: Callable[[str], None]) -> Any:
+    """The llama.cpp pre-tokenizer for `src`'s tokenizer, chosen by behaviour once for every GGUF;
+    a mismatch stops the export (one line) unless allowed."""
+    from qlocal.export.pretokenizer import check_pretokenizer
+
+    pre = check_pretokenizer(src)
+    pre.require(allow_mismatch)
+    if pre.matched:
+        echo(f"  {pre.line()}")
+    else:
+        echo(f"warning: {pre.line()}; exporting anyway (--allow-tokenizer-mismatch)")
+    return pre
+
+
+def _write_ggufs(src: Path, quants: list[str], tmp: Path, prefix: str, template: str, name: str, pre: Any,
                  echo: Callable[[str], None]) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
     """Write one GGUF per quant; K-quants go through an F16 file (kept only if f16 was asked for)."""
     from qlocal.export import convert_hf_to_gguf
@@ -157,7 +176,7 @@ def _write_ggufs(src: Path, quants: list[str], tmp: Path, prefix: str, template:
         path = tmp / gguf_name(q).replace("model", prefix)
         t = time.perf_counter()
         echo(f"converting to GGUF {q} ...")
-        convert_hf_to_gguf(src, path, outtype=q, chat_template=template, name=name)
+        convert_hf_to_gguf(src, path, outtype=q, chat_template=template, name=name, pretokenizer=pre)
         reports[q] = {"seconds": round(time.perf_counter() - t, 2), "bytes": path.stat().st_size}
     for q in quants:
         if q in DIRECT:

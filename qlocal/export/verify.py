@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from qlocal import atomic
-from qlocal.errors import missing_extra
 from qlocal.export.fuse import PROBE_CONVERSATIONS, render_chat
 
 NMSE_LIMITS: dict[str, float] = {
@@ -84,19 +83,15 @@ def _limit(quant: str) -> float:
 
 
 def load_llama(path: Path, lora: Path | None = None, n_ctx: int = 256) -> Any:
-    """llama-cpp-python model with logits for every position (CPU, quiet)."""
-    try:
-        import llama_cpp
-    except ImportError:
-        raise missing_extra("llama-cpp-python", "gguf") from None
-    kw: dict[str, Any] = {"model_path": str(path), "n_ctx": n_ctx, "logits_all": True, "verbose": False, "seed": 0,
+    """llama-cpp-python model with logits for every position (CPU, quiet); a file llama.cpp
+    refuses is a one-line UserError naming llama.cpp's reason."""
+    from qlocal.llamacpp import load_llama as load
+
+    kw: dict[str, Any] = {"n_ctx": n_ctx, "logits_all": True, "seed": 0,
                           "n_threads": max(1, min(4, os.cpu_count() or 1))}
     if lora is not None:
         kw["lora_path"] = str(lora)
-    from qlocal.infer import silence_llama_logs
-
-    silence_llama_logs()
-    return llama_cpp.Llama(**kw)
+    return load(path, **kw)
 
 
 def gguf_logits(llm: Any, ids: list[int]) -> Any:
@@ -182,8 +177,12 @@ def _check_stops(llm: Any, stops: list[str]) -> tuple[bool, dict[str, Any]]:
     return ok, detail
 
 
-def verify_gguf(ref: HFReference, path: Path, quant: str, stops: list[str], lora: Path | None = None) -> FileCheck:
-    """Check one GGUF (optionally with a GGUF LoRA on top) against the fused HF reference."""
+def verify_gguf(ref: HFReference, path: Path, quant: str, stops: list[str], lora: Path | None = None,
+                allow_token_mismatch: bool = False) -> FileCheck:
+    """Check one GGUF (optionally with a GGUF LoRA on top) against the fused HF reference.
+
+    `allow_token_mismatch` (the export's --allow-tokenizer-mismatch) reports differing tokenisation
+    without failing the file."""
     import numpy as np
 
     llm = load_llama(path, lora)
@@ -216,7 +215,7 @@ def verify_gguf(ref: HFReference, path: Path, quant: str, stops: list[str], lora
     control = _nmse_only(ref, path) if lora is not None else None
     greedy = agree / total if total else 1.0
     problems = []
-    if mismatches:
+    if mismatches and not allow_token_mismatch:
         problems.append(f"tokenisation differs on {len(mismatches)} probes")
     if quant in EXACT and not nmse < _limit(quant):
         problems.append(f"logits NMSE {nmse:.2e} >= {_limit(quant):g}")
@@ -240,13 +239,17 @@ def _nmse_only(ref: HFReference, path: Path) -> float:
 
 
 def verify_all(hf_dir: Path, files: list[tuple[Path, str]], stops: list[str], out_json: Path,
-               lora: Path | None = None) -> list[FileCheck]:
-    """Verify each (gguf path, quant); write verify.json atomically. A `lora` applies to every file."""
+               lora: Path | None = None, tokenizer: dict[str, Any] | None = None) -> list[FileCheck]:
+    """Verify each (gguf path, quant); write verify.json atomically. A `lora` applies to every file.
+
+    `tokenizer` is the export's pre-tokenizer check (PreTokenizerCheck.to_dict()), recorded in
+    verify.json; when it allowed a mismatch, differing tokenisation does not fail a file."""
     ref = HFReference(hf_dir)
-    checks = [verify_gguf(ref, p, q, stops, lora) for p, q in files]
+    allow = bool(tokenizer and tokenizer.get("allowed_mismatch"))
+    checks = [verify_gguf(ref, p, q, stops, lora, allow) for p, q in files]
     doc = {"passed": all(c.passed for c in checks), "nmse_limits": NMSE_LIMITS, "nmse_required_for": EXACT,
            "greedy_min_quantised": GREEDY_MIN, "tie_margin": TIE_MARGIN,
-           "stops": stops, "files": [asdict(c) for c in checks]}
+           "stops": stops, "pretokenizer": tokenizer, "files": [asdict(c) for c in checks]}
     atomic.write_text(out_json, json.dumps(doc, indent=1, ensure_ascii=False))
     return checks
 
