@@ -98,6 +98,7 @@ def test_errors_are_one_line_and_write_nothing(qwen_run: Path, tiny_model_dir, t
     assert not out.exists() and not list(tmp_path.glob(".x*"))
 
 
+@pytest.mark.slow  # two export subprocesses; fast twin: test_atomic.py kills a folder builder mid-write
 def test_killed_export_leaves_nothing_at_final_path_and_rerun_succeeds(qwen_run: Path, tmp_path: Path) -> None:
     import signal
     import subprocess
