@@ -20,11 +20,12 @@ import pytest
 from qlocal import chat_families
 from qlocal.chat_families import ChatFamily
 from qlocal.data.formats import Sample
-from qlocal.data.render import render, trained_spans
+from qlocal.data.render import render
 from qlocal.data.templates import resolve_chat_template
 from qlocal.errors import UserError
 from qlocal.export.ollama import build_modelfile, render_jinja
 from qlocal.infer import stop_token_ids
+from render_helpers import trained_spans
 from test_ollama import CHATS, go_render
 
 ASSETS = Path(__file__).resolve().parent / "assets"
