@@ -81,6 +81,9 @@ def export_run(run_dir: Path, opts: ExportOptions, echo: Callable[[str], None] =
     final = Path(opts.out_dir) if opts.out_dir else Path("export") / info.name
     final.parent.mkdir(parents=True, exist_ok=True)
     _quiet_llama_cpp()
+    from qlocal.hf import quiet_transformers
+
+    quiet_transformers()  # before fuse imports peft: bitsandbytes logs at import, and errors stay one line
     with atomic.building(final) as tmp:  # also cleans what a killed export of `final` left
         summary = _build(info, opts, quants, tmp, echo)
         summary["seconds"] = round(time.perf_counter() - t0, 2)

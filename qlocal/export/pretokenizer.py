@@ -28,9 +28,11 @@ from typing import Any
 
 from qlocal import atomic
 from qlocal.errors import UserError
-from qlocal.export.gguf_vocab import is_sentencepiece_style, read_json, suggest_pre, write_tokenizer_json
+from qlocal.export.gguf_vocab import (is_sentencepiece_style, read_json, suggest_pre, write_tokenizer_json,
+                                      write_vocab)
 
-LLAMA_CPP_SOURCE = "ggml-org/llama.cpp src/llama-vocab.cpp @ 00ad355e (llama-cpp-python 0.3.36's libllama has each name)"
+LLAMA_CPP_SOURCE = ("ggml-org/llama.cpp src/llama-vocab.cpp @ 00ad355e "
+                    "(llama-cpp-python 0.3.36's libllama has each name)")
 """Where CANDIDATES were read: llama_vocab::impl::load maps these names to LLAMA_VOCAB_PRE_TYPE_*."""
 
 CANDIDATES: tuple[str, ...] = (
@@ -146,22 +148,27 @@ def check_pretokenizer(hf_dir: Path) -> PreTokenizerCheck:
     hf_dir = Path(hf_dir)
     tj_path = hf_dir / "tokenizer.json"
     tok_config = read_json(hf_dir / "tokenizer_config.json")
+    old_ids: list[int] | None = None  # sub-vocabulary id -> original id
     if tj_path.is_file():
         text = tj_path.read_text(encoding="utf-8")
         reference = _hf_ids(tj_path, text)
         tj = json.loads(text)
         spm = is_sentencepiece_style(tj)
         sub, old_ids = probe_vocabulary(tj, spm)
-        # Special-token ids from config.json would point elsewhere in the sub-vocabulary; the probes
-        # add no BOS/EOS and parse no special tokens, so only their texts (tokenizer_config) are kept.
-        write = lambda w, pre: write_tokenizer_json(w, {**sub, "model": dict(sub["model"])}, tok_config, {}, None, pre)  # noqa: E731
+
+        def write(w: Any, pre: str) -> Any:
+            # Special-token ids from config.json would point elsewhere in the sub-vocabulary; the probes
+            # add no BOS/EOS and parse no special tokens, so only their texts (tokenizer_config) count.
+            # A copy of the model: the writer may drop its merges.
+            return write_tokenizer_json(w, {**sub, "model": dict(sub["model"])}, tok_config, {}, None, pre)
+
         order = ["default"] if spm else _order(suggest_pre(tj))
     elif (hf_dir / "tokenizer.model").is_file():
-        from qlocal.export.gguf_vocab import write_vocab
-
         reference = _sentencepiece_ids(hf_dir / "tokenizer.model")
-        old_ids = None
-        write = lambda w, pre: write_vocab(w, hf_dir, None)  # noqa: E731
+
+        def write(w: Any, pre: str) -> Any:
+            return write_vocab(w, hf_dir, None)
+
         order = ["default"]
     else:
         raise UserError(f"{hf_dir}: no tokenizer.json or tokenizer.model; the GGUF needs the tokenizer")
@@ -171,7 +178,7 @@ def check_pretokenizer(hf_dir: Path) -> PreTokenizerCheck:
     n_tokens = 0
     with atomic.scratch(Path(tempfile.gettempdir()) / "qlocal-pretokenizer-probe.gguf") as path:
         for name in order:
-            n_tokens = _write_probe_gguf(path, lambda w, name=name: write(w, name))
+            n_tokens = _write_probe_gguf(path, write, name)
             ids = _llama_ids(path, old_ids)
             if isinstance(ids, str):
                 tried[name] = ids
@@ -263,8 +270,9 @@ def _byte_chars() -> dict[int, str]:
     return table
 
 
-def _write_probe_gguf(path: Path, write_vocab: Callable[[Any], Any]) -> int:
-    """A vocab-only GGUF: the smallest llama header llama.cpp's loader reads before the vocabulary."""
+def _write_probe_gguf(path: Path, write: Callable[[Any, str], Any], pre: str) -> int:
+    """A vocab-only GGUF (`write(writer, pre)` adds the vocabulary) behind the smallest llama header
+    llama.cpp's loader reads before it; returns the number of tokens."""
     import gguf
 
     w = gguf.GGUFWriter(path, "llama")
@@ -275,7 +283,7 @@ def _write_probe_gguf(path: Path, write_vocab: Callable[[Any], Any]) -> int:
         w.add_feed_forward_length(8)
         w.add_head_count(1)
         w.add_layer_norm_rms_eps(1e-5)
-        info = write_vocab(w)
+        info = write(w, pre)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
