@@ -49,25 +49,33 @@ def write_text(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def writing(final: Path) -> Iterator[Path]:
-    """Yield a temp path for a writer that creates the file itself (GGUFWriter, llama.cpp, savefig).
-
-    When the block ends normally the file is renamed over `final`; on any exception it is removed.
-    """
-    final = Path(final)
+def _claimed_temp(final: Path) -> Iterator[Path]:
+    """This process's temp for `final`, marked live while the block runs (dead writers' swept first)."""
     remove_stale_temps(final.parent, final.name)
     tmp = temp_path(final)
     _remove(tmp)
     _ACTIVE.add(_key(tmp))
     try:
         yield tmp
-        _fsync(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        _remove(tmp)
-        raise
     finally:
         _ACTIVE.discard(_key(tmp))
+
+
+@contextlib.contextmanager
+def writing(final: Path) -> Iterator[Path]:
+    """Yield a temp path for a writer that creates the file itself (GGUFWriter, llama.cpp, savefig).
+
+    When the block ends normally the file is renamed over `final`; on any exception it is removed.
+    """
+    final = Path(final)
+    with _claimed_temp(final) as tmp:
+        try:
+            yield tmp
+            _fsync(tmp)
+            os.replace(tmp, final)
+        except BaseException:
+            _remove(tmp)
+            raise
     _fsync(final.parent)
 
 
@@ -78,16 +86,11 @@ def scratch(final: Path) -> Iterator[Path]:
     It never reaches `final`: it is removed when the block ends, or by the next sweep of `final`'s
     temps if this process is killed first.
     """
-    final = Path(final)
-    remove_stale_temps(final.parent, final.name)
-    tmp = temp_path(final)
-    _remove(tmp)
-    _ACTIVE.add(_key(tmp))
-    try:
-        yield tmp
-    finally:
-        _remove(tmp)
-        _ACTIVE.discard(_key(tmp))
+    with _claimed_temp(Path(final)) as tmp:
+        try:
+            yield tmp
+        finally:
+            _remove(tmp)
 
 
 @contextlib.contextmanager
