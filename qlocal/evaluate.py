@@ -77,11 +77,9 @@ class BackendScorer:
 
     def loss(self, examples: list[Any], batch_size: int) -> tuple[float, int]:
         from qlocal.data.batching import collate
-
         from qlocal.hf import pad_id
 
-        tok = self.tokenizer
-        pad = pad_id(tok)
+        pad = pad_id(self.tokenizer)
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
         batches = [collate([examples[j] for j in order[i:i + batch_size]], pad) for i in range(0, len(order), batch_size)]
         return self.backend.eval_loss(batches)
