@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from qlocal import chat_families
 from qlocal.chat_families import fallbacks
 from qlocal.errors import UserError
 from qlocal.export.ollama import (
     build_modelfile,
-    detect_family,
     ollama_create,
     quote_value,
     render_jinja,
@@ -190,11 +190,11 @@ def test_go_template_renders_like_jinja(name: str) -> None:
 
 
 def test_family_detection_and_stops() -> None:
-    assert detect_family(CASES["qwen2"][0]) == "chatml"
-    assert detect_family(CASES["llama3"][0]) == "llama3"
-    assert detect_family(CASES["gemma3"][0]) == "gemma"
-    assert detect_family(FALLBACKS["mistral"]) == "mistral"
-    assert detect_family(CUSTOM) is None
+    assert chat_families.detect(CASES["qwen2"][0]).name == "chatml"
+    assert chat_families.detect(CASES["llama3"][0]).name == "llama3"
+    assert chat_families.detect(CASES["gemma3"][0]).name == "gemma"
+    assert chat_families.detect(FALLBACKS["mistral"]).name == "mistral"
+    assert chat_families.detect(CUSTOM) is None
     assert build_modelfile("m.gguf", *CASES["gemma3"][:3]).stops == ["<end_of_turn>", "<eos>"]
     derived = build_modelfile("m.gguf", *CASES["derived"][:3])
     assert derived.template_source == "derived" and derived.stops == ["<|end|>"] and derived.notes

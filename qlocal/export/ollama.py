@@ -45,12 +45,6 @@ class ModelfileInfo:
     notes: list[str] = field(default_factory=list)
 
 
-def detect_family(template: str) -> str | None:
-    """The name of the chat family whose marker the Jinja template contains, or None."""
-    found = chat_families.detect(template)
-    return found.name if found else None
-
-
 def render_jinja(template: str, messages: list[dict[str, str]], add_generation_prompt: bool,
                  bos_token: str | None = None, eos_token: str | None = None) -> str:
     """Render a chat template the way transformers does (sandboxed jinja2, trim/lstrip blocks)."""
