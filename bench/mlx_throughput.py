@@ -68,12 +68,13 @@ def make_batches(model_dir: Path, n: int, batch_size: int, max_len: int) -> list
     from qlocal.data.formats import load_samples
     from qlocal.data.render import render
     from qlocal.data.templates import resolve_chat_template
+    from qlocal.hf import pad_id
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     template, _ = resolve_chat_template(tok, None)
     samples, _ = load_samples(str(REPO / "data/alpaca_sample.jsonl"))
     examples = [render(s, tok, template, max_seq_len=max_len) for s in samples]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     order: list[list[int]] = []
     epoch = 0
     while len(order) < n:

@@ -93,11 +93,13 @@ def tokenizer_dir() -> Callable[[str], Path]:
 def _tiny_config(arch: str, tok: Any) -> Any:
     import transformers as tf
 
+    from qlocal.hf import pad_id
+
     common: dict[str, Any] = dict(
         vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=2048,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        pad_token_id=pad_id(tok),
     )
     # Tie embeddings as each family's small models do: Qwen2.5-0.5B and Gemma 3 tie, Llama 3 8B doesn't
     # (so the suite covers both a tied and an untied lm_head).

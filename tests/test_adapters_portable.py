@@ -16,6 +16,7 @@ import pytest
 from qlocal import adapters
 from qlocal import config as config_mod
 from qlocal.errors import UserError
+from train_helpers import sample_batches
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data/alpaca_sample.jsonl"
@@ -71,27 +72,12 @@ def _cfg(model: Path, tmp: Path, backend: str, **lora: object) -> config_mod.Con
     return config_mod.build(sets=[f"{k}={v}" for k, v in sets.items()])
 
 
-def _batches(model_dir: Path, n: int = 3) -> list[dict[str, np.ndarray]]:
-    from qlocal.data.batching import collate
-    from qlocal.data.formats import load_samples
-    from qlocal.data.render import render
-    from qlocal.data.templates import resolve_chat_template
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    template, _ = resolve_chat_template(tok, None)
-    samples, _ = load_samples(str(DATA))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return [collate([render(s, tok, template, max_seq_len=96) for s in samples[i * 4:(i + 1) * 4]], pad)
-            for i in range(n)]
-
-
 def _trained(backend_name: str, model_dir: Path, tmp: Path, steps: int = 8, **lora: object) -> tuple[Path, object]:
     from qlocal.backends.select import create_backend
 
     b = create_backend(backend_name)
     b.setup(model_dir, _cfg(model_dir, tmp, backend_name, **lora))
-    batches = _batches(model_dir)
+    batches = sample_batches(model_dir, n=3, max_len=96)
     for i in range(steps):
         b.train_step([batches[i % len(batches)]], 2e-2)
     out = tmp / f"{backend_name}-adapter"
@@ -100,7 +86,7 @@ def _trained(backend_name: str, model_dir: Path, tmp: Path, steps: int = 8, **lo
 
 
 def _ids(model_dir: Path) -> np.ndarray:
-    return _batches(model_dir, 1)[0]["input_ids"][:2, :48]
+    return sample_batches(model_dir, n=1, max_len=96)[0]["input_ids"][:2, :48]
 
 
 def _torch_logits(model_dir: Path, ids: np.ndarray, adapter: Path | None) -> np.ndarray:

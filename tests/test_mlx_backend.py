@@ -22,7 +22,7 @@ from qlocal.errors import UserError  # noqa: E402
 from qlocal.train import train  # noqa: E402
 from train_helpers import (  # noqa: E402
     DATA, HANG_GUARD_S, REPO, accumulation_batches, assert_same_adapter, assert_trained_run, kill_at, metrics_rows,
-    resume_to_end, subprocess_env, train_argv, train_cfg,
+    resume_to_end, sample_batches, subprocess_env, train_argv, train_cfg,
 )
 
 ARCHS = ("qwen2", "llama", "gemma3")
@@ -30,22 +30,6 @@ ARCHS = ("qwen2", "llama", "gemma3")
 
 def _cfg(model: Path, out: Path, name: str, **kw: object) -> config_mod.Config:
     return train_cfg("mlx", model, out, name, **kw)
-
-
-def sample_batches(model_dir: Path, n: int = 5, bs: int = 4, max_len: int = 128) -> list[dict[str, np.ndarray]]:
-    """Micro-batches of the sample data rendered with the model's own tokenizer and template."""
-    from qlocal.data.batching import collate
-    from qlocal.data.formats import load_samples
-    from qlocal.data.render import render
-    from qlocal.data.templates import resolve_chat_template
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    template, _ = resolve_chat_template(tok, None)
-    samples, _ = load_samples(str(DATA))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return [collate([render(s, tok, template, max_seq_len=max_len) for s in samples[i * bs:(i + 1) * bs]], pad)
-            for i in range(n)]
 
 
 def _backend(model_dir: Path, tmp: Path, **kw: object):  # type: ignore[no-untyped-def]

@@ -48,6 +48,21 @@ def train_cfg(backend: str, model: Path, out: Path, name: str, /, **kw: object) 
     return config_mod.build(sets=[f"{k}={v}" for k, v in sets.items()])
 
 
+def sample_batches(model_dir: Path, n: int = 5, bs: int = 4, max_len: int = 128) -> list[dict[str, np.ndarray]]:
+    """Micro-batches of the sample data rendered with the model's own tokenizer and template."""
+    from qlocal.data.batching import collate
+    from qlocal.data.formats import load_samples
+    from qlocal.data.render import render
+    from qlocal.data.templates import resolve_chat_template
+    from qlocal.hf import load_tokenizer, pad_id
+
+    tok = load_tokenizer(model_dir)
+    template, _ = resolve_chat_template(tok, None)
+    samples, _ = load_samples(str(DATA))
+    return [collate([render(s, tok, template, max_seq_len=max_len) for s in samples[i * bs:(i + 1) * bs]], pad_id(tok))
+            for i in range(n)]
+
+
 def metrics_rows(run: Path) -> list[dict[str, Any]]:
     """Every line of run/metrics.jsonl, parsed."""
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
