@@ -22,6 +22,7 @@ TRAIN_FLAGS: dict[str, str] = {
     "data": "data.path", "val_data": "data.val_path", "val_split": "data.val_split", "split": "data.split",
     "data_format": "data.format", "max_seq_len": "data.max_seq_len", "train_on_prompt": "data.train_on_prompt",
     "skip_bad_lines": "data.skip_bad_lines", "drop_long": "data.drop_long", "allow_pickle": "model.allow_pickle",
+    "require_export": "model.require_export",
     "rank": "lora.rank", "alpha": "lora.alpha", "dropout": "lora.dropout",
     "target_modules": "lora.target_modules", "layers": "lora.layers",
     "backend": "train.backend", "quantize": "train.quantize", "iters": "train.iters", "epochs": "train.epochs",
@@ -95,6 +96,7 @@ def _opt(*names: str, **kw: Any) -> Any:
 @_opt("--overwrite", is_flag=True, default=None, help="Replace an existing run folder of that name.")
 @_opt("--trust-remote-code", is_flag=True, default=None, help="Allow model code from the hub to run.")
 @_opt("--allow-pickle", is_flag=True, default=None, help="Accept pickle .bin weights (they can run code).")
+@_opt("--require-export", is_flag=True, default=None, help="Stop before training (exit 2) when the model will not export to GGUF; otherwise a warning.")
 @_opt("--quiet", is_flag=True, default=False, help="No header or progress bar.")
 def train(config_file: str | None, sets: tuple[str, ...], resume: str | None, quiet: bool, **flags: Any) -> None:
     """Fine-tune a LoRA/QLoRA adapter; writes outputs/<run>/ (config.yaml, adapter/, metrics, loss.png)."""
@@ -291,11 +293,12 @@ def serve(target: str, port: int, host: str, n_ctx: int, alias: str | None) -> N
 
 
 @cli.command()
-def doctor() -> None:
+@_opt("--model", "-m", help="Also say whether this model (folder, hub id or alias) will export to GGUF.")
+def doctor(model: str | None) -> None:
     """Print the platform, accelerators, installed extras and which backend `auto` picks and why."""
     from qlocal.doctor import doctor_report
 
-    click.echo(doctor_report())
+    click.echo(doctor_report(model))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,6 +32,9 @@ class ModelConfig:
     """Allow model code from the hub to run. Off unless asked for."""
     allow_pickle: bool = False
     """Accept pickle .bin weights (pickle can run code). Off: safetensors only."""
+    require_export: bool = False
+    """Stop before training (exit 2, nothing written) when this base model will not export to GGUF
+    (architecture not in the export table, or a tokenizer llama.cpp cannot reproduce). Off: a warning."""
 
 
 @dataclass

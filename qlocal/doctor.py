@@ -148,8 +148,22 @@ def _backend() -> str:
     return f"{name} — {reason}"
 
 
-def doctor_report() -> str:
-    """Return a multi-line, human-readable report of the machine and the installed stack."""
+def _export(model: str) -> str:
+    """The same export verdict `qlocal train` checks before loading weights (export.preflight)."""
+    from qlocal.errors import UserError
+    from qlocal.export.preflight import export_verdict
+    from qlocal.models import resolve_model
+
+    try:
+        path = resolve_model(model).path
+    except UserError as e:
+        return f"export: {e}"
+    return export_verdict(path).line(model)
+
+
+def doctor_report(model: str | None = None) -> str:
+    """Return a multi-line, human-readable report of the machine and the installed stack (and, given
+    `model`, whether that model will export to GGUF)."""
     sections: list[tuple[str, list[str]]] = [
         ("System", [
             "OS: " + _safe(_os),
@@ -164,6 +178,8 @@ def doctor_report() -> str:
                        for dist, mod, extra in LIBRARIES]),
         ("Backend (auto)", [_safe(_backend)]),
     ]
+    if model is not None:
+        sections.append(("Export (--model)", [_safe(lambda: _export(model))]))
     out: list[str] = []
     for title, lines in sections:
         out.append(f"{title}:")

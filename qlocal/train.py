@@ -165,11 +165,9 @@ class _StopFlag:
 
 def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
     """Train a LoRA adapter as configured (or continue `resume`) and return the run folder."""
-    from qlocal.backends.select import create_backend
-    from qlocal.backends.select import select_backend
-    from qlocal.models import resolve_model
-
-    from qlocal.models import fingerprint
+    from qlocal.backends.select import create_backend, select_backend
+    from qlocal.export.preflight import preflight
+    from qlocal.models import fingerprint, resolve_model
 
     recorded: dict[str, Any] = {}
     if resume is not None:
@@ -183,6 +181,7 @@ def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
     if resume is not None and recorded.get("model_fingerprint") not in (None, model_id):
         raise UserError(f"{resume}: was trained on a different base model than {model.path} is now "
                         f"(fingerprint {recorded['model_fingerprint']} vs {model_id}); resume needs the same base")
+    export = preflight(model.path, cfg.model.name, cfg.model.require_export, distributed.from_env().is_main)
     tokenizer = hf.load_tokenizer(model.path, cfg.model.trust_remote_code)
     pad_id = hf.pad_id(tokenizer)
     data = prepare_data(cfg, tokenizer, cfg.model.chat_template or model.default_chat_template)
@@ -201,7 +200,7 @@ def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
         "model_source": model.source, "model_fingerprint": model_id, "chat_template": data.template_name,
         "data_format": data.format, "train_examples": len(data.train), "val_examples": len(data.val),
         "total_steps": total, "packing": packed, "truncated_examples": data.truncated,
-        "dropped_long": data.dropped, **facts,
+        "dropped_long": data.dropped, **export, **facts,
     }
     plan = _Plan(cfg, data, sched, total, warmup, pad_id, resolved, SFT())
     if resume is not None:
