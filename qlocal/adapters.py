@@ -71,9 +71,10 @@ def lora_modules(mlx_weights: dict[str, np.ndarray]) -> dict[str, int]:
 
 
 def _pattern_value(patterns: dict[str, Any], path: str) -> Any:
-    # PEFT matches rank_pattern/alpha_pattern keys against the end of the module path.
+    # PEFT's rule (peft.utils.other.get_pattern_key): the first key that, as a regex, matches the
+    # end of the module path at a dot boundary.
     for key, value in (patterns or {}).items():
-        if path == key or path.endswith("." + key) or re.fullmatch(rf"(.*\.)?{key}", path):
+        if re.match(rf"(.*\.)?({key})$", path):
             return value
     return None
 

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def make_run(base_dir: Path, run_dir: Path, seed: int = 0, b_std: float = 0.05, rank: int = 4,
-             alpha: float = 8.0) -> Path:
-    """Write a run folder for `base_dir` with a random (non-zero) PEFT LoRA adapter."""
+             alpha: float = 8.0, **lora_kw: Any) -> Path:
+    """Write a run folder for `base_dir` with a random (non-zero) PEFT LoRA adapter.
+
+    lora_kw go to peft.LoraConfig as they are (use_rslora, rank_pattern, alpha_pattern, ...).
+    """
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -30,7 +34,7 @@ def make_run(base_dir: Path, run_dir: Path, seed: int = 0, b_std: float = 0.05, 
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS,
-                                                  task_type="CAUSAL_LM"))
+                                                  task_type="CAUSAL_LM", **lora_kw))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:

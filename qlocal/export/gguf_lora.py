@@ -9,24 +9,15 @@ applied to lora_b (the permute acts on output rows, and B @ A's rows are B's row
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from qlocal.adapters import lora_scale
 from qlocal.errors import UserError
 
 _PREFIXES = ("base_model.model.", "base_model.")
-
-
-def _module_scale(cfg: dict[str, Any], module: str, rank: int) -> float:
-    """PEFT's scale for one module: alpha/r (or alpha/sqrt(r) with rslora), honouring the patterns."""
-    alpha = float(cfg.get("lora_alpha", cfg.get("r", rank)))
-    for pattern, value in (cfg.get("alpha_pattern") or {}).items():
-        if module == pattern or module.endswith("." + pattern):
-            alpha = float(value)
-    return alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
 
 
 def convert_lora_to_gguf(adapter_dir: Path, base_hf_dir: Path, out_path: Path) -> Path:
@@ -75,12 +66,12 @@ def convert_lora_to_gguf(adapter_dir: Path, base_hf_dir: Path, out_path: Path) -
         pair = modules[mod]
         if set(pair) != {"A", "B"}:
             raise UserError(f"{adapter_dir}: module {mod} lacks lora_A or lora_B")
-        hf_name = mod
+        path = mod
         for prefix in _PREFIXES:
-            if hf_name.startswith(prefix):
-                hf_name = hf_name[len(prefix):]
+            if path.startswith(prefix):
+                path = path[len(prefix):]
                 break
-        hf_name = hf_tensor_name(hf_name + ".weight") or ""
+        hf_name = hf_tensor_name(path + ".weight") or ""
         if hf_name == "lm_head.weight" and tied:
             raise UserError(f"{adapter_dir}: LoRA on lm_head of a tied-embedding model has no GGUF tensor to attach to")
         gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight",)) if hf_name else None
@@ -89,7 +80,7 @@ def convert_lora_to_gguf(adapter_dir: Path, base_hf_dir: Path, out_path: Path) -
         a, b = pair["A"].read(), pair["B"].read()
         rank = a.shape[0]
         # llama.cpp scales by alpha/rank; fold any other PEFT scale into B.
-        b = b * np.float32(_module_scale(cfg, mod, rank) / (alpha / rank))
+        b = b * np.float32(lora_scale(cfg, path, rank) / (alpha / rank))
         if family.permute_qk and hf_name.endswith("q_proj.weight"):
             b = permute_qk(b, n_head)
         elif family.permute_qk and hf_name.endswith("k_proj.weight"):
