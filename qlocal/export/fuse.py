@@ -111,50 +111,67 @@ def _logits(model: Any, ids: list[list[int]]) -> list[Any]:
         return [model(input_ids=torch.tensor([x])).logits[0].float() for x in ids]
 
 
-def fuse_run(run_dir: Path, out_dir: Path) -> FuseReport:
-    """Merge the run's adapter into its original base and save an HF folder at `out_dir` atomically.
-
-    The merge is computed in fp32 and the result is saved in the base's own dtype, with the
-    tokenizer and the run's chat template (set as the tokenizer's chat_template).
-    """
-    import time
-
-    t0 = time.perf_counter()
-    info = read_run(run_dir)
+def load_trained(base_path: Path, adapter_dir: Path) -> Any:
+    """The trained model: the original base in fp32 with the PEFT adapter on top (unmerged), eval mode."""
     try:
         import torch
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise missing_extra("torch/peft", "torch") from None
+    base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
+    try:
+        return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"{adapter_dir}: adapter does not fit base {base_path} ({str(e).splitlines()[0]})") from None
+
+
+def fused_dtype_name(base_path: Path, fused_dtype: str | None) -> str:
+    """The fused folder's dtype: the base's own for "auto"/None, else the one asked for."""
+    from qlocal.export.merge import FUSED_DTYPES
+
+    if fused_dtype in (None, "auto"):
+        return base_dtype_name(base_path)
+    if fused_dtype not in FUSED_DTYPES:
+        raise UserError(f"unknown --fused-dtype {fused_dtype!r}; choose one of {', '.join(FUSED_DTYPES)}")
+    return fused_dtype
+
+
+def fuse_run(run_dir: Path, out_dir: Path, fused_dtype: str | None = None) -> FuseReport:
+    """Merge the run's adapter into its original base and save an HF folder at `out_dir` atomically.
+
+    The merge streams tensor by tensor from the base's shards in fp32 (qlocal.export.merge) and is
+    saved in the base's own dtype unless `fused_dtype` (auto|float32|bfloat16|float16) says
+    otherwise, with the tokenizer and the run's chat template. The report then compares, on the
+    probe prompts, base + adapter (fp32) with the fp32 merge and with the saved folder.
+    """
+    import time
+
+    from qlocal.export.merge import fused_config, merged_tensors, write_safetensors
+
+    t0 = time.perf_counter()
+    info = read_run(run_dir)
+    try:
+        import torch  # noqa: F401  (the report's logits; checked before anything is written)
+    except ImportError:
+        raise missing_extra("torch/peft", "torch") from None
+    from transformers import AutoModelForCausalLM
+
     from qlocal.hf import load_tokenizer, quiet_transformers
 
     quiet_transformers()
     tokenizer = load_tokenizer(info.base_path)
     tokenizer.chat_template = info.template
-    dtype_name = base_dtype_name(info.base_path)
-    # fp32 for the merge: W + (alpha/r)·B·A added in bf16 would lose most of a small update.
-    base = AutoModelForCausalLM.from_pretrained(str(info.base_path), dtype=torch.float32)
-    base.eval()
-    try:
-        peft_model = PeftModel.from_pretrained(base, str(info.adapter_dir))
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise UserError(f"{info.adapter_dir}: adapter does not fit base {info.base_path} ({str(e).splitlines()[0]})") from None
-    peft_model.eval()
-    ids = probe_ids(tokenizer, info.template)
-    unmerged = _logits(peft_model, ids)
-    fused = peft_model.merge_and_unload()
-    fused.eval()
-    merged32 = _logits(fused, ids)
-    fused = fused.to(getattr(torch, dtype_name))
-    merged_saved = _logits(fused, ids) if dtype_name != "float32" else merged32
-
-    def diff(a: list[Any], b: list[Any]) -> float:
-        return max(float((x - y).abs().max()) for x, y in zip(a, b))
+    dtype_name = fused_dtype_name(info.base_path, fused_dtype)
+    tensors = merged_tensors(info.base_path, info.adapter_dir)
 
     def fill(tmp: Path) -> None:
-        fused.config.use_cache = True
-        fused.save_pretrained(tmp)
+        write_safetensors(tensors, info.base_path, tmp, dtype_name)
+        (tmp / "config.json").write_text(json.dumps(fused_config(info.base_path, dtype_name), indent=2),
+                                         encoding="utf-8")
+        gen = info.base_path / "generation_config.json"
+        if gen.is_file():
+            (tmp / gen.name).write_bytes(gen.read_bytes())
         tokenizer.save_pretrained(tmp)
         (tmp / "qlocal_fuse.json").write_text(json.dumps({
             "run": str(info.run_dir.resolve()), "base": str(info.base_path), "dtype": dtype_name,
@@ -163,8 +180,31 @@ def fuse_run(run_dir: Path, out_dir: Path) -> FuseReport:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     rundir.save_dir_atomic(out_dir, fill)
+
+    ids = probe_ids(tokenizer, info.template)
+    model = load_trained(info.base_path, info.adapter_dir)
+    unmerged = _logits(model, ids)
+    merged32 = _logits(_with_merged(model.unload(), tensors), ids)
+    del model
+    saved = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32).eval()
+    merged_saved = _logits(saved, ids)
+
+    def diff(a: list[Any], b: list[Any]) -> float:
+        return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
     return FuseReport(
         out_dir=str(out_dir), base_path=str(info.base_path), dtype=dtype_name,
         max_abs_logit_diff=diff(merged_saved, unmerged), max_abs_logit_diff_fp32=diff(merged32, unmerged),
         max_abs_logit=max(float(x.abs().max()) for x in unmerged), probes=len(ids),
         seconds=round(time.perf_counter() - t0, 2))
+
+
+def _with_merged(model: Any, tensors: dict[str, Any]) -> Any:
+    """`model` (the plain fp32 base) with our streamed fp32 merge copied into the adapted weights."""
+    import torch
+
+    with torch.no_grad():
+        for name, t in tensors.items():
+            if t.lora_a is not None:
+                model.get_parameter(name).copy_(torch.from_numpy(t.read()))
+    return model.eval()

@@ -122,8 +122,12 @@ def _encode(data: np.ndarray, qtype: Any) -> np.ndarray:
     return quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
 
 
-def plan_tensors(hf_dir: Path, hp: dict[str, Any], family: Any, outtype: str) -> list[PlannedTensor]:
-    """Map every HF tensor to its GGUF name, shape, type and a lazy row reader (no data read)."""
+def plan_tensors(hf_dir: Path, hp: dict[str, Any], family: Any, outtype: str,
+                 tensors: dict[str, Any] | None = None) -> list[PlannedTensor]:
+    """Map every HF tensor to its GGUF name, shape, type and a lazy row reader (no data read).
+
+    `tensors` (name -> object with `shape` and `read(a, b)`, e.g. merge.MergedTensor) replaces the
+    folder's own safetensors: the fused export encodes the fp32 merge, not a rounded copy of it."""
     from gguf import get_tensor_name_map
 
     from qlocal.export.gguf_arch import hf_tensor_name, permute_qk
@@ -135,7 +139,7 @@ def plan_tensors(hf_dir: Path, hp: dict[str, Any], family: Any, outtype: str) ->
     n_head = int(hp["num_attention_heads"])
     n_kv = int(hp.get("num_key_value_heads") or n_head)
     plan: list[PlannedTensor] = []
-    for src, st in index_safetensors(hf_dir).items():
+    for src, st in (tensors if tensors is not None else index_safetensors(hf_dir)).items():
         hf_name = hf_tensor_name(src)
         if hf_name is None or (hf_name == "lm_head.weight" and tied):
             continue  # llama.cpp falls back to token_embd for a tied output
@@ -169,7 +173,8 @@ def _planned(name: str, st: StTensor, transform: Callable[[np.ndarray], np.ndarr
 
 def convert_hf_to_gguf(hf_dir: Path, out_path: Path, outtype: str = "f16",
                        chat_template: str | None = None, name: str | None = None,
-                       pretokenizer: Any = None, allow_tokenizer_mismatch: bool = False) -> Path:
+                       pretokenizer: Any = None, allow_tokenizer_mismatch: bool = False,
+                       tensors: dict[str, Any] | None = None) -> Path:
     """Convert an HF safetensors model folder to a GGUF file at `out_path` and return the path.
 
     outtype: f32 | f16 | bf16 | q8_0 (1-D tensors stay f32, as llama.cpp does). `chat_template`
@@ -179,7 +184,8 @@ def convert_hf_to_gguf(hf_dir: Path, out_path: Path, outtype: str = "f16",
 
     `tokenizer.ggml.pre` comes from `pretokenizer` (a pretokenizer.PreTokenizerCheck, made once
     per export), else from a fresh check; a tokenizer llama.cpp cannot reproduce is a UserError
-    unless `allow_tokenizer_mismatch`.
+    unless `allow_tokenizer_mismatch`. `tensors` (see plan_tensors) are the weights to write
+    instead of the folder's; config and tokenizer still come from `hf_dir`.
     """
     import gguf
 
@@ -202,7 +208,7 @@ def convert_hf_to_gguf(hf_dir: Path, out_path: Path, outtype: str = "f16",
         pretokenizer.require(allow_tokenizer_mismatch)
         if not pretokenizer.matched:
             log.warning("%s; writing it anyway (allow_tokenizer_mismatch)", pretokenizer.line())
-    plan = plan_tensors(hf_dir, hp, family, outtype)
+    plan = plan_tensors(hf_dir, hp, family, outtype, tensors)
     embd = next((t for t in plan if t.name == "token_embd.weight"), None)
 
     with open_writer(out_path, family.gguf_arch) as writer:

@@ -1,0 +1,175 @@
+"""Streaming LoRA merge: base safetensors + PEFT adapter -> merged fp32 tensors, one row chunk at a time.
+
+W' = W + scale * B @ A is computed in float32 from the original 16/32-bit base, read lazily from
+its shards (gguf.index_safetensors: headers first, then rows on demand). Rows of W' depend only on
+the same rows of B, so a merged tensor is produced piecewise like any other: the merge never holds
+more than one tensor (usually one chunk) and its fp32 copy. Both the GGUF writer and the fused HF
+folder read from these merged values, so the GGUF is encoded from fp32, never from a rounded copy.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qlocal.errors import UserError
+
+FUSED_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_ST_NAME = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+CHUNK_BYTES = 64 << 20  # float32 bytes merged and written at a time
+
+
+@dataclass(frozen=True)
+class MergedTensor:
+    """One base tensor with its LoRA update (if any), read as float32 rows like gguf.StTensor."""
+
+    base: Any  # gguf.StTensor
+    lora_a: np.ndarray | None = None  # (r, in)
+    lora_b: np.ndarray | None = None  # (out, r)
+    scale: float = 0.0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.base.shape
+
+    @property
+    def dtype(self) -> str:
+        return self.base.dtype
+
+    def read(self, row_start: int = 0, row_stop: int | None = None) -> np.ndarray:
+        """Rows [row_start, row_stop) of W + scale * B @ A in float32."""
+        x = self.base.read(row_start, row_stop)
+        if self.lora_a is None or self.lora_b is None:
+            return x
+        stop = self.shape[0] if row_stop is None else row_stop
+        delta = self.lora_b[row_start:stop] @ self.lora_a
+        return x + np.float32(self.scale) * delta
+
+
+def _adapter_modules(adapter_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """Module path -> (A float32, B float32, PEFT scale), with clear errors for what we cannot merge."""
+    from qlocal.adapters import _PEFT_KEY, CONFIG_FILE, lora_scale, read_peft_adapter
+
+    config, weights = read_peft_adapter(adapter_dir)
+    cfg_path = Path(adapter_dir) / CONFIG_FILE
+    if config.get("fan_in_fan_out"):
+        raise UserError(f"{cfg_path}: fan_in_fan_out adapters (GPT-2 style Conv1D layers) cannot be merged "
+                        "by the streaming merge; train LoRA on nn.Linear layers")
+    if config.get("modules_to_save"):
+        raise UserError(f"{cfg_path}: modules_to_save ({config['modules_to_save']}) is not supported by the merge; "
+                        "train with LoRA on linear layers only")
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    for name, w in weights.items():
+        m = _PEFT_KEY.match(name)
+        if m is None:
+            raise UserError(f"{adapter_dir}: adapter tensor '{name}' is not a LoRA A/B matrix; "
+                            "only LoRA on linear layers can be merged")
+        parts.setdefault(m["path"], {})[m["ab"]] = np.asarray(w, dtype=np.float32)
+    out = {}
+    for path, ab in parts.items():
+        if set(ab) != {"A", "B"}:
+            raise UserError(f"{adapter_dir}: {path} has only one of lora_A / lora_B")
+        a, b = ab["A"], ab["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise UserError(f"{adapter_dir}: {path} lora_A {a.shape} and lora_B {b.shape} are not a LoRA pair")
+        out[path] = (a, b, lora_scale(config, path, a.shape[0]))
+    return out
+
+
+def merged_tensors(base_path: Path, adapter_dir: Path) -> dict[str, MergedTensor]:
+    """Every tensor of the base folder, the adapted ones with their LoRA update (lazily; nothing read yet).
+
+    PEFT names `base_model.model.<module>.lora_A.weight` update the base tensor `<module>.weight`."""
+    from qlocal.export.gguf import index_safetensors
+
+    index = index_safetensors(Path(base_path))
+    out = {name: MergedTensor(st) for name, st in index.items()}
+    for path, (a, b, scale) in _adapter_modules(Path(adapter_dir)).items():
+        key = f"{path}.weight"
+        st = index.get(key)
+        if st is None:
+            raise UserError(f"{adapter_dir}: adapter module {path} has no tensor {key} in base {base_path}; "
+                            "the adapter was trained on a different model")
+        if st.shape != (b.shape[0], a.shape[1]):
+            raise UserError(f"{adapter_dir}: {path} LoRA shape ({b.shape[0]}, {a.shape[1]}) does not fit "
+                            f"base tensor {key} {st.shape}")
+        out[key] = MergedTensor(st, a, b, scale)
+    return out
+
+
+def row_chunks(t: Any) -> Iterator[np.ndarray]:
+    """A tensor's float32 rows in chunks of about CHUNK_BYTES."""
+    if not t.shape:
+        yield t.read().reshape(())
+        return
+    n_rows = t.shape[0]
+    row_bytes = 4 * int(np.prod(t.shape[1:], dtype=np.int64))
+    step = max(1, CHUNK_BYTES // max(row_bytes, 1))
+    for a in range(0, n_rows, step):
+        yield t.read(a, min(a + step, n_rows))
+
+
+def encode(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 -> the bytes of `dtype` (bfloat16 rounded to nearest even, NaN kept a NaN)."""
+    if dtype == "float32":
+        return np.ascontiguousarray(x, dtype=np.float32)
+    if dtype == "float16":
+        return x.astype(np.float16)
+    n = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    nan = (n & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    rounded = (n + (np.uint32(0x7FFF) + ((n >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
+    return np.where(nan, (n >> np.uint32(16)) | np.uint32(64), rounded).astype(np.uint16)
+
+
+def write_safetensors(tensors: dict[str, Any], base_path: Path, out_dir: Path, dtype: str) -> int:
+    """Write the (merged) tensors into `out_dir` in `dtype`, shard for shard as the base is laid out.
+
+    The header is written first from the shapes, then each tensor chunk by chunk: peak memory is one
+    chunk. Returns the total bytes of tensor data. `out_dir` is a folder being built atomically."""
+    itemsize = 4 if dtype == "float32" else 2
+    by_file: dict[str, list[str]] = {}
+    for name, t in tensors.items():
+        by_file.setdefault(t.base.path.name, []).append(name)
+    total = 0
+    for fname, names in sorted(by_file.items()):
+        names.sort()
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name in names:
+            shape = list(tensors[name].shape)
+            size = int(np.prod(shape, dtype=np.int64)) * itemsize
+            header[name] = {"dtype": _ST_NAME[dtype], "shape": shape, "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)  # safetensors aligns the data start to 8 bytes
+        with open(out_dir / fname, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for name in names:
+                for chunk in row_chunks(tensors[name]):
+                    encode(chunk, dtype).tofile(f)
+        total += offset
+    index = base_path / "model.safetensors.index.json"
+    if index.is_file():
+        doc = json.loads(index.read_text(encoding="utf-8"))
+        doc["metadata"] = {**doc.get("metadata", {}), "total_size": total}
+        doc["weight_map"] = {name: t.base.path.name for name, t in sorted(tensors.items())}
+        (out_dir / index.name).write_text(json.dumps(doc, indent=2), encoding="utf-8")
+    return total
+
+
+def fused_config(base_path: Path, dtype: str) -> dict[str, Any]:
+    """The base's config.json with its dtype set to the fused folder's (text_config too, if present)."""
+    cfg = json.loads((Path(base_path) / "config.json").read_text(encoding="utf-8"))
+    for c in (cfg, cfg.get("text_config")):
+        if isinstance(c, dict):
+            c.pop("torch_dtype", None)
+            c["dtype"] = dtype
+    cfg["use_cache"] = True
+    return cfg
