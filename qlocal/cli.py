@@ -254,8 +254,9 @@ def eval_cmd(target: str, data: str, generate: bool, max_tokens: int, limit: int
 @_opt("--adapter-only", is_flag=True, default=False, help="GGUF LoRA adapter + base GGUF + Modelfile with ADAPTER, instead of a fused GGUF.")
 @_opt("--system", help="System prompt for the Modelfile's SYSTEM line.")
 @_opt("--allow-tokenizer-mismatch", is_flag=True, default=False, help="Export even when no llama.cpp pre-tokenizer tokenises like the HF tokenizer (warns; the GGUF then splits some text differently).")
+@_opt("--fused-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True, help="dtype of the fused/ HF folder (auto: the base's own). GGUFs are written from the fp32 merge either way.")
 def export(run_dir: str, gguf: bool, quant: str, out: str | None, ollama_name: str | None, no_verify: bool,
-           adapter_only: bool, system: str | None, allow_tokenizer_mismatch: bool) -> None:
+           adapter_only: bool, system: str | None, allow_tokenizer_mismatch: bool, fused_dtype: str) -> None:
     """Fuse a run's adapter, convert to GGUF, quantise, verify and write an Ollama Modelfile.
 
     \b
@@ -267,7 +268,7 @@ def export(run_dir: str, gguf: bool, quant: str, out: str | None, ollama_name: s
     result = export_run(Path(run_dir), ExportOptions(
         quants=quant.split(","), out_dir=Path(out) if out else None, gguf=gguf, verify=not no_verify,
         adapter_only=adapter_only, system=system, ollama_name=ollama_name,
-        allow_tokenizer_mismatch=allow_tokenizer_mismatch), echo=click.echo)
+        allow_tokenizer_mismatch=allow_tokenizer_mismatch, fused_dtype=fused_dtype), echo=click.echo)
     if result.verify_passed is False:
         click.echo(f"error: verification failed; see {result.out_dir}/verify.json", err=True)
         sys.exit(1)

@@ -11,12 +11,14 @@ from typing import Any
 
 def convert_hf_to_gguf(hf_dir: Path, out_path: Path, outtype: str = "f16",
                        chat_template: str | None = None, name: str | None = None,
-                       pretokenizer: Any = None, allow_tokenizer_mismatch: bool = False) -> Path:
-    """HF safetensors folder -> GGUF (f32|f16|bf16|q8_0). See qlocal.export.gguf."""
+                       pretokenizer: Any = None, allow_tokenizer_mismatch: bool = False,
+                       tensors: dict[str, Any] | None = None) -> Path:
+    """HF safetensors folder -> GGUF (f32|f16|bf16|q8_0); `tensors` (merged fp32 weights) replace the
+    folder's. See qlocal.export.gguf."""
     from qlocal.export.gguf import convert_hf_to_gguf as convert
 
     return convert(hf_dir, out_path, outtype=outtype, chat_template=chat_template, name=name,
-                   pretokenizer=pretokenizer, allow_tokenizer_mismatch=allow_tokenizer_mismatch)
+                   pretokenizer=pretokenizer, allow_tokenizer_mismatch=allow_tokenizer_mismatch, tensors=tensors)
 
 
 def convert_lora_to_gguf(adapter_dir: Path, base_hf_dir: Path, out_path: Path) -> Path:

@@ -39,6 +39,9 @@ class ExportOptions:
     ollama_name: str | None = None
     allow_tokenizer_mismatch: bool = False
     """Export even when no llama.cpp pre-tokenizer tokenises like the HF tokenizer (warns instead)."""
+    fused_dtype: str = "auto"
+    """dtype of the fused/ HF folder: auto (the base's own), float32, bfloat16 or float16. GGUFs are
+    written from the fp32 merge whatever this is."""
 
 
 @dataclass
@@ -100,13 +103,14 @@ def export_run(run_dir: Path, opts: ExportOptions, echo: Callable[[str], None] =
 
 def _build(info: Any, opts: ExportOptions, quants: list[str], tmp: Path, echo: Callable[[str], None]) -> dict[str, Any]:
     from qlocal.export.fuse import fuse_run
+    from qlocal.export.merge import merged_tensors
     from qlocal.export.ollama import build_modelfile
 
     summary: dict[str, Any] = {"run": str(info.run_dir.resolve()), "base": str(info.base_path),
                                "chat_template": info.template_name, "adapter_only": opts.adapter_only,
                                "quants": quants}
     echo(f"fusing adapter into {info.base_path} ...")
-    fuse = fuse_run(info.run_dir, tmp / "fused")
+    fuse = fuse_run(info.run_dir, tmp / "fused", opts.fused_dtype)
     summary["fuse"] = fuse.to_dict()
     merge_note = "" if fuse.dtype == "float32" else \
         f"; the fp32 merge alone {fuse.max_abs_logit_diff_fp32:.1e}, the rest is {fuse.dtype} rounding"
@@ -119,7 +123,9 @@ def _build(info: Any, opts: ExportOptions, quants: list[str], tmp: Path, echo: C
     prefix = "base" if opts.adapter_only else "model"
     pre = _choose_pretokenizer(src, opts.allow_tokenizer_mismatch, echo)
     summary["tokenizer"] = pre.to_dict()
-    files, reports = _write_ggufs(src, quants, tmp, prefix, info.template, info.name, pre, echo)
+    # A fused GGUF is encoded from the streamed fp32 merge, not from fused/'s rounded copy of it.
+    tensors = None if opts.adapter_only else merged_tensors(info.base_path, info.adapter_dir)
+    files, reports = _write_ggufs(src, quants, tmp, prefix, info.template, info.name, pre, echo, tensors)
     summary["files"] = {q: {"file": p.name, "bytes": p.stat().st_size} for q, p in files}
     summary["quantize"] = reports
     adapter_file = None
@@ -144,7 +150,7 @@ def _build(info: Any, opts: ExportOptions, quants: list[str], tmp: Path, echo: C
         echo("verifying with llama-cpp-python ...")
         lora = tmp / adapter_file if adapter_file else None
         checks = verify_all(tmp / "fused", [(p, q) for q, p in files], mf.stops, tmp / "verify.json", lora,
-                            tokenizer=pre.to_dict())
+                            tokenizer=pre.to_dict(), trained=(info.base_path, info.adapter_dir))
         echo(table(checks))
         summary["verify"] = {"passed": all(c.passed for c in checks),
                              "files": {c.file: c.passed for c in checks}}
@@ -166,8 +172,10 @@ def _choose_pretokenizer(src: Path, allow_mismatch: bool, echo: Callable[[str], 
 
 
 def _write_ggufs(src: Path, quants: list[str], tmp: Path, prefix: str, template: str, name: str, pre: Any,
-                 echo: Callable[[str], None]) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
-    """Write one GGUF per quant; K-quants go through an F16 file (kept only if f16 was asked for)."""
+                 echo: Callable[[str], None], tensors: dict[str, Any] | None = None,
+                 ) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
+    """Write one GGUF per quant; K-quants go through an F16 file (kept only if f16 was asked for).
+    `tensors` (merged fp32 weights) replace `src`'s safetensors when given."""
     from qlocal.export import convert_hf_to_gguf
     from qlocal.export.quantize import DIRECT, gguf_name, quantize_gguf
 
@@ -179,7 +187,8 @@ def _write_ggufs(src: Path, quants: list[str], tmp: Path, prefix: str, template:
         path = tmp / gguf_name(q).replace("model", prefix)
         t = time.perf_counter()
         echo(f"converting to GGUF {q} ...")
-        convert_hf_to_gguf(src, path, outtype=q, chat_template=template, name=name, pretokenizer=pre)
+        convert_hf_to_gguf(src, path, outtype=q, chat_template=template, name=name, pretokenizer=pre,
+                           tensors=tensors)
         reports[q] = {"seconds": round(time.perf_counter() - t, 2), "bytes": path.stat().st_size}
     for q in quants:
         if q in DIRECT:

@@ -1,6 +1,8 @@
-"""Prove a GGUF serves like the fused HF model: tokens, logits, greedy text and the stop set.
+"""Prove a GGUF serves like the trained model: tokens, logits, greedy text and the stop set.
 
-For each GGUF, llama-cpp-python loads it and we check against the fused HF folder:
+For each GGUF, llama-cpp-python loads it and we check against the reference, which in an export is
+base + adapter in fp32 (the model that was trained; the fused folder's own error is reported
+beside), and the fused folder's tokenizer:
 
 * tokenisation of a probe set (plain text, the chat-rendered prompt with its special tokens,
   unicode, digits) equals the HF tokenizer's, with and without BOS handling;
@@ -104,9 +106,13 @@ def gguf_logits(llm: Any, ids: list[int]) -> Any:
 
 
 class HFReference:
-    """The fused HF model and tokenizer, loaded once and shared by every GGUF check."""
+    """The reference model and the fused folder's tokenizer, loaded once and shared by every GGUF check.
 
-    def __init__(self, hf_dir: Path) -> None:
+    With `trained` = (base folder, adapter folder) the reference is the model that was trained:
+    base + adapter (PEFT, unmerged) in fp32, and `fused` reports the fused folder's own error
+    against it; without, the HF folder itself (in fp32) is the reference."""
+
+    def __init__(self, hf_dir: Path, trained: tuple[Path, Path] | None = None) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -114,12 +120,24 @@ class HFReference:
 
         quiet_transformers()
         self.tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-        self.model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
         self.template = self.tokenizer.chat_template
         self.chat_texts = [render_chat(self.tokenizer, self.template, c) for c in PROBE_CONVERSATIONS]
         self.chat_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in self.chat_texts]
+        self.fused: dict[str, Any] | None = None
+        if trained is not None:
+            self.model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+            fused_logits = [self._logits(ids) for ids in self.chat_ids]
+            del self.model
+            from qlocal.export.fuse import load_trained
+
+            self.model = load_trained(*trained)
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+        self.reference = "base + adapter (fp32)" if trained is not None else f"{Path(hf_dir).name} (fp32)"
         self.logits = [self._logits(ids) for ids in self.chat_ids]
         self.greedy = [self._greedy(ids) for ids in self.chat_ids]
+        if trained is not None:
+            self.fused = _fused_error(Path(hf_dir), fused_logits, self.logits)
 
     def _logits(self, ids: list[int]) -> Any:
         import torch
@@ -135,6 +153,16 @@ class HFReference:
                                       max_new_tokens=GREEDY_TOKENS, do_sample=False, eos_token_id=None,
                                       pad_token_id=self.tokenizer.pad_token_id or 0)
         return out[0, len(ids):].tolist()
+
+
+def _fused_error(hf_dir: Path, fused: list[Any], ref: list[Any]) -> dict[str, Any]:
+    """The fused folder's own logits error against the reference (same measure as the GGUFs')."""
+    num = sum(float(((f - r) ** 2).sum()) for f, r in zip(fused, ref))
+    den = sum(float((r ** 2).sum()) for r in ref)
+    cfg = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    return {"folder": hf_dir.name, "dtype": cfg.get("dtype") or cfg.get("torch_dtype"),
+            "nmse": num / max(den, 1e-30),
+            "max_abs_logit_diff": max(float(abs(f - r).max()) for f, r in zip(fused, ref))}
 
 
 def _check_tokens(ref: HFReference, llm: Any) -> list[str]:
@@ -239,17 +267,22 @@ def _nmse_only(ref: HFReference, path: Path) -> float:
 
 
 def verify_all(hf_dir: Path, files: list[tuple[Path, str]], stops: list[str], out_json: Path,
-               lora: Path | None = None, tokenizer: dict[str, Any] | None = None) -> list[FileCheck]:
+               lora: Path | None = None, tokenizer: dict[str, Any] | None = None,
+               trained: tuple[Path, Path] | None = None) -> list[FileCheck]:
     """Verify each (gguf path, quant); write verify.json atomically. A `lora` applies to every file.
+
+    `trained` = (base folder, adapter folder): measure every file against base + adapter in fp32
+    (the trained model) and record the fused folder's own error there too (see HFReference).
 
     `tokenizer` is the export's pre-tokenizer check (PreTokenizerCheck.to_dict()), recorded in
     verify.json; when it allowed a mismatch, differing tokenisation does not fail a file."""
-    ref = HFReference(hf_dir)
+    ref = HFReference(hf_dir, trained)
     allow = bool(tokenizer and tokenizer.get("allowed_mismatch"))
     checks = [verify_gguf(ref, p, q, stops, lora, allow) for p, q in files]
     doc = {"passed": all(c.passed for c in checks), "nmse_limits": NMSE_LIMITS, "nmse_required_for": EXACT,
            "greedy_min_quantised": GREEDY_MIN, "tie_margin": TIE_MARGIN,
-           "stops": stops, "pretokenizer": tokenizer, "files": [asdict(c) for c in checks]}
+           "stops": stops, "pretokenizer": tokenizer, "reference": ref.reference, "fused": ref.fused,
+           "files": [asdict(c) for c in checks]}
     atomic.write_text(out_json, json.dumps(doc, indent=1, ensure_ascii=False))
     return checks
 
