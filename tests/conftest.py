@@ -37,9 +37,11 @@ os.environ.update(OFFLINE_ENV)
 TOKENIZER_FOR_ARCH = {"qwen2": "qwen2", "llama": "llama3", "llama3": "llama3", "gemma3": "gemma3",
                       # GGUF-export families: Qwen3 shares Qwen2's tokenizer; llama31 is Llama with
                       # Llama 3.1 rope scaling; Mistral 7B v0.x and Gemma 2 use SentencePiece-style vocabs.
-                      "qwen3": "qwen2", "llama31": "llama3", "mistral": "gemma3", "gemma2": "gemma3"}
+                      "qwen3": "qwen2", "llama31": "llama3", "mistral": "gemma3", "gemma2": "gemma3",
+                      # Granite 3.x has a GPT-2-style byte-level BPE; Phi-4-mini a tiktoken-style one.
+                      "granite": "qwen2", "phi3": "llama3"}
 TINY_ARCHS = ("qwen2", "llama", "gemma3")
-EXPORT_ARCHS = ("qwen2", "qwen3", "llama", "llama31", "mistral", "gemma2", "gemma3")
+EXPORT_ARCHS = ("qwen2", "qwen3", "llama", "llama31", "mistral", "gemma2", "gemma3", "granite", "phi3")
 
 
 # ---------------------------------------------------------------- options and markers
@@ -125,6 +127,23 @@ def _tiny_config(arch: str, tok: Any) -> Any:
     if arch == "gemma2":
         return tf.Gemma2Config(**common, tie_word_embeddings=True, head_dim=16, query_pre_attn_scalar=16,
                                sliding_window=512, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+    if arch == "granite":
+        # Granite 3 2B's embedding/residual/logits multipliers, attention's away from 1/sqrt(head_dim),
+        # and a larger init (peaked attention), so a header key the GGUF drops shows in the logits.
+        return tf.GraniteConfig(**common, tie_word_embeddings=True, rope_theta=10_000.0,
+                                embedding_multiplier=12.0, residual_multiplier=0.22,
+                                attention_multiplier=0.5, logits_scaling=8.0, initializer_range=0.15)
+    if arch == "phi3":
+        # Phi-4-mini's shape: partial rotary (0.75) and LongRoPE short/long factors (one per rotary
+        # pair); prompts stay under original_max_position_embeddings, so both sides use the short ones.
+        # Larger init: peaked attention, so wrong rope factors or attn_factor move the logits.
+        rot_pairs = int(0.75 * 16) // 2
+        rope = {"rope_type": "longrope", "rope_theta": 10_000.0,
+                "short_factor": [1.0 + 0.25 * i for i in range(rot_pairs)],
+                "long_factor": [2.0 + 0.5 * i for i in range(rot_pairs)]}
+        return tf.Phi3Config(**{**common, "max_position_embeddings": 4096}, tie_word_embeddings=True,
+                             partial_rotary_factor=0.75, original_max_position_embeddings=1024,
+                             rope_scaling=rope, sliding_window=None, initializer_range=0.15)
     raise ValueError(f"unknown tiny arch {arch!r}; known: {EXPORT_ARCHS}")
 
 

@@ -57,6 +57,31 @@ def test_export_end_to_end(qwen_run: Path, tmp_path: Path) -> None:
     llm.close()
 
 
+# Families beyond the tiny training set: arch -> projections `all-linear` must adapt (fused ones included).
+FAMILY_TARGETS = {
+    "granite": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    "phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
+}
+
+
+@pytest.mark.parametrize("arch", sorted(FAMILY_TARGETS))
+def test_family_trains_and_exports(arch: str, tiny_model_dir, tmp_path: Path) -> None:
+    """Train 3 steps on torch, export f16 + q8_0: verify passes against base + adapter."""
+    import yaml
+
+    run = _train(tiny_model_dir(arch), tmp_path / "runs", "r", "--iters", "3", "--backend", "torch", "--lr", "0.02")
+    resolved = yaml.safe_load((run / "config.yaml").read_text())["resolved"]
+    assert set(resolved["target_modules"]) == FAMILY_TARGETS[arch]
+    out = tmp_path / "export"
+    r = run_qlocal("export", run, "--gguf", "--quant", "f16,q8_0", "--out", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    verify = json.loads((out / "verify.json").read_text())
+    assert verify["passed"] and verify["reference"] == "base + adapter (fp32)"
+    f16, q8 = verify["files"]
+    assert f16["quant"] == "f16" and f16["nmse"] < 1e-3 and f16["tokenizer_match"] and f16["greedy_agree"] == 1.0
+    assert q8["quant"] == "q8_0" and q8["passed"]
+
+
 def test_adapter_only(qwen_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "lora"
     r = run_qlocal("export", qwen_run, "--adapter-only", "--quant", "f16", "--out", out)

@@ -163,6 +163,7 @@ def test_other_outtypes_load(outtype: str, converted: Any) -> None:
     ("qwen2", "qwen2", "qwen2", "gpt2"), ("qwen3", "qwen3", "qwen2", "gpt2"),
     ("llama", "llama", "llama-bpe", "gpt2"), ("mistral", "llama", "default", "llama"),
     ("gemma2", "gemma2", "default", "llama"), ("gemma3", "gemma3", "default", "llama"),
+    ("granite", "granite", "qwen2", "gpt2"), ("phi3", "phi3", "llama-bpe", "gpt2"),
 ])
 def test_metadata(arch: str, gguf_arch: str, pre: str, model: str, converted: Any) -> None:
     hf_dir, path = converted(arch)
@@ -174,6 +175,29 @@ def test_metadata(arch: str, gguf_arch: str, pre: str, model: str, converted: An
     assert ("output.weight" in f["_tensors"]) == (not config["tie_word_embeddings"])
     assert f["tokenizer.chat_template"] == (hf_dir / "chat_template.jinja").read_text()
     assert "rope_freqs.weight" not in f["_tensors"]
+
+
+def test_granite_and_phi3_headers(converted: Any) -> None:
+    """Granite's four multipliers; Phi-3's fused tensors, partial rotary and LongRoPE factors."""
+    hf_dir, path = converted("granite")
+    f, cfg = read_fields(path), json.loads((hf_dir / "config.json").read_text())
+    for key, hf_key in [("attention.scale", "attention_multiplier"), ("embedding_scale", "embedding_multiplier"),
+                        ("residual_scale", "residual_multiplier"), ("logit_scale", "logits_scaling")]:
+        assert f[f"granite.{key}"] == pytest.approx(cfg[hf_key])
+    hf_dir, path = converted("phi3")
+    f, cfg = read_fields(path), json.loads((hf_dir / "config.json").read_text())
+    t = f["_tensors"]
+    assert "blk.0.attn_qkv.weight" in t and "blk.0.attn_q.weight" not in t
+    assert list(t["blk.0.ffn_up.weight"].shape) == [64, 2 * 128]  # gate and up, fused as in HF
+    assert f["phi3.rope.dimension_count"] == 12  # 0.75 of head_dim 16
+    assert f["phi3.rope.scaling.original_context_length"] == 1024
+    assert f["phi3.rope.scaling.attn_factor"] == pytest.approx((1 + np.log(4) / np.log(1024)) ** 0.5)
+    rp = cfg["rope_parameters"]
+    for kind in ("short", "long"):
+        assert t[f"rope_factors_{kind}.weight"].tensor_type.name == "F32"
+        assert list(t[f"rope_factors_{kind}.weight"].data) == pytest.approx(rp[f"{kind}_factor"])
+    # The folder is named "phi3": general.name must not switch on llama.cpp's name-keyed RSTRIP quirk.
+    assert "phi3" not in f["general.name"].lower() and "phi-3" not in f["general.name"].lower()
 
 
 def test_special_tokens_and_merges(converted: Any) -> None:

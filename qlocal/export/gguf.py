@@ -189,7 +189,7 @@ def convert_hf_to_gguf(hf_dir: Path, out_path: Path, outtype: str = "f16",
     """
     import gguf
 
-    from qlocal.export.gguf_arch import find_family, text_hparams
+    from qlocal.export.gguf_arch import find_family, general_name, text_hparams
     from qlocal.export.gguf_vocab import write_vocab
     from qlocal.export.pretokenizer import check_pretokenizer
 
@@ -213,7 +213,7 @@ def convert_hf_to_gguf(hf_dir: Path, out_path: Path, outtype: str = "f16",
 
     with open_writer(out_path, family.gguf_arch) as writer:
         writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(name or hf_dir.name)
+        writer.add_name(general_name(name or hf_dir.name))
         writer.add_file_type(_file_type(outtype))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         family.write_hparams(hp, writer)

@@ -9,6 +9,7 @@ llama-cpp-python ships; the comments say which quirk each line reproduces.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,6 +121,56 @@ def _qwen(hp: Hparams, w: GGUFWriter) -> None:
     _common(hp, w, rope_default=10000.0)
 
 
+def _granite(hp: Hparams, w: GGUFWriter) -> None:
+    # llama.cpp's GraniteModel: the llama header (it ignores head_dim) plus the four multipliers,
+    # written under llama.cpp's *_scale names; logits are divided by logits_scaling in both.
+    _llama({k: v for k, v in hp.items() if k != "head_dim"}, w)
+    for key, add in (("attention_multiplier", w.add_attention_scale), ("embedding_multiplier", w.add_embedding_scale),
+                     ("residual_multiplier", w.add_residual_scale), ("logits_scaling", w.add_logit_scale)):
+        if hp.get(key):
+            add(float(hp[key]))
+
+
+def _phi3(hp: Hparams, w: GGUFWriter) -> None:
+    # llama.cpp's Phi3MiniModel writes its own header (no _common): partial rotary as a rope
+    # dimension count, the pre-scaling context, and sliding_window 0 for "none" (Phi-4).
+    rp = rope_params(hp)
+    w.add_context_length(int(hp["max_position_embeddings"]))
+    orig = hp.get("original_max_position_embeddings") or rp.get("original_max_position_embeddings")
+    if orig:
+        w.add_rope_scaling_orig_ctx_len(int(orig))
+    w.add_embedding_length(int(hp["hidden_size"]))
+    w.add_feed_forward_length(int(hp["intermediate_size"]))
+    w.add_block_count(int(hp["num_hidden_layers"]))
+    w.add_head_count(int(hp["num_attention_heads"]))
+    w.add_head_count_kv(int(hp.get("num_key_value_heads") or hp["num_attention_heads"]))
+    w.add_layer_norm_rms_eps(float(hp.get("rms_norm_eps", 1e-5)))
+    w.add_rope_dimension_count(phi3_rope_dims(hp))
+    w.add_rope_freq_base(float(rp.get("rope_theta", 10000.0)))
+    w.add_sliding_window(int(hp.get("sliding_window") or 0))
+    kind = _rope_type(rp)
+    if kind in ("longrope", "su"):
+        w.add_rope_scaling_attn_factors(_longrope_attn_factor(hp, rp))
+    elif kind != "default":
+        raise UserError(f"rope scaling type {kind!r} is not supported by the GGUF export for Phi-3; "
+                        "supported: default, longrope")
+
+
+def phi3_rope_dims(hp: Hparams) -> int:
+    """Rotary dimensions per head: llama.cpp's int(partial_rotary_factor * hidden) // heads."""
+    pct = hp.get("partial_rotary_factor") or rope_params(hp).get("partial_rotary_factor") or 1.0
+    return int(float(pct) * int(hp["hidden_size"])) // int(hp["num_attention_heads"])
+
+
+def _longrope_attn_factor(hp: Hparams, rp: dict[str, Any]) -> float:
+    # HF scales cos/sin by this; an explicit attention_factor wins there, else the LongRoPE formula.
+    if rp.get("attention_factor") is not None:
+        return float(rp["attention_factor"])
+    orig = float(hp.get("original_max_position_embeddings") or rp["original_max_position_embeddings"])
+    scale = float(hp["max_position_embeddings"]) / orig
+    return math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
+
+
 def _gemma2(hp: Hparams, w: GGUFWriter) -> None:
     _common(hp, w, rope_default=10000.0)
     _gemma_head_dim(hp, w)
@@ -186,6 +237,20 @@ def llama3_rope_freqs(hp: Hparams) -> Iterator[tuple[str, np.ndarray]]:
     yield "rope_freqs.weight", np.asarray(factors, dtype=np.float32)
 
 
+def longrope_factors(hp: Hparams) -> Iterator[tuple[str, np.ndarray]]:
+    """Phi-3 LongRoPE: the short and long per-frequency factors llama.cpp reads as rope_factors_*."""
+    rp = rope_params(hp)
+    if _rope_type(rp) not in ("longrope", "su"):
+        return
+    pairs = phi3_rope_dims(hp) // 2
+    for kind in ("long", "short"):
+        factors = rp.get(f"{kind}_factor")
+        if not isinstance(factors, list) or len(factors) != pairs:
+            raise UserError(f"config.json: rope {kind}_factor must list {pairs} numbers (one per rotary "
+                            f"pair), got {factors!r}")
+        yield f"rope_factors_{kind}.weight", np.asarray(factors, dtype=np.float32)
+
+
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's `LlamaModel.permute`: HF rotate-half row order -> interleaved pairs, per head."""
     return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
@@ -202,6 +267,13 @@ FAMILIES: tuple[Family, ...] = (
     # llama.cpp writes Mistral (v0.1-v0.3, Nemo) as the llama arch; its sliding window is ignored there too.
     Family("Mistral", ("MistralForCausalLM",), ("mistral",), MODEL_ARCH.LLAMA, permute_qk=True,
            write_hparams=_llama, extra_tensors=llama3_rope_freqs),
+    # Granite 3.x is llama-shaped (so the same q/k permute) with four scalar multipliers.
+    Family("Granite 3.x", ("GraniteForCausalLM",), ("granite",), MODEL_ARCH.GRANITE, permute_qk=True,
+           write_hparams=_granite),
+    # Phi-3/3.5/Phi-4-mini: fused qkv_proj and gate_up_proj map to attn_qkv/ffn_up as they are
+    # (llama.cpp splits them in the same order as HF); NEOX rope, so no permute.
+    Family("Phi-3/Phi-4-mini", ("Phi3ForCausalLM",), ("phi3",), MODEL_ARCH.PHI3,
+           write_hparams=_phi3, extra_tensors=longrope_factors),
     Family("Gemma 2", ("Gemma2ForCausalLM",), ("gemma2",), MODEL_ARCH.GEMMA2, norm_shift=1.0,
            write_hparams=_gemma2),
     Family("Gemma 3 (text)", ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"), ("gemma3_text", "gemma3"),
@@ -226,6 +298,17 @@ def find_family(config: Hparams) -> Family:
                 return fam
     got = "/".join(archs) or config.get("model_type") or "unknown"
     raise UserError(f"GGUF export does not support architecture {got}; supported: {supported_families()}")
+
+
+def general_name(name: str) -> str:
+    """`general.name` that cannot switch on llama.cpp's name-keyed tokenizer quirk.
+
+    llama.cpp's vocab loader marks every special token RSTRIP when general.name contains
+    "phi3"/"phi-3" (and aborts loading if "</s>", "<unk>", "<s>" or "<|endoftext|>" is missing),
+    so tokenisation would depend on a run's name, not on its tokenizer. llama.cpp's own converter
+    writes "Phi 3 ..." which does not match; do the same.
+    """
+    return re.sub(r"(?i)phi-?3", "Phi 3", name)
 
 
 def hf_tensor_name(name: str) -> str | None:
