@@ -22,7 +22,7 @@ from qlocal.errors import UserError
 
 FUSED_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _ST_NAME = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-CHUNK_BYTES = 64 << 20  # float32 bytes merged and written at a time
+CHUNK_BYTES = 16 << 20  # float32 bytes merged and written at a time (a few temporaries of this size)
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,11 @@ class MergedTensor:
             return x
         stop = self.shape[0] if row_stop is None else row_stop
         delta = self.lora_b[row_start:stop] @ self.lora_a
-        return x + np.float32(self.scale) * delta
+        delta *= np.float32(self.scale)
+        if not x.flags.writeable:
+            x = x.copy()
+        x += delta  # in place: one fp32 temporary, not two
+        return x
 
 
 def _adapter_modules(adapter_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
