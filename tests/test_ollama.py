@@ -28,6 +28,23 @@ from qlocal.export.ollama import (
 FALLBACKS = fallbacks()  # name -> Jinja, from the chat-family table
 ASSETS = Path(__file__).parent / "assets" / "tokenizers"
 GOLDEN = Path(__file__).parent / "golden"
+# Model families' own templates (GGUF families without a tokenizer asset): Granite 3.0 (tools
+# branch left out), Phi-3.5-mini and Phi-4-mini, whose `{% else %}{{ eos_token }}` is training-only.
+GRANITE = ("{%- for message in messages %}{%- if message['role'] == 'system' %}"
+           "{{- '<|start_of_role|>system<|end_of_role|>' + message['content'] + '<|end_of_text|>\\n' }}"
+           "{%- elif message['role'] == 'user' %}"
+           "{{- '<|start_of_role|>user<|end_of_role|>' + message['content'] + '<|end_of_text|>\\n' }}"
+           "{%- elif message['role'] == 'assistant' %}"
+           "{{- '<|start_of_role|>assistant<|end_of_role|>' + message['content'] + '<|end_of_text|>\\n' }}"
+           "{%- endif %}{%- if loop.last and add_generation_prompt %}"
+           "{{- '<|start_of_role|>assistant<|end_of_role|>' }}{%- endif %}{%- endfor %}")
+PHI35 = ("{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
+         "{{'<|system|>\\n' + message['content'] + '<|end|>\\n'}}{% elif message['role'] == 'user' %}"
+         "{{'<|user|>\\n' + message['content'] + '<|end|>\\n'}}{% elif message['role'] == 'assistant' %}"
+         "{{'<|assistant|>\\n' + message['content'] + '<|end|>\\n'}}{% endif %}{% endfor %}"
+         "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}")
+PHI4_MINI = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+             "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}")
 CUSTOM = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
@@ -39,6 +56,9 @@ CASES = {  # golden name -> (template, bos, eos, system)
     "alpaca": (FALLBACKS["alpaca"], None, "</s>", 'Answer "briefly".\nQuote like """this"""!'),
     "chatml-system": (FALLBACKS["chatml"], None, "<|im_end|>", "You are a pirate.\nSpeak like one."),
     "derived": (CUSTOM, None, "<|end|>", None),
+    "granite": (GRANITE, None, "<|end_of_text|>", None),
+    "phi3": (PHI35, None, "<|endoftext|>", None),
+    "phi4-mini": (PHI4_MINI, None, "<|endoftext|>", None),
 }
 
 CHATS = [
@@ -171,7 +191,8 @@ def test_golden_modelfiles(name: str) -> None:
     assert info.text == golden.read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize("name", ["qwen2", "llama3", "gemma3", "mistral", "alpaca", "derived"])
+@pytest.mark.parametrize("name", ["qwen2", "llama3", "gemma3", "mistral", "alpaca", "derived", "granite", "phi3",
+                                  "phi4-mini"])
 def test_go_template_renders_like_jinja(name: str) -> None:
     template, bos, eos, _ = CASES[name]
     info = build_modelfile("m.gguf", template, bos, eos)

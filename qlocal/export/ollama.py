@@ -96,7 +96,21 @@ def derive_go_template(template: str, bos_token: str | None, eos_token: str | No
     """(Go template, assistant suffix) for a simple per-role template, checked by a round trip; else None."""
     def r(msgs: list[dict[str, str]], gen: bool) -> str:
         out = render_jinja(template, msgs, gen, bos_token, eos_token)
-        return out[len(bos_token):] if bos_token and out.startswith(bos_token) else out
+        out = out[len(bos_token):] if bos_token and out.startswith(bos_token) else out
+        # Phi-3.5/Phi-4-mini end a rendering without a generation prompt with eos (`{% else %}
+        # {{ eos_token }}`): a training-only tail that Ollama, always generating, never renders.
+        if not gen and eos_tail and out.endswith(eos_token or ""):
+            out = out[: len(out) - len(eos_token or "")]
+        return out
+
+    eos_tail = False
+    probe_u = [{"role": "user", "content": _SENT["user"]}]
+    try:
+        eos_tail = bool(eos_token) and (
+            render_jinja(template, probe_u, False, bos_token, eos_token).endswith(eos_token or "")
+            and not render_jinja(template, probe_u, True, bos_token, eos_token).endswith(eos_token or ""))
+    except Exception:  # noqa: BLE001 - the checks below give up on this template the same way
+        pass
 
     u = {"role": "user", "content": _SENT["user"]}
     a = {"role": "assistant", "content": _SENT["assistant"]}
