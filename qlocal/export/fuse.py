@@ -1,5 +1,8 @@
 """Fuse a run's LoRA adapter into its 16-bit original base and save a plain HF safetensors folder.
 
+The merge itself streams from the base's shards in fp32 (qlocal.export.merge); this module owns the
+run folder's reading, the fused folder's layout and the probe-prompt report.
+
 The base is always re-loaded from the run's `model_path` in 16/32-bit, never from 4-bit weights,
 even when the run trained QLoRA: merging into NF4 weights would bake the quantisation error of the
 training-time base into the export (see DESIGN.md, "Merging a QLoRA adapter").

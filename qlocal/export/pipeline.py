@@ -152,8 +152,12 @@ def _build(info: Any, opts: ExportOptions, quants: list[str], tmp: Path, echo: C
         checks = verify_all(tmp / "fused", [(p, q) for q, p in files], mf.stops, tmp / "verify.json", lora,
                             tokenizer=pre.to_dict(), trained=(info.base_path, info.adapter_dir))
         echo(table(checks))
+        fused_err = json.loads((tmp / "verify.json").read_text(encoding="utf-8")).get("fused")
+        if fused_err:
+            echo(f"  (reference: base + adapter in fp32; fused/ itself, {fused_err['dtype']}: "
+                 f"NMSE {fused_err['nmse']:.2e})")
         summary["verify"] = {"passed": all(c.passed for c in checks),
-                             "files": {c.file: c.passed for c in checks}}
+                             "files": {c.file: c.passed for c in checks}, "fused": fused_err}
     return summary
 
 
