@@ -201,3 +201,28 @@ def test_chunked_loss_equals_full(tiny_model_dir) -> None:
         part = chunked_cross_entropy(h, y, head, cap, 8)
         (g_part,) = torch.autograd.grad(part, h)
         assert torch.allclose(full, part, atol=1e-5) and torch.allclose(g_full, g_part, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["granite", "phi3", "gemma2"])
+def test_loss_is_the_hf_models_own(arch: str, tiny_model_dir, tmp_path: Path) -> None:
+    """Step-0 loss (B = 0) is the HF model's own cross-entropy: the head-on-targets-only path keeps
+    what HF does after the head (Granite's logits_scaling, Gemma 2's final softcap)."""
+    from transformers import AutoModelForCausalLM
+
+    from qlocal.backends.torch_backend import TorchBackend
+    from train_helpers import sample_batches
+
+    model_dir = tiny_model_dir(arch)
+    batch = sample_batches(model_dir, n=1)[0]
+    b = TorchBackend()
+    b.setup(model_dir, _cfg(model_dir, tmp_path, "x", **{"lora.dropout": 0.0}))
+    with torch.no_grad():
+        summed, _ = b._summed_loss(batch)
+    ids = torch.as_tensor(batch["input_ids"])
+    targets = torch.as_tensor(batch["loss_mask"])[:, 1:].bool()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.as_tensor(batch["attention_mask"])).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+    ref = -float(logp[targets].sum())
+    assert abs(float(summed) - ref) < 1e-4 * ref, (float(summed), ref)

@@ -83,8 +83,12 @@ def num_layers(model: Any) -> int:
     return int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg.get_text_config(), "num_hidden_layers"))
 
 
-def chunked_target_logprobs(h: Any, targets: Any, head: Any, softcap: float | None, chunk: int) -> Any:
+def chunked_target_logprobs(h: Any, targets: Any, head: Any, softcap: float | None, chunk: int,
+                            divisor: float | None = None) -> Any:
     """log softmax(head(h))[targets] per row (float32, shape (n,)), `chunk` rows at a time.
+
+    `divisor`: logits are divided by it first (Granite's `logits_scaling`, which HF applies after
+    the head; skipping it would train a sharper distribution than the model computes).
 
     Each chunk's logits are recomputed in the backward pass (checkpointed), so full-vocabulary
     logits never exist for more than `chunk` positions: with Gemma's 262k vocabulary that is the
@@ -95,6 +99,8 @@ def chunked_target_logprobs(h: Any, targets: Any, head: Any, softcap: float | No
 
     def piece(hc: Any, tc: Any) -> Any:
         logits = head(hc).float()
+        if divisor:
+            logits = logits / divisor
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         return -torch.nn.functional.cross_entropy(logits, tc, reduction="none")
@@ -131,7 +137,8 @@ def _logprob_module(peft_model: Any, chunk: int) -> Any:
             select = mask[:, 1:].bool()
             h = out.last_hidden_state[:, :-1][select]
             cap = getattr(base.config, "final_logit_softcapping", None)
-            logp = chunked_target_logprobs(h, ids[:, 1:][select], base.get_output_embeddings(), cap, chunk)
+            logp = chunked_target_logprobs(h, ids[:, 1:][select], base.get_output_embeddings(), cap, chunk,
+                                           getattr(base.config, "logits_scaling", None))
             return logp.new_zeros(select.shape).masked_scatter(select, logp)
 
     return TargetLogprobs()
