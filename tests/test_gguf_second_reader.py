@@ -7,7 +7,7 @@ folder holding the file has no config.json) and undoes the writer's tensor trans
 row permutation, Gemma's norm shift, tied output), so a mistake made twice, in the writer and in
 our check, shows up here.
 
-Families: llama, mistral (written as llama), qwen2, qwen3, gemma2, gemma3. transformers' reader
+Families: llama, mistral (written as llama), qwen2, qwen3, gemma2, gemma3, phi3. transformers' reader
 ignores some header keys, so some fixtures differ from conftest's:
   - qwen3 ignores attention.key_length: head_dim must be Qwen3Config's default (128).
   - gemma2/gemma3 don't carry query_pre_attn_scalar (llama.cpp scales by 1/sqrt(head_dim), the
@@ -15,6 +15,9 @@ ignores some header keys, so some fixtures differ from conftest's:
   - gemma3 ignores the per-layer sliding pattern and assumes 5 local : 1 global, so the fixture
     uses that default layout with 6 layers (the smallest that has a global layer); a sliding
     window of 8 is shorter than the prompts, so the window itself is read and applied.
+  - phi3 ignores rope.dimension_count and the LongRoPE factors: full rotary and plain rope (the
+    fused attn_qkv/ffn_up layout is what this checks; llama.cpp checks partial rotary and LongRoPE).
+Granite is not a GGUF architecture transformers reads.
 Llama 3.1 rope scaling is not read by transformers' GGUF loader (it drops rope_freqs), so llama31
 is not covered here; verify.py compares it with llama.cpp.
 
@@ -52,6 +55,8 @@ READER_OVERRIDES: dict[str, dict[str, Any]] = {
     "gemma2": dict(head_dim=256, query_pre_attn_scalar=256),
     "gemma3": dict(head_dim=256, query_pre_attn_scalar=256, num_hidden_layers=6, layer_types=None,
                    sliding_window=8),
+    "phi3": dict(partial_rotary_factor=1.0, rope_scaling=None,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}),
 }
 
 
@@ -76,7 +81,7 @@ def nmse(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a - b) ** 2).mean() / (b ** 2).mean())
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
 def test_transformers_reads_our_f16_gguf(arch: str, tmp_path: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
