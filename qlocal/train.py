@@ -7,6 +7,7 @@ optimizer, RNG) or a pure function of (seed, step): the learning rate and the da
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import shutil
@@ -209,14 +210,20 @@ def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
         rundir.create(run, cfg.run.overwrite)
     distributed.barrier()
     try:
-        return _run_loop(run, plan, backend, resumed=resume is not None, quiet=quiet or not dist.is_main)
+        _run_loop(run, plan, backend, resumed=resume is not None, quiet=quiet or not dist.is_main)
     except BaseException:
         # A run that never reached its first checkpoint holds nothing worth resuming.
         if dist.is_main and resume is None and not rundir.checkpoints(run):
             shutil.rmtree(run, ignore_errors=True)
-        raise
-    finally:
         distributed.shutdown()
+        raise
+    # DDP's reducer holds the gloo process group; freed after a peer has exited, gloo's destructor
+    # can wait forever for it. So free it while every rank is still connected, then leave together.
+    del backend
+    gc.collect()
+    distributed.barrier()
+    distributed.shutdown()
+    return run
 
 
 @dataclass

@@ -9,9 +9,11 @@ Plain functions `make_tiny_model(arch, out_dir)` and `run_qlocal(*args)` do the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -195,18 +197,36 @@ def run_qlocal(*args: str, cwd: Path | str | None = None, input: str | None = No
 
 
 def run_group(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """Run a launcher (torchrun, mlx.launch) in its own process group, so a hang kills its
-    workers too: orphaned gloo/ring workers spin and starve the rest of the suite."""
-    import signal
+    """Run a launcher (torchrun, mlx.launch) and, if it hangs, kill every process it started.
 
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    torchrun starts each worker in a session of its own, so killing the launcher's process group
+    misses them; an orphaned gloo/ring worker would spin, starve the rest of the suite, and (with
+    pipes) keep the test waiting forever. Output goes to files, so no pipe can fill up.
+    """
+    import signal
+    import tempfile
+
+    import psutil
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=err, text=True, start_new_session=True)
+        launcher = psutil.Process(proc.pid)
+        started: set[psutil.Process] = set()
+        deadline = time.monotonic() + timeout  # a hang guard only: a healthy launch ends long before
+        while proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(psutil.Error):
+                started.update(launcher.children(recursive=True))
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=1)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for p in started:  # no-ops for workers that already ended
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        proc.wait()
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
 
 
 @pytest.fixture
