@@ -99,6 +99,10 @@ def _gpus() -> list[str]:
 def _bnb_4bit(device: str) -> str:
     """Round-trip a 64x64 tensor through NF4 on `device`; report the error instead of raising."""
     import torch
+
+    from qlocal.hf import quiet_bitsandbytes
+
+    quiet_bitsandbytes()
     from bitsandbytes import functional as F
 
     x = torch.randn(64, 64, device=device, dtype=torch.float32)

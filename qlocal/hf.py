@@ -20,16 +20,19 @@ def looks_like_hub_id(name: str) -> bool:
     return bool(_HUB_ID.match(name)) and not Path(name.split("/", 1)[0]).is_dir()
 
 
-def quiet_transformers() -> None:
-    """Hide transformers' loading bars and deprecation chatter; our own progress is what users read.
-
-    bitsandbytes (imported by peft) logs a warning on CPUs with AVX512-BF16 when the optional
-    `kernels` package is absent; it changes nothing and would break one-line errors.
-    """
+def quiet_bitsandbytes() -> None:
+    """bitsandbytes (imported by peft) logs a warning on CPUs with AVX512-BF16 when the optional
+    `kernels` package is absent; it changes nothing and would break one-line errors."""
     import logging
-    import warnings
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def quiet_transformers() -> None:
+    """Hide transformers' loading bars and deprecation chatter; our own progress is what users read."""
+    import warnings
+
+    quiet_bitsandbytes()
 
     from transformers.utils import logging as hf_logging
 
