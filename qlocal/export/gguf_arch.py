@@ -77,14 +77,19 @@ def _rope_type(rp: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------- hparams writers
 
-def _common(hp: Hparams, w: GGUFWriter, rope_default: float | None = None) -> None:
-    """What llama.cpp's TextModel.set_gguf_parameters writes for every family."""
-    w.add_context_length(int(hp.get("max_position_embeddings", 131072)))
+def _block_shape(hp: Hparams, w: GGUFWriter) -> None:
+    """Widths, depth and head counts: the same keys for every family, whoever writes the rest."""
     w.add_embedding_length(int(hp["hidden_size"]))
     w.add_block_count(int(hp["num_hidden_layers"]))
     w.add_feed_forward_length(int(hp["intermediate_size"]))
     w.add_head_count(int(hp["num_attention_heads"]))
     w.add_head_count_kv(int(hp.get("num_key_value_heads") or hp["num_attention_heads"]))
+
+
+def _common(hp: Hparams, w: GGUFWriter, rope_default: float | None = None) -> None:
+    """What llama.cpp's TextModel.set_gguf_parameters writes for every family."""
+    w.add_context_length(int(hp.get("max_position_embeddings", 131072)))
+    _block_shape(hp, w)
     w.add_layer_norm_rms_eps(float(hp.get("rms_norm_eps", 1e-6)))
     theta = rope_params(hp).get("rope_theta", rope_default)
     if theta is not None:
@@ -139,11 +144,7 @@ def _phi3(hp: Hparams, w: GGUFWriter) -> None:
     orig = hp.get("original_max_position_embeddings") or rp.get("original_max_position_embeddings")
     if orig:
         w.add_rope_scaling_orig_ctx_len(int(orig))
-    w.add_embedding_length(int(hp["hidden_size"]))
-    w.add_feed_forward_length(int(hp["intermediate_size"]))
-    w.add_block_count(int(hp["num_hidden_layers"]))
-    w.add_head_count(int(hp["num_attention_heads"]))
-    w.add_head_count_kv(int(hp.get("num_key_value_heads") or hp["num_attention_heads"]))
+    _block_shape(hp, w)
     w.add_layer_norm_rms_eps(float(hp.get("rms_norm_eps", 1e-5)))
     w.add_rope_dimension_count(phi3_rope_dims(hp))
     w.add_rope_freq_base(float(rp.get("rope_theta", 10000.0)))
