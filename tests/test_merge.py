@@ -11,10 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from export_helpers import make_run, to_dtype_copy
 
-from qlocal.errors import UserError
-from qlocal.export.merge import encode, merged_tensors
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+pytest.importorskip("gguf")
+
+from export_helpers import make_run, to_dtype_copy  # noqa: E402
+
+from qlocal.errors import UserError  # noqa: E402
+from qlocal.export.merge import encode, merged_tensors  # noqa: E402
 
 
 def test_streamed_merge_equals_peft_merge(tiny_model_dir, tmp_path: Path) -> None:
