@@ -41,9 +41,13 @@ TOKENIZER_FOR_ARCH = {"qwen2": "qwen2", "llama": "llama3", "llama3": "llama3", "
                       # Llama 3.1 rope scaling; Mistral 7B v0.x and Gemma 2 use SentencePiece-style vocabs.
                       "qwen3": "qwen2", "llama31": "llama3", "mistral": "gemma3", "gemma2": "gemma3",
                       # Granite 3.x has a GPT-2-style byte-level BPE; Phi-4-mini a tiktoken-style one.
-                      "granite": "qwen2", "phi3": "llama3"}
+                      "granite": "qwen2", "phi3": "llama3",
+                      # SmolLM3 has Llama 3's tokenizer, OLMo 2 cl100k's (the same split); Mistral Nemo and
+                      # Small 3 a tekken one (built by test_pretokenizer's builder, see tekken_tokenizer).
+                      "smollm3": "llama3", "olmo2": "llama3", "mistral_nemo": "tekken"}
 TINY_ARCHS = ("qwen2", "llama", "gemma3")
-EXPORT_ARCHS = ("qwen2", "qwen3", "llama", "llama31", "mistral", "gemma2", "gemma3", "granite", "phi3")
+EXPORT_ARCHS = ("qwen2", "qwen3", "llama", "llama31", "mistral", "gemma2", "gemma3", "granite", "phi3",
+                "smollm3", "olmo2", "mistral_nemo")
 
 
 # ---------------------------------------------------------------- options and markers
@@ -80,10 +84,55 @@ def tokenizer_path(arch: str) -> Path:
     name = TOKENIZER_FOR_ARCH.get(arch)
     if name is None:
         raise ValueError(f"no tokenizer asset for arch {arch!r}; known: {sorted(TOKENIZER_FOR_ARCH)}")
+    if name == "tekken":
+        return tekken_tokenizer()
     path = ASSETS / "tokenizers" / name
     if not (path / "tokenizer_config.json").is_file():
         pytest.skip(f"tokenizer asset {path} is missing")
     return path
+
+
+# Mistral Small 3 (2501)'s template without its dated default system prompt and tools branch.
+MISTRAL_V7_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '[SYSTEM_PROMPT]' + messages[0]['content'] + '[/SYSTEM_PROMPT]' }}{%- set loop_messages = messages[1:] %}"
+    "{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{%- for message in loop_messages %}"
+    "{%- if message['role'] == 'user' %}{{- '[INST]' + message['content'] + '[/INST]' }}"
+    "{%- elif message['role'] == 'assistant' %}{{- message['content'] + eos_token }}{%- endif %}"
+    "{%- endfor %}"
+)
+_TEKKEN_DIR: list[Path] = []
+
+
+def tekken_tokenizer() -> Path:
+    """A Mistral Nemo / Small 3 shaped tokenizer folder, built once per process (no asset on disk).
+
+    test_pretokenizer's tekken builder (byte-level BPE, tekken Split regex, ignore_merges) plus
+    Mistral's control tokens, <s> added by the post-processor, and the Small 3 chat template.
+    """
+    if _TEKKEN_DIR:
+        return _TEKKEN_DIR[0]
+    import tempfile
+
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    from qlocal.export.gguf_vocab import TEKKEN_REGEX
+    from test_pretokenizer import _byte_level, _split
+
+    tok = _byte_level(_split(TEKKEN_REGEX), ignore_merges=True)
+    tok.add_special_tokens(["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                            "<pad>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s>:0 $A:0", pair="<s>:0 $A:0 <s>:1 $B:1",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", chat_template=MISTRAL_V7_TEMPLATE)
+    out = Path(tempfile.mkdtemp(prefix="qlocal-tekken-"))
+    fast.save_pretrained(str(out))
+    _TEKKEN_DIR.append(out)
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -146,7 +195,23 @@ def _tiny_config(arch: str, tok: Any) -> Any:
         return tf.Phi3Config(**{**common, "max_position_embeddings": 4096}, tie_word_embeddings=True,
                              partial_rotary_factor=0.75, original_max_position_embeddings=1024,
                              rope_scaling=rope, sliding_window=None, initializer_range=0.15)
+    if arch == "smollm3":
+        # Four layers, so the fourth is the one without RoPE (no_rope_layer_interval 4, as llama.cpp
+        # assumes); a larger init (peaked attention) makes a rotary NoPE layer show in the logits.
+        return tf.SmolLM3Config(**{**common, "num_hidden_layers": 4}, tie_word_embeddings=True,
+                                rope_theta=2_000_000.0, initializer_range=0.15)
+    if arch == "olmo2":
+        # OLMo 2 unties its head; its norms are jittered in make_tiny_model (they init to 1, so a
+        # q/k norm permuted with the projections or a dropped post-norm would not show otherwise).
+        return tf.Olmo2Config(**common, tie_word_embeddings=False, rope_theta=500_000.0, initializer_range=0.1)
+    if arch == "mistral_nemo":
+        # Nemo/Small 3: MistralForCausalLM whose head_dim (32) is not hidden/heads (16), tekken vocab.
+        return tf.MistralConfig(**common, tie_word_embeddings=False, head_dim=32, rope_theta=1_000_000.0,
+                                sliding_window=None)
     raise ValueError(f"unknown tiny arch {arch!r}; known: {EXPORT_ARCHS}")
+
+
+JITTER_NORMS = ("olmo2",)  # archs whose fixture norms get random (non-unit) weights
 
 
 def make_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
@@ -159,6 +224,11 @@ def make_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval()
+    if arch in JITTER_NORMS:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.uniform_(0.5, 1.5)
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     model.save_pretrained(tmp)  # safetensors is the only format in transformers 5

@@ -164,6 +164,8 @@ def test_other_outtypes_load(outtype: str, converted: Any) -> None:
     ("llama", "llama", "llama-bpe", "gpt2"), ("mistral", "llama", "default", "llama"),
     ("gemma2", "gemma2", "default", "llama"), ("gemma3", "gemma3", "default", "llama"),
     ("granite", "granite", "qwen2", "gpt2"), ("phi3", "phi3", "llama-bpe", "gpt2"),
+    ("smollm3", "smollm3", "llama-bpe", "gpt2"), ("olmo2", "olmo2", "llama-bpe", "gpt2"),
+    ("mistral_nemo", "llama", "tekken", "gpt2"),
 ])
 def test_metadata(arch: str, gguf_arch: str, pre: str, model: str, converted: Any) -> None:
     hf_dir, path = converted(arch)
@@ -198,6 +200,47 @@ def test_granite_and_phi3_headers(converted: Any) -> None:
         assert list(t[f"rope_factors_{kind}.weight"].data) == pytest.approx(rp[f"{kind}_factor"])
     # The folder is named "phi3": general.name must not switch on llama.cpp's name-keyed RSTRIP quirk.
     assert "phi3" not in f["general.name"].lower() and "phi-3" not in f["general.name"].lower()
+
+
+def test_smollm3_olmo2_nemo_headers(converted: Any, tmp_path: Path) -> None:
+    """SmolLM3's NoPE layers matter and only llama.cpp's pattern exports; OLMo 2's norms; Nemo's head_dim."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_dir, path = converted("smollm3")
+    f = read_fields(path)
+    assert f["smollm3.rope.dimension_count"] == 16 and f["smollm3.block_count"] == 4
+    # Control: the fixture's fourth layer has no RoPE, and giving it RoPE moves the logits past NMSE_MAX,
+    # so test_family_matches_hf can only pass if llama.cpp skips it too.
+    model = hf_model(hf_dir)
+    assert model.config.no_rope_layers == [1, 1, 1, 0]
+    ids = torch.tensor([AutoTokenizer.from_pretrained(hf_dir)(PROMPT)["input_ids"]])
+    with torch.no_grad():
+        ref = model(ids).logits[0].numpy()
+        model.model.layers[3].self_attn.use_rope = 1
+        assert nmse(model(ids).logits[0].numpy(), ref) > 10 * NMSE_MAX
+    odd = tmp_path / "smollm3-odd"
+    shutil.copytree(hf_dir, odd)
+    cfg = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**cfg, "no_rope_layers": [1, 0, 1, 0]}))
+    with pytest.raises(UserError, match="no_rope_layers .* every 4th layer"):
+        convert_hf_to_gguf(odd, tmp_path / "odd.gguf")
+    assert not (tmp_path / "odd.gguf").exists()
+
+    hf_dir, path = converted("olmo2")
+    t = read_fields(path)["_tensors"]
+    for name in ("post_attention_norm", "post_ffw_norm", "attn_q_norm", "attn_k_norm"):
+        assert f"blk.0.{name}.weight" in t, name
+    assert "blk.0.attn_norm.weight" not in t and "blk.0.ffn_norm.weight" not in t  # no pre-norms in OLMo 2
+    assert list(t["blk.0.attn_q_norm.weight"].shape) == [64] and list(t["blk.0.attn_k_norm.weight"].shape) == [32]
+    # Not permuted: the q norm is HF's vector as it is (the fixture's norms are random, not ones).
+    hf_q_norm = AutoModelForCausalLM.from_pretrained(hf_dir).model.layers[0].self_attn.q_norm.weight.detach().numpy()
+    np.testing.assert_array_equal(np.asarray(t["blk.0.attn_q_norm.weight"].data), hf_q_norm)
+
+    hf_dir, path = converted("mistral_nemo")
+    f = read_fields(path)
+    assert f["llama.attention.key_length"] == f["llama.attention.value_length"] == 32
+    assert f["llama.rope.dimension_count"] == 32 and f["llama.embedding_length"] == 64
+    assert list(f["_tensors"]["blk.0.attn_q.weight"].shape) == [64, 4 * 32]
 
 
 def test_special_tokens_and_merges(converted: Any) -> None:

@@ -126,6 +126,20 @@ def _qwen(hp: Hparams, w: GGUFWriter) -> None:
     _common(hp, w, rope_default=10000.0)
 
 
+def _smollm3(hp: Hparams, w: GGUFWriter) -> None:
+    # llama.cpp's SmolLM3Model is its LlamaModel (same header, q/k permute); the loader hard-codes
+    # "every 4th layer has no RoPE" (n_no_rope_layer_step = 4, no header key) and full attention.
+    n = int(hp["num_hidden_layers"])
+    want = [int((i + 1) % 4 != 0) for i in range(n)]
+    if list(hp.get("no_rope_layers") or want) != want:
+        raise UserError(f"config.json: no_rope_layers {hp['no_rope_layers']} cannot be exported; llama.cpp's "
+                        "smollm3 skips RoPE on every 4th layer only (no_rope_layer_interval 4)")
+    if hp.get("use_sliding_window") or any(t != "full_attention" for t in hp.get("layer_types") or ()):
+        raise UserError("config.json: SmolLM3 with sliding-window layers cannot be exported; llama.cpp's "
+                        "smollm3 has full attention only (set use_sliding_window: false)")
+    _llama(hp, w)
+
+
 def _granite(hp: Hparams, w: GGUFWriter) -> None:
     # llama.cpp's GraniteModel: the llama header (it ignores head_dim) plus the four multipliers,
     # written under llama.cpp's *_scale names; logits are divided by logits_scaling in both.
@@ -275,6 +289,12 @@ FAMILIES: tuple[Family, ...] = (
     # (llama.cpp splits them in the same order as HF); NEOX rope, so no permute.
     Family("Phi-3/Phi-4-mini", ("Phi3ForCausalLM",), ("phi3",), MODEL_ARCH.PHI3,
            write_hparams=_phi3, extra_tensors=longrope_factors),
+    # SmolLM3: llama-shaped (permute) with RoPE skipped on every 4th layer (checked in _smollm3).
+    Family("SmolLM3", ("SmolLM3ForCausalLM",), ("smollm3",), MODEL_ARCH.SMOLLM3, permute_qk=True,
+           write_hparams=_smollm3, extra_tensors=llama3_rope_freqs),
+    # OLMo 2: post-attention/post-feedforward norms only, QK-norm over the whole q/k projection;
+    # NEOX rope (no permute, so the q/k norm weights keep HF's order); the generic header.
+    Family("OLMo 2", ("Olmo2ForCausalLM",), ("olmo2",), MODEL_ARCH.OLMO2, write_hparams=_qwen),
     Family("Gemma 2", ("Gemma2ForCausalLM",), ("gemma2",), MODEL_ARCH.GEMMA2, norm_shift=1.0,
            write_hparams=_gemma2),
     Family("Gemma 3 (text)", ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"), ("gemma3_text", "gemma3"),
