@@ -109,7 +109,7 @@ _TEKKEN_DIR: list[Path] = []
 def tekken_tokenizer() -> Path:
     """A Mistral Nemo / Small 3 shaped tokenizer folder, built once per process (no asset on disk).
 
-    test_pretokenizer's tekken builder (byte-level BPE, tekken Split regex, ignore_merges) plus
+    test_pretokenizer's tekken builder (byte-level BPE, tekken Split regex, ignore_merges) with
     Mistral's control tokens, <s> added by the post-processor, and the Small 3 chat template.
     """
     if _TEKKEN_DIR:
@@ -122,9 +122,10 @@ def tekken_tokenizer() -> Path:
     from qlocal.export.gguf_vocab import TEKKEN_REGEX
     from test_pretokenizer import _byte_level, _split
 
-    tok = _byte_level(_split(TEKKEN_REGEX), ignore_merges=True)
-    tok.add_special_tokens(["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
-                            "<pad>"])
+    # Nemo's first five ids (<unk> <s> </s> [INST] [/INST]); no ChatML tokens, which llama.cpp would
+    # take for an end-of-turn token by their text.
+    specials = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "<pad>"]
+    tok = _byte_level(_split(TEKKEN_REGEX), ignore_merges=True, specials=specials)
     tok.post_processor = processors.TemplateProcessing(single="<s>:0 $A:0", pair="<s>:0 $A:0 <s>:1 $B:1",
                                                        special_tokens=[("<s>", tok.token_to_id("<s>"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",

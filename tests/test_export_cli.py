@@ -61,6 +61,9 @@ def test_export_end_to_end(qwen_run: Path, tmp_path: Path) -> None:
 FAMILY_TARGETS = {
     "granite": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
     "phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
+    "smollm3": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    "olmo2": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    "mistral_nemo": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
 }
 
 

@@ -44,13 +44,14 @@ def _text() -> list[str]:
     return corpus() + list(PROBES) * 2
 
 
-def _byte_level(pre: Any, ignore_merges: bool = False, normalizer: Any = None) -> Tokenizer:
+def _byte_level(pre: Any, ignore_merges: bool = False, normalizer: Any = None,
+                specials: list[str] = BYTE_SPECIALS) -> Tokenizer:
     tok = Tokenizer(models.BPE(ignore_merges=ignore_merges))
     if normalizer is not None:
         tok.normalizer = normalizer
     tok.pre_tokenizer = pre
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=BYTE_SPECIALS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_text(), trainer=trainer)
     return tok
