@@ -44,10 +44,11 @@ TOKENIZER_FOR_ARCH = {"qwen2": "qwen2", "llama": "llama3", "llama3": "llama3", "
                       "granite": "qwen2", "phi3": "llama3",
                       # SmolLM3 has Llama 3's tokenizer, OLMo 2 cl100k's (the same split); Mistral Nemo and
                       # Small 3 a tekken one (built by test_pretokenizer's builder, see tekken_tokenizer).
-                      "smollm3": "llama3", "olmo2": "llama3", "mistral_nemo": "tekken"}
+                      "smollm3": "llama3", "olmo2": "llama3", "mistral_nemo": "tekken",
+                      "qwen3moe": "qwen2"}  # Qwen3-MoE: Qwen's byte-level BPE, as Qwen3
 TINY_ARCHS = ("qwen2", "llama", "gemma3")
 EXPORT_ARCHS = ("qwen2", "qwen3", "llama", "llama31", "mistral", "gemma2", "gemma3", "granite", "phi3",
-                "smollm3", "olmo2", "mistral_nemo")
+                "smollm3", "olmo2", "mistral_nemo", "qwen3moe")
 
 
 # ---------------------------------------------------------------- options and markers
@@ -209,6 +210,14 @@ def _tiny_config(arch: str, tok: Any) -> Any:
         # Nemo/Small 3: MistralForCausalLM whose head_dim (32) is not hidden/heads (16), tekken vocab.
         return tf.MistralConfig(**common, tie_word_embeddings=False, head_dim=32, rope_theta=1_000_000.0,
                                 sliding_window=None)
+    if arch == "qwen3moe":
+        # Qwen3-30B-A3B's shape in small: every layer MoE, 4 experts of which 2 used, renormalised
+        # top-k weights (llama.cpp's only mode), head_dim != hidden/heads. Widths are multiples of
+        # 32 so Q8_0 covers the 3-D expert tensors; a larger init makes the router's choice and the
+        # experts' outputs move the logits (a wrong expert layout shows).
+        return tf.Qwen3MoeConfig(**common, tie_word_embeddings=False, head_dim=32, rope_theta=1_000_000.0,
+                                 num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                 norm_topk_prob=True, initializer_range=0.1)
     raise ValueError(f"unknown tiny arch {arch!r}; known: {EXPORT_ARCHS}")
 
 

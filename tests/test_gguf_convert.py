@@ -165,7 +165,7 @@ def test_other_outtypes_load(outtype: str, converted: Any) -> None:
     ("gemma2", "gemma2", "default", "llama"), ("gemma3", "gemma3", "default", "llama"),
     ("granite", "granite", "qwen2", "gpt2"), ("phi3", "phi3", "llama-bpe", "gpt2"),
     ("smollm3", "smollm3", "llama-bpe", "gpt2"), ("olmo2", "olmo2", "llama-bpe", "gpt2"),
-    ("mistral_nemo", "llama", "tekken", "gpt2"),
+    ("mistral_nemo", "llama", "tekken", "gpt2"), ("qwen3moe", "qwen3moe", "qwen2", "gpt2"),
 ])
 def test_metadata(arch: str, gguf_arch: str, pre: str, model: str, converted: Any) -> None:
     hf_dir, path = converted(arch)

@@ -95,8 +95,8 @@ class PlannedTensor:
 def _qtype_for(name: str, shape: tuple[int, ...], outtype: str) -> Any:
     from gguf import GGMLQuantizationType as Q
 
-    # llama.cpp keeps 1-D tensors (norms, biases) and rope factors in F32.
-    if len(shape) < 2 or outtype == "f32" or name.startswith("rope_freqs"):
+    # llama.cpp keeps 1-D tensors (norms, biases), rope factors and the MoE router in F32.
+    if len(shape) < 2 or outtype == "f32" or name.startswith("rope_freqs") or name.endswith("ffn_gate_inp.weight"):
         return Q.F32
     if outtype == "q8_0":
         # Q8_0 works in 32-element row blocks; llama.cpp falls back to F16 otherwise.
@@ -139,7 +139,10 @@ def plan_tensors(hf_dir: Path, hp: dict[str, Any], family: Any, outtype: str,
     n_head = int(hp["num_attention_heads"])
     n_kv = int(hp.get("num_key_value_heads") or n_head)
     plan: list[PlannedTensor] = []
-    for src, st in (tensors if tensors is not None else index_safetensors(hf_dir)).items():
+    source = tensors if tensors is not None else index_safetensors(hf_dir)
+    if family.regroup is not None:
+        source = family.regroup(source, hp)
+    for src, st in source.items():
         hf_name = hf_tensor_name(src)
         if hf_name is None or (hf_name == "lm_head.weight" and tied):
             continue  # llama.cpp falls back to token_embd for a tied output

@@ -34,6 +34,8 @@ class Family:
     norm_shift: float = 0.0          # Gemma stores RMSNorm weights as w-1 (HF computes x*(1+w))
     write_hparams: Callable[[Hparams, GGUFWriter], None] = lambda hp, w: None
     extra_tensors: Callable[[Hparams], Iterator[tuple[str, np.ndarray]]] = lambda hp: iter(())
+    # Rewrites the checkpoint's tensor dict before naming (MoE: per-expert weights stacked per layer).
+    regroup: Callable[[dict[str, Any], Hparams], dict[str, Any]] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -171,6 +173,37 @@ def _phi3(hp: Hparams, w: GGUFWriter) -> None:
                         "supported: default, longrope")
 
 
+def _qwen3moe(hp: Hparams, w: GGUFWriter) -> None:
+    # llama.cpp's Qwen3MoeModel: Qwen3's header plus expert count, experts used per token and the
+    # expert width (without it the loader guesses feed_forward_length / experts used).
+    from qlocal.export.gguf_experts import n_experts
+
+    _check_qwen3moe(hp)
+    _common(hp, w, rope_default=10000.0)
+    w.add_expert_count(n_experts(hp))
+    w.add_expert_used_count(int(hp["num_experts_per_tok"]))
+    w.add_expert_feed_forward_length(int(hp["moe_intermediate_size"]))
+
+
+def _check_qwen3moe(hp: Hparams) -> None:
+    """What llama.cpp's qwen3moe graph cannot run: dense layers, and top-k weights left unnormalised."""
+    if hp.get("mlp_only_layers") or int(hp.get("decoder_sparse_step") or 1) != 1:
+        raise UserError("config.json: Qwen3-MoE with dense layers (mlp_only_layers "
+                        f"{hp.get('mlp_only_layers')}, decoder_sparse_step {hp.get('decoder_sparse_step')}) "
+                        "cannot be exported; llama.cpp's qwen3moe makes every layer a MoE layer")
+    if not hp.get("norm_topk_prob"):
+        raise UserError("config.json: Qwen3-MoE with norm_topk_prob false cannot be exported; llama.cpp's "
+                        "qwen3moe always renormalises the top-k router weights (released Qwen3-MoE set true)")
+
+
+def qwen3moe_experts(tensors: dict[str, Any], hp: Hparams) -> dict[str, Any]:
+    """Qwen3-MoE's experts stacked per layer (gguf_experts), checked before anything is written."""
+    from qlocal.export.gguf_experts import stack_experts
+
+    _check_qwen3moe(hp)
+    return stack_experts(tensors, hp)
+
+
 def phi3_rope_dims(hp: Hparams) -> int:
     """Rotary dimensions per head: llama.cpp's int(partial_rotary_factor * hidden) // heads."""
     pct = hp.get("partial_rotary_factor") or rope_params(hp).get("partial_rotary_factor") or 1.0
@@ -277,6 +310,9 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 FAMILIES: tuple[Family, ...] = (
     Family("Qwen2/Qwen2.5", ("Qwen2ForCausalLM",), ("qwen2",), MODEL_ARCH.QWEN2, write_hparams=_qwen),
     Family("Qwen3", ("Qwen3ForCausalLM",), ("qwen3",), MODEL_ARCH.QWEN3, write_hparams=_qwen),
+    # Qwen3-MoE: Qwen3's attention, every layer's experts stacked into ffn_{gate,up,down}_exps.
+    Family("Qwen3-MoE", ("Qwen3MoeForCausalLM",), ("qwen3_moe",), MODEL_ARCH.QWEN3MOE,
+           write_hparams=_qwen3moe, regroup=qwen3moe_experts),
     Family("Llama 2/3.x", ("LlamaForCausalLM",), ("llama",), MODEL_ARCH.LLAMA, permute_qk=True,
            write_hparams=_llama, extra_tensors=llama3_rope_freqs),
     # llama.cpp writes Mistral (v0.1-v0.3, Nemo) as the llama arch; its sliding window is ignored there too.

@@ -153,6 +153,7 @@ def fallback_count(path: Path, quant: str) -> int:
     if not allowed:
         return 0
     reader = GGUFReader(str(path))
+    # llama.cpp never quantises a MoE router (ffn_gate_inp): kept as it is on purpose, not a fallback.
     return sum(1 for t in reader.tensors
                if len(t.shape) >= 2 and t.name.endswith(".weight") and "norm" not in t.name
-               and t.tensor_type.name not in allowed)
+               and "ffn_gate_inp" not in t.name and t.tensor_type.name not in allowed)

@@ -1,0 +1,190 @@
+"""Qwen3-MoE to GGUF: experts stacked per layer as llama.cpp expects, from either HF layout.
+
+test_gguf_convert covers the family end to end (tokens, logits, greedy vs HF); here: the expert
+tensors hold exactly HF's experts in llama.cpp's order, a checkpoint with transformers 5's stacked
+3-D layout converts to the same file, the stacking streams a few experts at a time, Q8_0 and a
+K-quant work on the 3-D tensors, and configs llama.cpp's qwen3moe cannot run stop in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gguf")
+pytest.importorskip("llama_cpp")
+torch = pytest.importorskip("torch")
+
+from test_gguf_convert import PROMPT, gguf_logits, hf_model, load_gguf, nmse, read_fields  # noqa: E402
+
+from qlocal.errors import UserError  # noqa: E402
+from qlocal.export import gguf as gguf_mod  # noqa: E402
+from qlocal.export.gguf import convert_hf_to_gguf, index_safetensors  # noqa: E402
+
+PROJ = ("gate", "up", "down")
+
+
+def _experts(hf_dir: Path, layer: int, proj: str) -> np.ndarray:
+    """HF's per-expert weights of one layer stacked (E, out, in), float32."""
+    index = index_safetensors(hf_dir)
+    n = json.loads((hf_dir / "config.json").read_text())["num_local_experts"]
+    return np.stack([index[f"model.layers.{layer}.mlp.experts.{e}.{proj}_proj.weight"].read() for e in range(n)])
+
+
+def _tensor_data(path: Path) -> dict[str, np.ndarray]:
+    return {name: np.asarray(t.data).copy() for name, t in read_fields(path)["_tensors"].items()}
+
+
+def test_experts_stacked_as_llama_cpp_expects(tiny_model_dir: Any, tmp_path: Path) -> None:
+    hf_dir = tiny_model_dir("qwen3moe")
+    path = convert_hf_to_gguf(hf_dir, tmp_path / "m.gguf", "f32")
+    f = read_fields(path)
+    assert f["qwen3moe.expert_count"] == 4 and f["qwen3moe.expert_used_count"] == 2
+    assert f["qwen3moe.expert_feed_forward_length"] == 64 and f["qwen3moe.attention.key_length"] == 32
+    t = f["_tensors"]
+    assert not any(".mlp." in name or "experts" in name for name in t)  # every expert tensor was stacked
+    index = index_safetensors(hf_dir)
+    for layer in range(2):
+        # GGUF shapes are reversed: ne = {in, out, experts}, llama.cpp's {n_embd, n_ff_exp, n_expert}.
+        assert list(t[f"blk.{layer}.ffn_gate_exps.weight"].shape) == [64, 64, 4]
+        assert list(t[f"blk.{layer}.ffn_gate_inp.weight"].shape) == [64, 4]
+        for proj in PROJ:
+            got = np.asarray(t[f"blk.{layer}.ffn_{proj}_exps.weight"].data)
+            np.testing.assert_array_equal(got, _experts(hf_dir, layer, proj))
+        router = np.asarray(t[f"blk.{layer}.ffn_gate_inp.weight"].data)
+        np.testing.assert_array_equal(router, index[f"model.layers.{layer}.mlp.gate.weight"].read())
+
+
+def _write_stacked_copy(src: Path, dst: Path) -> Path:
+    """`src` with transformers 5's in-memory expert layout on disk: gate_up_proj (E, 2*ff, hidden)
+    with gate rows first, down_proj (E, hidden, ff), as 3-D tensors without a .weight suffix."""
+    from safetensors.numpy import save_file
+
+    shutil.copytree(src, dst)
+    index = index_safetensors(src)
+    out = {k: v.read() for k, v in index.items() if ".mlp.experts." not in k}
+    for layer in range(2):
+        gate, up, down = (_experts(src, layer, p) for p in PROJ)
+        out[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = np.concatenate([gate, up], axis=1)
+        out[f"model.layers.{layer}.mlp.experts.down_proj"] = down
+    for f in dst.glob("*.safetensors"):
+        f.unlink()
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_stacked_checkpoint_layout_gives_the_same_file(tiny_model_dir: Any, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers 5's 3-D layout and the per-expert layout give identical tensors; and reading one
+    expert per chunk (the stacking streams experts) changes nothing."""
+    hf_dir = tiny_model_dir("qwen3moe")
+    ref = _tensor_data(convert_hf_to_gguf(hf_dir, tmp_path / "per-expert.gguf", "f16"))
+    stacked = _write_stacked_copy(hf_dir, tmp_path / "stacked")
+    assert "model.layers.0.mlp.experts.gate_up_proj" in index_safetensors(stacked)
+    got = _tensor_data(convert_hf_to_gguf(stacked, tmp_path / "stacked.gguf", "f16"))
+    assert got.keys() == ref.keys()
+    for name in ref:
+        np.testing.assert_array_equal(got[name], ref[name], err_msg=name)
+
+    reads: list[int] = []
+    original = gguf_mod.StTensor.read
+
+    def counting(self: Any, a: int = 0, b: int | None = None) -> np.ndarray:
+        x = original(self, a, b)
+        reads.append(x.nbytes)
+        return x
+
+    monkeypatch.setattr(gguf_mod, "CHUNK_BYTES", 64 * 64 * 4)  # one expert's fp32 bytes per chunk
+    monkeypatch.setattr(gguf_mod.StTensor, "read", counting)
+    small = _tensor_data(convert_hf_to_gguf(hf_dir, tmp_path / "chunked.gguf", "f16"))
+    for name in ref:
+        np.testing.assert_array_equal(small[name], ref[name], err_msg=name)
+    assert max(reads) <= 600 * 64 * 4  # the embedding (vocab x hidden); never a layer's 4 experts at once
+
+
+def test_q8_0_expert_tensors(tiny_model_dir: Any, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    hf_dir = tiny_model_dir("qwen3moe")
+    path = convert_hf_to_gguf(hf_dir, tmp_path / "m-q8_0.gguf", "q8_0")
+    t = read_fields(path)["_tensors"]
+    for proj in PROJ:
+        assert t[f"blk.0.ffn_{proj}_exps.weight"].tensor_type.name == "Q8_0"
+    assert t["blk.0.ffn_gate_inp.weight"].tensor_type.name == "F32"  # the router stays F32, as llama.cpp's
+    ids = AutoTokenizer.from_pretrained(hf_dir)(PROMPT)["input_ids"]
+    with torch.no_grad():
+        ref = hf_model(hf_dir)(torch.tensor([ids])).logits[0].numpy()
+    llm = load_gguf(path)
+    got = gguf_logits(llm, ids)
+    llm.close()
+    assert nmse(got, ref) < 0.05  # verify.py's q8_0 guide; measured ~3e-3
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.8
+
+
+def _wide_moe(out_dir: Path) -> Path:
+    """A one-layer Qwen3-MoE whose rows are multiples of 256, so K-quants need no fallback."""
+    import transformers as tf
+    from conftest import tokenizer_path
+
+    from qlocal.hf import pad_id
+
+    tok = tf.AutoTokenizer.from_pretrained(tokenizer_path("qwen3moe"))
+    config = tf.Qwen3MoeConfig(vocab_size=len(tok), hidden_size=256, num_hidden_layers=1, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=64, intermediate_size=512, max_position_embeddings=1024,
+                               num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256, norm_topk_prob=True,
+                               eos_token_id=tok.eos_token_id, pad_token_id=pad_id(tok), tie_word_embeddings=False,
+                               initializer_range=0.1)
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def test_kquant_on_expert_tensors(tmp_path: Path) -> None:
+    """llama.cpp's Q4_K_M quantises the 3-D expert tensors expert by expert, and the result still
+    picks HF's next tokens."""
+    from transformers import AutoTokenizer
+
+    from qlocal.export.quantize import quantize_gguf
+
+    hf_dir = _wide_moe(tmp_path / "wide")
+    f16 = convert_hf_to_gguf(hf_dir, tmp_path / "wide-f16.gguf", "f16")
+    rep = quantize_gguf(f16, tmp_path / "wide-q4_k_m.gguf", "q4_k_m")
+    assert rep.fallback_tensors == 0, rep.tensor_types
+    t = read_fields(tmp_path / "wide-q4_k_m.gguf")["_tensors"]
+    assert t["blk.0.ffn_gate_inp.weight"].tensor_type.name == "F32"  # llama.cpp never quantises the router
+    for proj in PROJ:
+        tensor = t[f"blk.0.ffn_{proj}_exps.weight"]
+        assert tensor.tensor_type.name in ("Q4_K", "Q5_K", "Q6_K") and list(tensor.shape)[-1] == 4
+    ids = AutoTokenizer.from_pretrained(hf_dir)(PROMPT)["input_ids"]
+    with torch.no_grad():
+        ref = hf_model(hf_dir)(torch.tensor([ids])).logits[0].numpy()
+    for path, limit in ((f16, 1e-3), (tmp_path / "wide-q4_k_m.gguf", 0.35)):
+        llm = load_gguf(path)
+        got = gguf_logits(llm, ids)
+        llm.close()
+        assert nmse(got, ref) < limit, path.name
+        assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.5, path.name
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"norm_topk_prob": False}, "norm_topk_prob false"),
+    ({"mlp_only_layers": [1]}, "dense layers"),
+    ({"decoder_sparse_step": 2}, "dense layers"),
+    ({"num_local_experts": 8}, "num_experts is 8"),
+])
+def test_what_llama_cpp_cannot_run_stops_in_one_line(change: dict[str, Any], message: str,
+                                                     tiny_model_dir: Any, tmp_path: Path) -> None:
+    src = tmp_path / "m"
+    shutil.copytree(tiny_model_dir("qwen3moe"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(UserError, match=message) as e:
+        convert_hf_to_gguf(src, tmp_path / "out.gguf", "f16")
+    assert "\n" not in str(e.value)
+    assert not list(tmp_path.glob("out.gguf*")) and not list(tmp_path.glob(".out.gguf*"))
