@@ -64,6 +64,9 @@ FAMILY_TARGETS = {
     "smollm3": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
     "olmo2": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
     "mistral_nemo": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    # transformers 5 keeps Qwen3-MoE's experts as 3-D parameters and its router as a bare parameter:
+    # no nn.Linear, so all-linear is the attention projections (the experts export untouched).
+    "qwen3moe": {"q_proj", "k_proj", "v_proj", "o_proj"},
 }
 
 
