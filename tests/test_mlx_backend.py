@@ -1,4 +1,4 @@
-"""MLX backend on tiny random Qwen2, Llama, Gemma 3 and Granite models (mlx[cpu] on Linux): real training.
+"""MLX backend on tiny random Qwen2, Llama, Gemma 3, Granite, SmolLM3, OLMo 2 and Mistral Nemo models (mlx[cpu] on Linux): real training.
 
 The torch comparisons need the torch extra too; everything skips cleanly without mlx.
 """
@@ -25,7 +25,7 @@ from train_helpers import (  # noqa: E402
     resume_to_end, sample_batches, subprocess_env, train_argv, train_cfg,
 )
 
-ARCHS = ("qwen2", "llama", "gemma3", "granite")
+ARCHS = ("qwen2", "llama", "gemma3", "granite", "smollm3", "olmo2", "mistral_nemo")
 
 
 def _cfg(model: Path, out: Path, name: str, **kw: object) -> config_mod.Config:
