@@ -1,4 +1,5 @@
-"""MLX backend on tiny random Qwen2, Llama, Gemma 3, Granite, SmolLM3, OLMo 2 and Mistral Nemo models (mlx[cpu] on Linux): real training.
+"""MLX backend on tiny random Qwen2, Llama, Gemma 3, Granite, SmolLM3, OLMo 2 and Mistral Nemo models
+(mlx[cpu] on Linux): real training.
 
 The torch comparisons need the torch extra too; everything skips cleanly without mlx.
 """
