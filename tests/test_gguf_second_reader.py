@@ -7,7 +7,8 @@ folder holding the file has no config.json) and undoes the writer's tensor trans
 row permutation, Gemma's norm shift, tied output), so a mistake made twice, in the writer and in
 our check, shows up here.
 
-Families: llama, mistral (written as llama), qwen2, qwen3, gemma2, gemma3, phi3. transformers' reader
+Families: llama, mistral and mistral_nemo (written as llama; Nemo's head_dim reaches the reader as
+rope.dimension_count), qwen2, qwen3, gemma2, gemma3, phi3. transformers' reader
 ignores some header keys, so some fixtures differ from conftest's:
   - qwen3 ignores attention.key_length: head_dim must be Qwen3Config's default (128).
   - gemma2/gemma3 don't carry query_pre_attn_scalar (llama.cpp scales by 1/sqrt(head_dim), the
@@ -17,7 +18,8 @@ ignores some header keys, so some fixtures differ from conftest's:
     window of 8 is shorter than the prompts, so the window itself is read and applied.
   - phi3 ignores rope.dimension_count and the LongRoPE factors: full rotary and plain rope (the
     fused attn_qkv/ffn_up layout is what this checks; llama.cpp checks partial rotary and LongRoPE).
-Granite is not a GGUF architecture transformers reads.
+Granite, SmolLM3 and OLMo 2 are not GGUF architectures transformers reads (transformers 5.24's
+GGUF_SUPPORTED_ARCHITECTURES has no granite, smollm3 or olmo2).
 Llama 3.1 rope scaling is not read by transformers' GGUF loader (it drops rope_freqs), so llama31
 is not covered here; verify.py compares it with llama.cpp.
 
@@ -81,7 +83,7 @@ def nmse(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a - b) ** 2).mean() / (b ** 2).mean())
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mistral_nemo"])
 def test_transformers_reads_our_f16_gguf(arch: str, tmp_path: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
