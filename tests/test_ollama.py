@@ -178,3 +178,24 @@ def test_ollama_create_runs_ollama_when_present(tmp_path: Path, monkeypatch) -> 
     monkeypatch.setenv("PATH", str(fake.parent))
     assert ollama_create("my-model", tmp_path, print) is True
     assert (tmp_path / "args").read_text().split() == ["create", "my-model", "-f", "Modelfile"]
+
+
+PLAIN_SHAPES = ("user", "system-user", "multi-turn", "system-multi-turn")
+
+
+def test_qwen3moe_modelfile(go_renderer: GoRenderer) -> None:
+    """Qwen3-MoE (Qwen3-30B-A3B, 235B-A22B) ships Qwen3's own template byte for byte: its Modelfile is
+    golden, and Ollama renders plain chats (system, multi-turn) exactly as that Jinja does. The
+    tools and thinking shapes are Qwen3's template's, covered with the tool-capable templates."""
+    template = (Path(__file__).parent / "assets" / "chat_templates" / "qwen3.jinja").read_text()
+    info = build_modelfile("model-q4_k_m.gguf", template, None, "<|im_end|>", None)
+    assert info.family == "chatml" and info.stops == ["<|im_end|>"] and info.system is None
+    golden = GOLDEN / "qwen3moe.Modelfile"
+    if os.environ.get("QLOCAL_UPDATE_GOLDEN") == "1":
+        golden.write_text(info.text, encoding="utf-8")
+    assert info.text == golden.read_text(encoding="utf-8")
+    res = go_renderer.run(_template_of(info.text),
+                          [{"messages": to_ollama(SHAPES[s][0]), "tools": None, "think": None} for s in PLAIN_SHAPES])
+    for shape, got, err in zip(PLAIN_SHAPES, res.renders, res.errors):
+        assert not err, (shape, err)
+        assert got == jinja_render(template, SHAPES[shape][0], None, None, None, "<|im_end|>"), shape
