@@ -203,7 +203,7 @@ def test_chunked_loss_equals_full(tiny_model_dir) -> None:
         assert torch.allclose(full, part, atol=1e-5) and torch.allclose(g_full, g_part, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["granite", "phi3", "gemma2", "smollm3", "olmo2", "mistral_nemo"])
+@pytest.mark.parametrize("arch", ["granite", "phi3", "gemma2", "smollm3", "olmo2", "mistral_nemo", "qwen3moe"])
 def test_loss_is_the_hf_models_own(arch: str, tiny_model_dir, tmp_path: Path) -> None:
     """Step-0 loss (B = 0) is the HF model's own cross-entropy: the head-on-targets-only path keeps
     what HF does after the head (Granite's logits_scaling, Gemma 2's final softcap)."""
