@@ -214,10 +214,13 @@ def test_alpaca_normalise() -> None:
 
 def test_sharegpt_and_messages_normalise() -> None:
     rec = {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "q"},
-                             {"from": "function_call", "value": "call()"}, {"from": "observation", "value": "42"},
-                             {"from": "gpt", "value": "It is 42."}]}
+                             {"from": "function_call", "value": '{"name": "answer", "arguments": {}}'},
+                             {"from": "observation", "value": "42"}, {"from": "gpt", "value": "It is 42."}]}
     roles = [m["role"] for m in normalise(rec, "sharegpt", "f:1").messages]
     assert roles == ["system", "user", "assistant", "tool", "assistant"]
+    rec["conversations"][2]["value"] = "call()"  # a function_call must be a JSON call (tests/test_tool_data.py)
+    with pytest.raises(UserError, match=r"f:1: 'conversations\[2\]\.value' is not valid JSON"):
+        normalise(rec, "sharegpt", "f:1")
     rec = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
                         {"role": "assistant", "content": "c"}]}
     assert normalise(rec, "messages", "f:2").messages[0] == {"role": "user", "content": "ab"}

@@ -175,13 +175,15 @@ def test_template_error_names_record() -> None:
         render(bad, t, resolve_chat_template(t, None)[0])
 
 
-def test_non_prefix_stable_template_falls_back_to_search() -> None:
+def test_non_prefix_stable_template_falls_back_to_sentinels() -> None:
     # Renders a running turn count in every header, so a prefix render never matches the full one.
+    # It writes no generation prompt either, so the assistant header is the model's to write and is
+    # trained, as with Mistral's templates (data.spans).
     template = ("{% for m in messages %}<{{ m['role'] }} {{ messages | length }}>{{ m['content'] }}"
                 "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}")
     t = tok("llama3")
     ex = render(CONVO, t, template)
-    assert trained_spans(ex, t) == [a + "<|eot_id|>" for a in ANSWERS]
+    assert trained_spans(ex, t) == [f"<assistant 7>{a}<|eot_id|>" for a in ANSWERS]
 
 
 # ---- property: rendering never crashes and always trains on every answer -----------------------

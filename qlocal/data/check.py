@@ -6,8 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from qlocal.data.formats import load_samples
+from qlocal.data.formats import Sample, load_samples
 from qlocal.data.render import Example, render, render_for_display
+from qlocal.data.tools import tool_stats
 
 
 def _stats_line(name: str, values: list[int]) -> str:
@@ -16,17 +17,36 @@ def _stats_line(name: str, values: list[int]) -> str:
             f"p95 {np.percentile(a, 95):.0f}  max {int(a.max())}")
 
 
+def _tool_lines(samples: list[Sample], train_on_reasoning: bool) -> list[str]:
+    """What the tool and reasoning data holds; nothing for a dataset without either."""
+    st = tool_stats(samples)
+    if not (st["with_tools"] or st["calls"] or st["results"] or st["reasoning_turns"]):
+        return []
+    names = ", ".join(st["names"][:12]) + (", ..." if len(st["names"]) > 12 else "")
+    lines = ["", "tools and reasoning:",
+             f"  tools           {len(st['names'])} schemas in {st['with_tools']} records" + (f" ({names})" if names else ""),
+             f"  tool calls      {st['calls']} ({st['parallel_turns']} turns with parallel calls), trained",
+             f"  tool results    {st['results']}, not trained"]
+    if st["reasoning_turns"]:
+        lines.append(f"  reasoning       {st['reasoning_turns']} assistant turns, "
+                     + ("trained" if train_on_reasoning else "not trained (data.train_on_reasoning: false)"))
+    return lines
+
+
 def check_report(path: str, tokenizer: Any, template: str, cfg_data: Any) -> str:
     """Text report for a data file: records per format, token-length statistics, truncation at
-    max_seq_len, and the first example rendered with its trained spans marked [[ ... ]]."""
+    max_seq_len, tools/calls/results/reasoning counts, and an example rendered with its trained
+    spans marked [[ ... ]] (the first that calls a tool, if any does)."""
     from qlocal.data.mapping import mapping_from_config
 
     samples, stats = load_samples(path, cfg_data.format, getattr(cfg_data, "split", "train"),
                                   skip_bad_lines=getattr(cfg_data, "skip_bad_lines", False),
-                                  mapping=mapping_from_config(cfg_data))
+                                  mapping=mapping_from_config(cfg_data), tools=getattr(cfg_data, "tools", None))
     max_len = cfg_data.max_seq_len
+    reasoning = getattr(cfg_data, "train_on_reasoning", True)
     # Render untruncated so the statistics show the real lengths.
-    examples: list[Example] = [render(s, tokenizer, template, cfg_data.train_on_prompt) for s in samples]
+    examples: list[Example] = [render(s, tokenizer, template, cfg_data.train_on_prompt, train_on_reasoning=reasoning)
+                               for s in samples]
     lengths = [len(e.input_ids) for e in examples]
     targets = [sum(e.loss_mask[1:]) for e in examples]
     too_long = [i for i, n in enumerate(lengths) if n > max_len]
@@ -52,6 +72,8 @@ def check_report(path: str, tokenizer: Any, template: str, cfg_data: Any) -> str
     no_targets = [s.where for s, n in zip(samples, targets) if n == 0]
     if no_targets:
         lines.append(f"  {len(no_targets)} examples have no trained tokens (first: {no_targets[0]})")
-    first = render(samples[0], tokenizer, template, cfg_data.train_on_prompt, max_len)
-    lines += ["", f"example {samples[0].where} (trained spans in [[ ]]):", render_for_display(first, tokenizer)]
+    lines += _tool_lines(samples, reasoning)
+    shown = next((s for s in samples if any(m.get("tool_calls") for m in s.messages)), samples[0])
+    first = render(shown, tokenizer, template, cfg_data.train_on_prompt, max_len, train_on_reasoning=reasoning)
+    lines += ["", f"example {shown.where} (trained spans in [[ ]]):", render_for_display(first, tokenizer)]
     return "\n".join(lines)

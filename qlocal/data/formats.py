@@ -4,6 +4,7 @@ Formats (chosen by the keys present, like mlx-lm's tuner/datasets.py):
   alpaca      instruction + output (optional input, system, history=[[q, a], ...])
   sharegpt    conversations: [{from, value}]  (human/user, gpt/assistant/model, system, tool, ...)
   messages    messages: [{role, content}]     (OpenAI; content a string or [{type: text, text}])
+                                              tools, tool calls, tool results and reasoning: data/tools.py
   completion  prompt + completion             (rendered through the chat template as user/assistant)
   text        text                            (raw text, every token trained)
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from qlocal import hf
+from qlocal.data import tools as tooldata
 from qlocal.errors import UserError
 
 FORMATS = ("alpaca", "sharegpt", "messages", "completion", "text")
@@ -38,12 +40,14 @@ ROLES = {
 
 @dataclass
 class Sample:
-    """One normalised record: a chat (list of {role, content}) or a plain text."""
+    """One normalised record: a chat (list of {role, content}, plus the tool/reasoning keys of
+    qlocal.data.tools) or a plain text."""
 
     kind: str  # "chat" or "text"
-    messages: list[dict[str, str]] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
     text: str = ""
     where: str = ""  # "file:LINE" of the record, for error messages further down the line
+    tools: list[dict] | None = None  # function schemas the template renders (OpenAI shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,7 +263,7 @@ def _content(value: Any, where: str, key: str) -> str:
     raise UserError(f"{where}: '{key}' must be a string or a list of {{type: text, text}} parts; {SKIP_HINT}")
 
 
-def _turns(record: dict, key: str, fmt: str, where: str) -> list[dict[str, str]]:
+def _turns(record: dict, key: str, fmt: str, where: str) -> list[dict[str, Any]]:
     turns = record.get(key)
     if not isinstance(turns, list) or not turns:
         raise UserError(f"{where}: '{key}' must be a non-empty list of turns ({fmt} record); {SKIP_HINT}")
@@ -275,10 +279,21 @@ def _turns(record: dict, key: str, fmt: str, where: str) -> list[dict[str, str]]
         if not isinstance(role, str) or role.lower() not in ROLES:
             raise UserError(f"{where}: '{loc}.{role_key}' is {role!r}; use one of "
                             f"{', '.join(sorted(set(ROLES)))}; {SKIP_HINT}")
-        if content is None:
+        chat_role = ROLES[role.lower()]
+        if chat_role == "tool":  # a result may be text, text parts or any JSON value
+            if isinstance(content, list) and content and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                content = _content(content, where, f"{loc}.{content_key}")
+            messages.append(tooldata.tool_turn(turn, content, where, loc))
+            continue
+        if content is None and chat_role != "assistant":  # an assistant may only call tools
             raise UserError(f"{where}: '{loc}' has no '{content_key}'; {SKIP_HINT}")
-        messages.append({"role": ROLES[role.lower()], "content": _content(content, where, f"{loc}.{content_key}")})
-    return messages
+        is_call = role.lower() == "function_call"  # its value is the call itself, parsed in data.tools
+        text = content if content is None or is_call else _content(content, where, f"{loc}.{content_key}")
+        if chat_role == "assistant":
+            messages.append(tooldata.assistant_turn(turn, text, role.lower(), where, loc))
+        else:
+            messages.append({"role": chat_role, "content": text})
+    return tooldata.link_results(messages)
 
 
 def normalise(record: dict, fmt: str, where: str) -> Sample:
@@ -290,6 +305,10 @@ def normalise(record: dict, fmt: str, where: str) -> Sample:
         system = record.get("system")  # LLaMA-Factory sharegpt keeps the system prompt beside the turns
         if isinstance(system, str) and system and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system})
+        tools = tooldata.parse_tools(record.get("tools"), where)
+        if not any(m["role"] == "assistant" for m in messages):
+            raise UserError(f"{where}: the conversation has no assistant turn, so there is nothing to train on; {SKIP_HINT}")
+        return Sample("chat", messages=messages, where=where, tools=tools)
     elif fmt == "alpaca":
         instruction = _str(record, "instruction", fmt, where)
         extra = _str(record, "input", fmt, where, optional=True)
@@ -315,17 +334,19 @@ def normalise(record: dict, fmt: str, where: str) -> Sample:
 
 
 def load_samples(path: str, fmt: str = "auto", split: str = "train", skip_bad_lines: bool = False,
-                 mapping: Any = None) -> tuple[list[Sample], dict[str, Any]]:
+                 mapping: Any = None, tools: str | None = None) -> tuple[list[Sample], dict[str, Any]]:
     """Load, detect and normalise every record of `path`.
 
     With fmt="auto" all records must share one format. `mapping` (a qlocal.data.mapping.Mapping)
     maps other dataset shapes first; records it turns into chats count as format "mapped".
+    `tools` (data.tools) names a JSON file of function schemas for chats that carry none of their own.
     Returns (samples, stats) where stats is
     {"format": name, "counts": {name: n}, "skipped": n, "skipped_where": [first few locations]}.
     """
     if fmt != "auto" and fmt not in FORMATS:
         raise UserError(f"data.format '{fmt}' is not known; use auto, {', '.join(FORMATS)}")
     skipped: list[str] = []
+    shared_tools = tooldata.load_tools_file(tools) if tools else None
     records = load_records(path, split, skipped if skip_bad_lines else None)
     chosen, first_where = (None, "") if fmt == "auto" else (fmt, "--format")
     samples: list[Sample] = []
@@ -348,6 +369,8 @@ def load_samples(path: str, fmt: str = "auto", split: str = "train", skip_bad_li
                 raise UserError(f"{where}: record is {this} but the file's first record ({first_where}) is {chosen}; "
                                 "one file must hold one format: fix the record or pass --skip-bad-lines")
             sample = normalise(rec, this, where)
+            if shared_tools and sample.kind == "chat" and not sample.tools:
+                sample.tools = shared_tools
             samples.append(mapping.add_system(sample, original, where) if mapping is not None else sample)
         except UserError:
             if not skip_bad_lines:

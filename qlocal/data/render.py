@@ -2,7 +2,10 @@
 
 loss_mask[t] == 1 means token t is a training target (predicted from tokens < t). Every backend
 computes mean next-token cross-entropy over targets: logits[t] predict input_ids[t+1], weighted by
-loss_mask[t+1]. By default only assistant turns (content + end-of-turn tokens) are targets.
+loss_mask[t+1]. By default only assistant turns (content, tool-call text, thinking and end-of-turn
+tokens) are targets; tool schemas, system, user turns and tool results are not (data.spans says
+how a turn is found). Tools and reasoning go to the template as data (`tools=`, the message keys of
+qlocal.data.tools, its thinking switch such as Qwen3's `enable_thinking`).
 
 Framework-free: the tokenizer is a Hugging Face tokenizer passed in; nothing imports torch or mlx.
 """
@@ -13,8 +16,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from qlocal.chat_families import end_of_turn_tokens
+from qlocal.chat_families import detect, end_of_turn_tokens
 from qlocal.data.formats import Sample
+from qlocal.data.spans import assistant_spans
 from qlocal.errors import UserError
 
 # Markers render_for_display puts around trained spans; plain ASCII so they survive logs and files.
@@ -39,13 +43,56 @@ def adds_bos(tokenizer: Any) -> bool:
     return bool(with_special) and with_special[0] == bos
 
 
-def _apply(tokenizer: Any, messages: list[dict[str, str]], template: str, gen: bool, where: str) -> str:
+def _apply(tokenizer: Any, messages: list[dict[str, Any]], template: str, gen: bool, where: str,
+           extra: dict[str, Any] | None = None) -> str:
     try:
         return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=gen)
+                                             add_generation_prompt=gen, **(extra or {}))
     except Exception as e:  # jinja raise_exception, undefined keys, ...
         raise UserError(f"{where}: the chat template cannot render this conversation ({e}); "
                         "fix the record, pass --skip-bad-lines, or choose another --chat-template") from None
+
+
+def chat_inputs(sample: Sample, template: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The messages and template variables for rendering `sample` with `template`.
+
+    Reasoning goes where the template reads it: `reasoning_content` (Qwen3, DeepSeek), a message's
+    `thinking` (gpt-oss), else inline as <think>...</think> before the answer (the family's tags
+    when the table names them): a template with no thinking of its own would drop it. Tool data on a
+    template that never renders tools is an error rather than silently lost.
+    """
+    messages = sample.messages
+    calls = any(m.get("tool_calls") for m in messages)
+    if (sample.tools and not re.search(r"\btools\b", template)) or (calls and "tool_calls" not in template):
+        what = "tool calls" if calls else "tool schemas"
+        raise UserError(f"{sample.where}: the record has {what} but the chat template never renders them "
+                        "(Gemma and the plain fallbacks have no tool format); choose a tool-capable template with "
+                        "--chat-template FILE.jinja (e.g. a Hermes-style ChatML one, see configs/tools_sample.yaml)")
+    extra: dict[str, Any] = {"tools": sample.tools} if sample.tools else {}
+    thinks = any(m.get("reasoning_content") for m in messages)
+    if "enable_thinking" in template:  # the template's switch: on for data that thinks, off otherwise
+        extra["enable_thinking"] = thinks
+    if not thinks or "reasoning_content" in template:
+        return messages, extra
+    if re.search(r"""\.thinking\b|\[['"]thinking['"]\]""", template):
+        return [_rekey(m, "thinking") for m in messages], extra
+    fam = detect(template)
+    open_tag, close_tag = (fam.thinking_tags if fam and fam.thinking_tags else ("<think>", "</think>"))
+    inline = []
+    for m in messages:
+        if m.get("reasoning_content"):
+            think = f"{open_tag}\n{m['reasoning_content']}\n{close_tag}\n\n"
+            m = {**{k: v for k, v in m.items() if k != "reasoning_content"}, "content": think + m["content"]}
+        inline.append(m)
+    return inline, extra
+
+
+def _rekey(message: dict[str, Any], key: str) -> dict[str, Any]:
+    if "reasoning_content" not in message:
+        return message
+    out = {k: v for k, v in message.items() if k != "reasoning_content"}
+    out[key] = message["reasoning_content"]
+    return out
 
 
 def _end_tokens(tokenizer: Any) -> list[str]:
@@ -55,7 +102,7 @@ def _end_tokens(tokenizer: Any) -> list[str]:
                                                     if getattr(t, "special", False)}
     known = set(end_of_turn_tokens())
     ends = {t for t in specials if t in known or (
-        re.search(r"end|eot|eos|</s>", t, re.I) and not re.search(r"header|start|begin", t, re.I))}
+        re.search(r"end|eot|eom|eos|</s>", t, re.I) and not re.search(r"header|start|begin", t, re.I))}
     if tokenizer.eos_token:
         ends.add(tokenizer.eos_token)
     return sorted(ends, key=len, reverse=True)
@@ -78,56 +125,48 @@ def _locate(full: str, content: str, pos: int, ends: list[str]) -> tuple[int, in
     return start, end
 
 
-def _assistant_spans(sample: Sample, tokenizer: Any, template: str, full: str) -> list[tuple[int, int]]:
-    """Character spans of every assistant turn (content + end-of-turn) in the rendered string."""
-    msgs = sample.messages
+def _assistant_spans(sample: Sample, messages: list[dict[str, Any]], tokenizer: Any, template: str, full: str,
+                     extra: dict[str, Any], train_on_reasoning: bool) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Character spans of every assistant turn in the rendered string (see data.spans), and the
+    spans to leave untrained inside them: each turn's reasoning text without train_on_reasoning
+    (its tags stay trained, so the model still opens and closes its thinking)."""
+    ends = _end_tokens(tokenizer)
+    found = assistant_spans(messages, lambda msgs, gen: _apply(tokenizer, msgs, template, gen, sample.where, extra),
+                            full, ends, lambda msg, pos: _locate(full, msg["content"], pos, ends))
+    turns = [m for m in sample.messages if m["role"] == "assistant"]
     spans: list[tuple[int, int]] = []
-    pos = 0
-    ends: list[str] | None = None
-    for i, msg in enumerate(msgs):
-        if msg["role"] != "assistant":
-            continue
-        span = None
-        if i > 0:
-            # Prefix method: what the template adds for this turn beyond "prompt + generation
-            # header" is exactly the assistant's part, for any prefix-stable template.
-            try:
-                prefix = _apply(tokenizer, msgs[:i], template, True, sample.where)
-                upto = _apply(tokenizer, msgs[: i + 1], template, False, sample.where)
-            except UserError:
-                prefix = upto = ""
-            if prefix and full.startswith(upto) and len(upto) > len(prefix) >= pos and upto.startswith(prefix):
-                span = (len(prefix), len(upto))
+    cut: list[tuple[int, int]] = []
+    for n, (span, msg) in enumerate(zip(found, turns)):
         if span is None:
-            if ends is None:
-                ends = _end_tokens(tokenizer)
-            span = _locate(full, msg["content"], pos, ends)
-        if span is None:
-            raise UserError(f"{sample.where}: cannot find assistant turn {i} in the rendered chat template "
+            raise UserError(f"{sample.where}: cannot find assistant turn {n + 1} in the rendered chat template "
                             "(the template drops or rewrites it); choose another --chat-template or pass --skip-bad-lines")
+        reasoning = (msg.get("reasoning_content") or "").strip()
+        at = full.find(reasoning, *span) if reasoning and not train_on_reasoning else -1
+        if at >= 0:
+            cut.append((at, at + len(reasoning)))
         spans.append(span)
-        pos = span[1]
-    return spans
+    return spans, cut
 
 
-def _tokens_in_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
-    mask = [0] * len(offsets)
-    for t, (s, e) in enumerate(offsets):
-        for a, b in spans:
-            # A token that straddles a span edge is trained: it carries assistant text.
-            if (s < b and e > a) or (s == e and a <= s < b):
-                mask[t] = 1
-                break
-    return mask
+def _overlaps(s: int, e: int, spans: list[tuple[int, int]]) -> bool:
+    return any((s < b and e > a) or (s == e and a <= s < b) for a, b in spans)
+
+
+def _tokens_in_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]],
+                     cut: list[tuple[int, int]] | None = None) -> list[int]:
+    # A token that straddles a span edge is trained: it carries assistant text; one that touches
+    # a cut span (untrained reasoning) is not: it carries reasoning.
+    return [int(_overlaps(s, e, spans) and not (cut and _overlaps(s, e, cut))) for s, e in offsets]
 
 
 def render(sample: Sample, tokenizer: Any, template: str, train_on_prompt: bool = False,
-           max_seq_len: int | None = None) -> Example:
+           max_seq_len: int | None = None, train_on_reasoning: bool = True) -> Example:
     """Render a Sample through the chat template and tokenise it into an Example.
 
-    chat: assistant contents + their end-of-turn tokens are targets (all but a leading bos with
-    train_on_prompt). text: bos (if the tokenizer adds one) + text + eos, all targets but bos.
-    Longer than max_seq_len -> cut to max_seq_len with truncated=True.
+    chat: assistant turns (text, tool calls, thinking unless not train_on_reasoning) + their
+    end-of-turn tokens are targets (all but a leading bos with train_on_prompt). text: bos (if the
+    tokenizer adds one) + text + eos, all targets but bos. Longer than max_seq_len -> cut to
+    max_seq_len with truncated=True.
     """
     bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
     if sample.kind == "text":
@@ -136,12 +175,14 @@ def render(sample: Sample, tokenizer: Any, template: str, train_on_prompt: bool 
             ids.append(tokenizer.eos_token_id)
         mask = [1] * len(ids)
     else:
-        full = _apply(tokenizer, sample.messages, template, False, sample.where)
+        messages, extra = chat_inputs(sample, template)
+        full = _apply(tokenizer, messages, template, False, sample.where, extra)
         # Templates carry their own bos, so the tokenizer must not add another.
         enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
         mask = [1] * len(ids) if train_on_prompt else _tokens_in_spans(
-            [tuple(o) for o in enc["offset_mapping"]], _assistant_spans(sample, tokenizer, template, full))
+            [tuple(o) for o in enc["offset_mapping"]],
+            *_assistant_spans(sample, messages, tokenizer, template, full, extra, train_on_reasoning))
     if bos is not None and (not ids or ids[0] != bos):
         # A template without bos on a model trained with one (e.g. chatml on Llama): add it, as
         # inference through llama.cpp would.
