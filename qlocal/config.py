@@ -73,6 +73,12 @@ class DataConfig:
     the mapped label is the answer."""
     label_field: str = "label"
     """The record field label_map translates."""
+    tools: str | None = None
+    """A JSON file of function schemas (a list, OpenAI shape) for chat records that carry no `tools`
+    of their own; the chat template renders them (masked). See qlocal.data.tools."""
+    train_on_reasoning: bool = True
+    """Train on assistant reasoning (reasoning_content / thinking / <think> blocks); off leaves the
+    thinking text without loss but still trains its tags and the answer."""
 
 
 @dataclass

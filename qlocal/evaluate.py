@@ -211,12 +211,14 @@ def evaluate(target: str, opts: EvalOptions, quiet: bool = False) -> dict[str, A
     dc = cfg.data
     mapping = mapping_from_config(dc)
     # The format is detected per file: the test file may be shaped differently from the training one.
-    samples, stats = load_samples(opts.data, "auto", opts.split, skip_bad_lines=dc.skip_bad_lines, mapping=mapping)
+    samples, stats = load_samples(opts.data, "auto", opts.split, skip_bad_lines=dc.skip_bad_lines, mapping=mapping,
+                                  tools=getattr(dc, "tools", None))
     examples, truncated, dropped = [], 0, 0
     drop_long = getattr(dc, "drop_long", False)  # as training treats examples longer than max_seq_len
     if scorer.tokenizer is not None:
         for s in samples:
-            ex = render(s, scorer.tokenizer, scorer.template, dc.train_on_prompt, dc.max_seq_len)
+            ex = render(s, scorer.tokenizer, scorer.template, dc.train_on_prompt, dc.max_seq_len,
+                        train_on_reasoning=getattr(dc, "train_on_reasoning", True))
             if ex.truncated and drop_long:
                 dropped += 1
                 continue

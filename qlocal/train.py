@@ -62,14 +62,15 @@ def prepare_data(cfg: Config, tokenizer: Any, template_choice: str | None) -> Pr
     template, template_name = resolve_chat_template(tokenizer, template_choice)
     dc = cfg.data
     mapping = mapping_from_config(dc)  # None unless the config maps another dataset shape
-    samples, stats = load_samples(dc.path, dc.format, dc.split, skip_bad_lines=dc.skip_bad_lines, mapping=mapping)
+    samples, stats = load_samples(dc.path, dc.format, dc.split, skip_bad_lines=dc.skip_bad_lines, mapping=mapping,
+                                  tools=dc.tools)
     if stats.get("skipped") and distributed.from_env().is_main:
         print(f"warning: skipped {stats['skipped']} bad records in {dc.path} "
               f"(first: {', '.join(stats.get('skipped_where', []))})", file=sys.stderr)
     val_samples: list[Any] = []
     if dc.val_path:
         val_samples, _ = load_samples(dc.val_path, dc.format, dc.split, skip_bad_lines=dc.skip_bad_lines,
-                                      mapping=mapping)
+                                      mapping=mapping, tools=dc.tools)
     elif dc.val_split > 0:
         order = np.random.default_rng(cfg.train.seed).permutation(len(samples))
         n_val = max(1, round(len(samples) * dc.val_split))
@@ -79,8 +80,8 @@ def prepare_data(cfg: Config, tokenizer: Any, template_choice: str | None) -> Pr
         samples = [samples[i] for i in sorted(order[n_val:])]
 
     def render_all(items: list[Any]) -> list[Any]:
-        return [render(s, tokenizer, template, train_on_prompt=dc.train_on_prompt, max_seq_len=dc.max_seq_len)
-                for s in items]
+        return [render(s, tokenizer, template, train_on_prompt=dc.train_on_prompt, max_seq_len=dc.max_seq_len,
+                       train_on_reasoning=dc.train_on_reasoning) for s in items]
 
     train, val = render_all(samples), render_all(val_samples)
     dropped = 0
