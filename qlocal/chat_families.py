@@ -31,6 +31,18 @@ A format known only by its end token (no faithful fallback or Go template writte
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+_OLLAMA = Path(__file__).resolve().parent / "ollama_templates"
+
+
+def _ollama(name: str) -> tuple[str, str]:
+    """(Go TEMPLATE, reference Jinja) of qlocal/ollama_templates/NAME; _json.gotmpl holds the
+    shared defines that print JSON the way Python's json.dumps does (transformers' tojson)."""
+    def read(file: str) -> str:
+        return (_OLLAMA / file).read_text(encoding="utf-8")
+
+    return read("_json.gotmpl") + read(f"{name}.gotmpl"), read(f"{name}.jinja")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +65,9 @@ class ChatFamily:
     """(issue 15) Tag that opens a tool call in assistant text, e.g. "<tool_call>"."""
     thinking_tags: tuple[str, str] | None = None
     """(issue 15) Open and close tags around reasoning text, e.g. ("<think>", "</think>")."""
+    reference: str | None = None
+    """A model's own Jinja template that `go_template` was proven against with Go's text/template
+    (tests/test_ollama.py); export uses this family only for a template that renders like it."""
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -76,7 +91,7 @@ _TABLE = [
         ),
     ),
     ChatFamily(
-        name="llama3", marker="<|start_header_id|>", end_of_turn=("<|eot_id|>",),
+        name="llama3", marker="<|start_header_id|>", end_of_turn=("<|eot_id|>", "<|eom_id|>"),
         jinja=(
             "{{- bos_token or '' }}"
             "{%- for message in messages %}"
@@ -170,6 +185,21 @@ _TABLE = [
             "{{- end }}### Response:\n"
         ),
     ),
+]
+
+# Tool-calling (and thinking) formats of real models, after the generic families so detect() still
+# names the generic one: export.ollama picks one of these only when the run's template renders like
+# its `reference` on probe chats (tools, calls, results, reasoning), else falls back as before.
+_TOOLS = {"marker": "<tool_call>", "end_of_turn": ("<|im_end|>",), "tool_call_tag": "<tool_call>"}
+_TABLE += [
+    ChatFamily(name="qwen2.5", **_TOOLS, go_template=_ollama("qwen2.5")[0], reference=_ollama("qwen2.5")[1]),
+    ChatFamily(name="qwen3", **_TOOLS, thinking_tags=("<think>", "</think>"), go_template=_ollama("qwen3")[0],
+               reference=_ollama("qwen3")[1]),
+    ChatFamily(name="hermes", **_TOOLS, go_template=_ollama("hermes")[0], reference=_ollama("hermes")[1]),
+    ChatFamily(name="llama3.1", marker="<|start_header_id|>", end_of_turn=("<|eot_id|>", "<|eom_id|>"),
+               tool_call_tag="{", go_template=_ollama("llama3.1")[0], reference=_ollama("llama3.1")[1]),
+    ChatFamily(name="mistral-v3", marker="[TOOL_CALLS]", tool_call_tag="[TOOL_CALLS][",
+               go_template=_ollama("mistral-v3")[0], reference=_ollama("mistral-v3")[1]),
 ]
 
 FAMILIES: dict[str, ChatFamily] = {f.name: f for f in _TABLE}

@@ -79,11 +79,15 @@ def default_system(template: str, bos_token: str | None, eos_token: str | None) 
     return None
 
 
-def stop_strings(family: str | None, eos_token: str | None, derived_suffix: str | None = None) -> list[str]:
-    """Every end-of-turn token text for the family, plus the tokenizer's EOS, deduplicated."""
+def stop_strings(family: str | None, eos_token: str | None, derived_suffix: str | None = None,
+                 template: str | None = None) -> list[str]:
+    """Every end-of-turn token text for the family that `template` can write (all of them when no
+    template is given), plus the tokenizer's EOS, deduplicated."""
     stops: list[str] = []
     known = chat_families.family(family)
     eots = list(known.stop_strings) if known else []
+    if template is not None:  # e.g. <|eom_id|> only where the template writes it (Llama 3.1)
+        eots = [t for t in eots if t in template] or eots[:1]
     if not eots and derived_suffix:
         eots = [derived_suffix.strip()]
     for s in (*eots, eos_token):
@@ -170,11 +174,17 @@ def build_modelfile(gguf_file: str, template: str, bos_token: str | None, eos_to
     `system` (from --system) wins over a default system prompt built into the template.
     `adapter_file` adds an ADAPTER line (GGUF LoRA applied on top of FROM).
     """
-    known = chat_families.detect(template)
+    if system is None:
+        system = default_system(template, bos_token, eos_token)
+    known = _faithful_tool_family(template, bos_token, eos_token, system) or chat_families.detect(template)
     family = known.name if known else None
     notes: list[str] = []
     suffix = None
-    if known is not None and known.go_template is not None:
+    if known is not None and known.reference is None and _renders_tools_or_thinking(template, bos_token, eos_token):
+        go, source = "", "gguf"
+        notes.append("the chat template renders tools or reasoning and no TEMPLATE qlocal has was proven to "
+                     "render it the same; no TEMPLATE line: Ollama will use the chat template stored in the GGUF")
+    elif known is not None and known.go_template is not None:
         go = known.go_template.replace("{EOS}", _go_literal(eos_token or ""))
         source = "family"
     else:
@@ -189,11 +199,11 @@ def build_modelfile(gguf_file: str, template: str, bos_token: str | None, eos_to
             go, source = "", "gguf"
             notes.append(f"{why} and too complex to derive; no TEMPLATE line: "
                          "Ollama will use the chat template stored in the GGUF")
-    stops = stop_strings(family, eos_token, suffix)
-    if system is None:
-        system = default_system(template, bos_token, eos_token)
+    stops = stop_strings(family, eos_token, suffix, template)
     lines = [f"# Made by qlocal export. Chat family: {family or 'unknown'} (template: {source}).",
              f"FROM ./{gguf_file}"]
+    if go and known is not None and known.reference is not None:
+        lines.insert(1, "# " + _capabilities(known))
     if adapter_file:
         lines.append(f"ADAPTER ./{adapter_file}")
     if go:
@@ -206,6 +216,31 @@ def build_modelfile(gguf_file: str, template: str, bos_token: str | None, eos_to
         short = f'"{stop}"' if '"' not in stop else quote_value(stop, "a stop string")
         lines.append(f"PARAMETER stop {short}")
     return ModelfileInfo("\n".join(lines) + "\n", family or "unknown", stops, system, source, notes)
+
+
+def _faithful_tool_family(template: str, bos: str | None, eos: str | None,
+                          system: str | None) -> chat_families.ChatFamily | None:
+    """The tool-calling family whose proven TEMPLATE renders like `template` on every probe chat."""
+    candidates = [f for f in chat_families.FAMILIES.values() if f.reference and f.marker in template]
+    if not candidates:
+        return None
+    from qlocal.export.ollama_probes import renders_like
+
+    return next((f for f in candidates if renders_like(template, f.reference or "", bos, eos, system)), None)
+
+
+def _renders_tools_or_thinking(template: str, bos: str | None, eos: str | None) -> bool:
+    from qlocal.export.ollama_probes import renders_thinking, renders_tools
+
+    return renders_tools(template, bos, eos) or renders_thinking(template, bos, eos)
+
+
+def _capabilities(known: chat_families.ChatFamily) -> str:
+    """The Modelfile comment saying what Ollama will find in this TEMPLATE (`ollama show`)."""
+    caps = [f"tools (call tag {known.tool_call_tag})"] if known.tool_call_tag else []
+    if known.thinking_tags:
+        caps.append("thinking ({} ... {})".format(*known.thinking_tags))
+    return "Ollama capabilities from this TEMPLATE: " + (", ".join(caps) or "completion only")
 
 
 def ollama_create(name: str, modelfile_dir: Any, echo: Callable[[str], None] = print) -> bool:

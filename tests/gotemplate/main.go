@@ -717,7 +717,7 @@ func main() {
 		think := false
 		if req.Think != nil {
 			think = *req.Think
-			if think && !canThink {
+			if think && !canThink && errText == "" {
 				errText = "does not support thinking"
 			}
 		} else if canThink {
