@@ -88,6 +88,23 @@ def test_family_trains_and_exports(arch: str, tiny_model_dir, tmp_path: Path) ->
     assert q8["quant"] == "q8_0" and q8["passed"]
 
 
+def test_qwen3moe_mlx_run_exports(tiny_model_dir, tmp_path: Path) -> None:
+    """An MLX-trained Qwen3-MoE run adapts what torch does (mlx-lm's router is an nn.Linear, but PEFT
+    on transformers 5 cannot adapt it), so its adapter loads on torch and the export verifies."""
+    pytest.importorskip("mlx_lm")
+    import yaml
+
+    run = _train(tiny_model_dir("qwen3moe"), tmp_path / "runs", "m", "--iters", "3", "--backend", "mlx", "--lr", "0.02")
+    resolved = yaml.safe_load((run / "config.yaml").read_text())["resolved"]
+    assert set(resolved["target_modules"]) == FAMILY_TARGETS["qwen3moe"]
+    out = tmp_path / "export"
+    r = run_qlocal("export", run, "--gguf", "--quant", "f16", "--out", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    verify = json.loads((out / "verify.json").read_text())
+    assert verify["passed"] and verify["reference"] == "base + adapter (fp32)"
+    assert verify["files"][0]["nmse"] < 1e-3 and verify["files"][0]["greedy_agree"] == 1.0
+
+
 def test_adapter_only(qwen_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "lora"
     r = run_qlocal("export", qwen_run, "--adapter-only", "--quant", "f16", "--out", out)

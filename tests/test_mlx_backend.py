@@ -26,7 +26,7 @@ from train_helpers import (  # noqa: E402
     resume_to_end, sample_batches, subprocess_env, train_argv, train_cfg,
 )
 
-ARCHS = ("qwen2", "llama", "gemma3", "granite", "smollm3", "olmo2", "mistral_nemo")
+ARCHS = ("qwen2", "llama", "gemma3", "granite", "smollm3", "olmo2", "mistral_nemo", "qwen3moe")
 
 
 def _cfg(model: Path, out: Path, name: str, **kw: object) -> config_mod.Config:
@@ -206,6 +206,9 @@ def test_hf5_config_translation() -> None:
     with pytest.raises(UserError, match="not periodic"):
         hf_config_overrides({"model_type": "gemma3_text", "layer_types": ["full_attention", "sliding_attention", "sliding_attention"]})
     assert hf_config_overrides({"model_type": "qwen2", "rope_theta": 1e6}) == {}
+    # transformers 5 writes Qwen3-MoE's num_experts as num_local_experts; mlx-lm's qwen3_moe requires num_experts.
+    assert hf_config_overrides({"model_type": "qwen3_moe", "rope_theta": 1e6, "num_local_experts": 4}) == {"num_experts": 4}
+    assert hf_config_overrides({"model_type": "qwen3_moe", "rope_theta": 1e6, "num_experts": 8}) == {}
 
 
 # ---------------------------------------------------------------- resume (as tests/test_resume.py)

@@ -47,7 +47,10 @@ def attach_lora(model: Any, rank: int, alpha: float, dropout: float, targets: li
     model.freeze()
     blocks = model.layers
     linear = (nn.Linear, nn.QuantizedLinear)
-    every = {k for b in blocks for k, m in b.named_modules() if isinstance(m, linear)}
+    # A MoE router (mlx-lm's `gate` beside `switch_mlp`) is no nn.Linear in transformers 5, so PEFT
+    # cannot adapt it: it is left out here too, and the adapter stays loadable on torch.
+    routers = {f"{k}.gate" for b in blocks for k, m in b.named_modules() if hasattr(m, "switch_mlp")}
+    every = {k for b in blocks for k, m in b.named_modules() if isinstance(m, linear)} - routers
     if targets == ["all-linear"]:
         chosen = {k for k in every if k.rsplit(".", 1)[-1] not in NEVER_ADAPT}
     else:

@@ -48,6 +48,9 @@ def hf_config_overrides(config: dict[str, Any]) -> dict[str, Any]:
             out["rope_scaling"] = {k: v for k, v in full.items() if k != "rope_theta"}
         if nested and "rope_theta" in rp.get("sliding_attention", {}):
             out["rope_local_base_freq"] = rp["sliding_attention"]["rope_theta"]
+    if config.get("num_local_experts") and "num_experts" not in config:
+        # transformers 5 writes Qwen3-MoE's expert count as num_local_experts; mlx-lm reads num_experts.
+        out["num_experts"] = config["num_local_experts"]
     types = config.get("layer_types")
     if config.get("model_type") == "gemma3_text" and types and "sliding_window_pattern" not in config:
         # mlx-lm's Gemma 3 assumes a periodic pattern: layer i is global iff (i+1) % p == 0.
