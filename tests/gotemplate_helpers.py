@@ -33,6 +33,8 @@ class GoResult:
     capabilities: list[str]
     tool_tag: str
     thinking_tags: tuple[str, str]
+    selected: str
+    """"go" when Ollama serves with the TEMPLATE, "chat" when it would prefer the GGUF's Jinja."""
     renders: list[str]
     errors: list[str]
 
@@ -43,15 +45,17 @@ class GoRenderer:
     def __init__(self, binary: Path) -> None:
         self.binary = binary
 
-    def run(self, template: str, requests: list[dict[str, Any]], system: str = "") -> GoResult:
-        """Render `requests` ({"messages", "tools", "think"} in Ollama form) with `template`."""
-        payload = json.dumps({"template": template, "system": system, "cases": requests})
+    def run(self, template: str, requests: list[dict[str, Any]], system: str = "", chat_template: str = "") -> GoResult:
+        """Render `requests` ({"messages", "tools", "think"} in Ollama form) with `template`;
+        `chat_template` is the GGUF's Jinja, for which of the two Ollama would serve with."""
+        payload = json.dumps({"template": template, "system": system, "chat_template": chat_template,
+                              "cases": requests})
         done = subprocess.run([str(self.binary)], input=payload, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise AssertionError(f"Go template program failed: {done.stderr.strip()}")
         out = json.loads(done.stdout)
         return GoResult(out["vars"], out["capabilities"] or [], out["tool_tag"], tuple(out["thinking_tags"]),
-                        out["renders"], out["errors"])
+                        out["selected"], out["renders"], out["errors"])
 
     def render(self, template: str, messages: list[dict[str, Any]], system: str = "",
                tools: list[dict[str, Any]] | None = None, think: bool | None = None) -> str:

@@ -110,8 +110,9 @@ def test_go_template_renders_like_jinja(name: str, go_renderer: GoRenderer) -> N
     go = _template_of(info.text)
     shapes = list(SHAPES)
     res = go_renderer.run(go, [{"messages": to_ollama(SHAPES[s][0]), "tools": SHAPES[s][1], "think": SHAPES[s][2]}
-                               for s in shapes], info.system or "")
+                               for s in shapes], info.system or "", chat_template=template)
     assert "messages" in res.vars
+    assert res.selected == "go"  # Ollama serves with this TEMPLATE, not the GGUF's Jinja beside it
     fam = chat_families.family(info.family)
     assert ("tools" in res.capabilities) == bool(fam and fam.tool_call_tag), res.capabilities
     assert ("tools" in res.capabilities) == renders_tools(template, bos, eos), f"{name}: tools in Jinja vs TEMPLATE"

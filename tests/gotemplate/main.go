@@ -15,11 +15,13 @@
 //     Think defaults to true for a thinking-capable template; tools or think on a template without
 //     that capability is an error, as Ollama answers it;
 //   - capabilities: "tools" when Vars has "tools", "thinking" when thinking.InferTags finds both tags,
-//     and the tool-call tag of tools.parseTag.
+//     and the tool-call tag of tools.parseTag;
+//   - which template serves: "chat" where server/images.go would prefer the GGUF's Jinja over the
+//     TEMPLATE (shouldPreferChatTemplate), else "go".
 //
-// Input (stdin, JSON): {"template": "...", "system": "...", "cases": [{"messages": [...], "tools": [...],
+// Input (stdin, JSON): {"template": "...", "system": "...", "chat_template": "...", "cases": [{"messages": [...], "tools": [...],
 // "think": true|false|null}]}, messages and tools in Ollama's /api/chat form.
-// Output (stdout, JSON): {"vars", "capabilities", "tool_tag", "thinking_tags", "renders", "errors"}.
+// Output (stdout, JSON): {"vars", "capabilities", "tool_tag", "thinking_tags", "selected", "renders", "errors"}.
 package main
 
 import (
@@ -650,6 +652,75 @@ func pipeUsesField(p *parse.PipeNode, field string) bool {
 	return false
 }
 
+// ---------------------------------------------------------------- which template Ollama serves with
+
+// chatTemplateCapabilities and friends are server/images.go's: a Modelfile TEMPLATE is set aside for
+// the GGUF's own Jinja (tokenizer.chat_template) when the Jinja looks more capable, or as capable
+// with a tool round trip the TEMPLATE lacks.
+func chatTemplateCapabilities(chat string) []string {
+	var caps []string
+	if strings.Contains(chat, "tools") || strings.Contains(chat, "tool_call") {
+		caps = append(caps, "tools")
+	}
+	thinks := strings.Contains(chat, "<think>") && strings.Contains(chat, "</think>")
+	if !thinks {
+		thinks = (strings.Contains(chat, "content.split('</think>')") || strings.Contains(chat, `content.split("</think>")`)) &&
+			!strings.Contains(chat, "reasoning_content") && !strings.Contains(chat, "<SPECIAL_12>")
+	}
+	if thinks {
+		caps = append(caps, "thinking")
+	}
+	return caps
+}
+
+func chatTemplateHasToolRoundTrip(chat string) bool {
+	if !(strings.Contains(chat, "tools") || strings.Contains(chat, "tool_call")) {
+		return false
+	}
+	toolCalls := strings.Contains(chat, "tool_calls") || strings.Contains(chat, "assistant_tool_call")
+	if !toolCalls {
+		return false
+	}
+	for _, s := range []string{"tool_response", "tool_results", "role'] == 'tool'", `role'] == "tool"`,
+		`role"] == 'tool'`, `role"] == "tool"`, "message.role == 'tool'", `message.role == "tool"`, "ipython"} {
+		if strings.Contains(chat, s) {
+			return true
+		}
+	}
+	return false
+}
+
+func goTemplateHasToolRoundTrip(raw string, v []string) bool {
+	if !contains(v, "tools") || !contains(v, "toolcalls") {
+		return false
+	}
+	return strings.Contains(raw, `eq .Role "tool"`) || strings.Contains(raw, "tool_response") ||
+		strings.Contains(raw, "TOOL_RESULTS")
+}
+
+func sameCapabilities(a, b []string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for _, c := range a {
+		if !contains(b, c) {
+			return false
+		}
+	}
+	return true
+}
+
+func preferChatTemplate(chat string, goCaps []string, raw string, v []string) bool {
+	chatCaps := chatTemplateCapabilities(chat)
+	if len(chatCaps) > len(goCaps) {
+		return !goTemplateHasToolRoundTrip(raw, v) || chatTemplateHasToolRoundTrip(chat)
+	}
+	if !sameCapabilities(chatCaps, goCaps) || !contains(chatCaps, "tools") || !contains(goCaps, "tools") {
+		return false
+	}
+	return chatTemplateHasToolRoundTrip(chat) && !goTemplateHasToolRoundTrip(raw, v)
+}
+
 // ---------------------------------------------------------------- main
 
 type request struct {
@@ -661,6 +732,8 @@ type request struct {
 type input struct {
 	Template string    `json:"template"`
 	System   string    `json:"system"`
+	// The GGUF's tokenizer.chat_template: Ollama may serve with it instead of the TEMPLATE.
+	ChatTemplate string `json:"chat_template"`
 	Cases    []request `json:"cases"`
 }
 
@@ -669,6 +742,7 @@ type output struct {
 	Capabilities []string  `json:"capabilities"`
 	ToolTag      string    `json:"tool_tag"`
 	ThinkingTags [2]string `json:"thinking_tags"`
+	Selected     string    `json:"selected"`
 	Renders      []string  `json:"renders"`
 	Errors       []string  `json:"errors"`
 }
@@ -704,6 +778,14 @@ func main() {
 	}
 	if canThink {
 		out.Capabilities = append(out.Capabilities, "thinking")
+	}
+	goCaps := append([]string{}, out.Capabilities...)
+	if contains(out.Vars, "suffix") {
+		goCaps = append(goCaps, "insert")
+	}
+	out.Selected = "go"
+	if in.ChatTemplate != "" && preferChatTemplate(in.ChatTemplate, goCaps, raw, out.Vars) {
+		out.Selected = "chat"
 	}
 	for _, req := range in.Cases {
 		msgs := req.Messages
