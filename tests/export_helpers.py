@@ -16,11 +16,13 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def make_run(base_dir: Path, run_dir: Path, seed: int = 0, b_std: float = 0.05, rank: int = 4,
-             alpha: float = 8.0, **lora_kw: Any) -> Path:
-    """Write a run folder for `base_dir` with a random (non-zero) PEFT LoRA adapter.
+             alpha: float = 8.0, targets: list[str] | None = None, **lora_kw: Any) -> Path:
+    """Write a run folder for `base_dir` with a random (non-zero) PEFT LoRA adapter on `targets`
+    (default TARGETS, the seven projections).
 
     lora_kw go to peft.LoraConfig as they are (use_rslora, rank_pattern, alpha_pattern, ...).
     """
+    targets = targets or TARGETS
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -33,7 +35,7 @@ def make_run(base_dir: Path, run_dir: Path, seed: int = 0, b_std: float = 0.05, 
     tok = AutoTokenizer.from_pretrained(str(base_dir))
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     torch.manual_seed(seed)
-    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS,
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
                                                   task_type="CAUSAL_LM", **lora_kw))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -44,7 +46,7 @@ def make_run(base_dir: Path, run_dir: Path, seed: int = 0, b_std: float = 0.05, 
     cfg.model.name = str(base_dir)
     cfg.lora.rank, cfg.lora.alpha = rank, alpha
     resolved = {"backend": "torch", "model_path": str(Path(base_dir).resolve()), "model_source": "local",
-                "chat_template": "model", "target_modules": TARGETS}
+                "chat_template": "model", "target_modules": targets}
     rundir.save_config_with_template(run_dir, cfg, resolved, tok.chat_template)
     return run_dir
 

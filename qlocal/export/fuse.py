@@ -54,6 +54,9 @@ class FuseReport:
     """Scale of the logits, to read the differences against."""
     probes: int
     seconds: float
+    reference: str = "layer by layer"
+    """How the logits were computed: "layer by layer" (one decoder layer in memory at a time,
+    qlocal.export.layerwise) or "whole model (<why>)"."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,13 +110,6 @@ def base_dtype_name(base_path: Path) -> str:
     return name if name in ("bfloat16", "float16", "float32") else "float32"
 
 
-def _logits(model: Any, ids: list[list[int]]) -> list[Any]:
-    import torch
-
-    with torch.no_grad():
-        return [model(input_ids=torch.tensor([x])).logits[0].float() for x in ids]
-
-
 def load_trained(base_path: Path, adapter_dir: Path) -> Any:
     """The trained model: the original base in fp32 with the PEFT adapter on top (unmerged), eval mode."""
     try:
@@ -158,8 +154,6 @@ def fuse_run(run_dir: Path, out_dir: Path, fused_dtype: str | None = None) -> Fu
         import torch  # noqa: F401  (the report's logits; checked before anything is written)
     except ImportError:
         raise missing_extra("torch/peft", "torch") from None
-    from transformers import AutoModelForCausalLM
-
     from qlocal.hf import load_tokenizer, quiet_transformers
 
     quiet_transformers()
@@ -184,22 +178,51 @@ def fuse_run(run_dir: Path, out_dir: Path, fused_dtype: str | None = None) -> Fu
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     rundir.save_dir_atomic(out_dir, fill)
 
+    # Each set of logits is computed layer by layer (one layer's fp32 weights in memory at a time).
     ids = probe_ids(tokenizer, info.template)
-    model = load_trained(info.base_path, info.adapter_dir)
-    unmerged = _logits(model, ids)
-    merged32 = _logits(_with_merged(model.unload(), tensors), ids)
-    del model
-    saved = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32).eval()
-    merged_saved = _logits(saved, ids)
+    ref = reference_lm("trained", info.base_path, info.adapter_dir)
+    unmerged = ref.logits(ids)
+    ref.close()
 
-    def diff(a: list[Any], b: list[Any]) -> float:
-        return max(float((x - y).abs().max()) for x, y in zip(a, b))
+    def diff(lm: Any) -> float:
+        out = lm.logits(ids)
+        lm.close()
+        return max(float(abs(x - y).max()) for x, y in zip(out, unmerged))
 
     return FuseReport(
         out_dir=str(out_dir), base_path=str(info.base_path), dtype=dtype_name,
-        max_abs_logit_diff=diff(merged_saved, unmerged), max_abs_logit_diff_fp32=diff(merged32, unmerged),
-        max_abs_logit=max(float(x.abs().max()) for x in unmerged), probes=len(ids),
-        seconds=round(time.perf_counter() - t0, 2))
+        max_abs_logit_diff=diff(reference_lm("folder", out_dir)),
+        max_abs_logit_diff_fp32=diff(reference_lm("merged", info.base_path, info.adapter_dir)),
+        max_abs_logit=max(float(abs(x).max()) for x in unmerged), probes=len(ids),
+        seconds=round(time.perf_counter() - t0, 2), reference=ref.mode)
+
+
+def reference_lm(kind: str, path: Path, adapter_dir: Path | None = None) -> Any:
+    """Logits runner (qlocal.export.layerwise) over "trained" = base `path` + adapter unmerged in fp32
+    (the trained model), "merged" = the streamed fp32 merge, or "folder" = an HF folder's own
+    weights. Layer by layer; the whole model only where a family's parameters do not map onto its
+    checkpoint one to one (the runner's `mode` then says why)."""
+    from qlocal.export import layerwise as lw
+
+    try:
+        if kind == "trained":
+            return lw.trained_lm(path, adapter_dir)  # type: ignore[arg-type]
+        if kind == "merged":
+            return lw.merged_lm(path, adapter_dir)  # type: ignore[arg-type]
+        return lw.folder_lm(path)
+    except lw.Unsupported as e:
+        reason = str(e)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if kind == "trained":
+        return lw.WholeLM(load_trained(path, adapter_dir), reason)  # type: ignore[arg-type]
+    from qlocal.export.merge import merged_tensors
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    if kind == "merged":
+        model = _with_merged(model, merged_tensors(path, adapter_dir))  # type: ignore[arg-type]
+    return lw.WholeLM(model, reason)
 
 
 def _with_merged(model: Any, tensors: dict[str, Any]) -> Any:

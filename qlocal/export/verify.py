@@ -97,25 +97,29 @@ def load_llama(path: Path, lora: Path | None = None, n_ctx: int = 256) -> Any:
 
 
 def gguf_logits(llm: Any, ids: list[int]) -> Any:
-    """Logits (n_tokens, vocab) for `ids` from a fresh context."""
+    """Logits (n_tokens, vocab) for `ids` from a fresh context (float32, as llama.cpp gives them)."""
     import numpy as np
 
     llm.reset()
     llm.eval(ids)
-    return np.array(llm.scores[: len(ids)], dtype=np.float64)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
 
 
 class HFReference:
-    """The reference model and the fused folder's tokenizer, loaded once and shared by every GGUF check.
+    """The reference logits and greedy continuations, and the fused folder's tokenizer, computed once
+    and shared by every GGUF check.
 
     With `trained` = (base folder, adapter folder) the reference is the model that was trained:
-    base + adapter (PEFT, unmerged) in fp32, and `fused` reports the fused folder's own error
-    against it; without, the HF folder itself (in fp32) is the reference."""
+    base + adapter (unmerged) in fp32, and `fused` reports the fused folder's own error against it;
+    without, the HF folder itself (in fp32) is the reference. Every forward runs layer by layer
+    (qlocal.export.layerwise: one decoder layer's weights in memory at a time), and all of it is
+    done before any GGUF is opened, so the process never holds the HF model and a GGUF together.
+    Greedy tokens are recomputed without a KV cache, one forward of all probes per token."""
 
     def __init__(self, hf_dir: Path, trained: tuple[Path, Path] | None = None) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
+        from qlocal.export.fuse import reference_lm
         from qlocal.hf import quiet_transformers
 
         quiet_transformers()
@@ -123,46 +127,47 @@ class HFReference:
         self.template = self.tokenizer.chat_template
         self.chat_texts = [render_chat(self.tokenizer, self.template, c) for c in PROBE_CONVERSATIONS]
         self.chat_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in self.chat_texts]
+        lm = reference_lm("trained", *trained) if trained is not None else reference_lm("folder", Path(hf_dir))
+        run = lm.greedy(self.chat_ids, GREEDY_TOKENS)
+        lm.close()
+        self.reference = "base + adapter (fp32)" if trained is not None else f"{Path(hf_dir).name} (fp32)"
+        self.computed = lm.mode
+        self.logits: list[Any] = run.prompt_logits
+        self.greedy: list[list[int]] = run.tokens
+        self.teacher: list[Any] = run.step_logits
+        """Per probe, (GREEDY_TOKENS, vocab): the logits each greedy token was chosen from."""
         self.fused: dict[str, Any] | None = None
         if trained is not None:
-            self.model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-            fused_logits = [self._logits(ids) for ids in self.chat_ids]
-            del self.model
-            from qlocal.export.fuse import load_trained
-
-            self.model = load_trained(*trained)
-        else:
-            self.model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-        self.reference = "base + adapter (fp32)" if trained is not None else f"{Path(hf_dir).name} (fp32)"
-        self.logits = [self._logits(ids) for ids in self.chat_ids]
-        self.greedy = [self._greedy(ids) for ids in self.chat_ids]
-        if trained is not None:
-            self.fused = _fused_error(Path(hf_dir), fused_logits, self.logits)
-
-    def _logits(self, ids: list[int]) -> Any:
-        import torch
-
-        with torch.no_grad():
-            return self.model(input_ids=torch.tensor([ids])).logits[0].double().numpy()
-
-    def _greedy(self, ids: list[int]) -> list[int]:
-        import torch
-
-        with torch.no_grad():
-            out = self.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                      max_new_tokens=GREEDY_TOKENS, do_sample=False, eos_token_id=None,
-                                      pad_token_id=self.tokenizer.pad_token_id or 0)
-        return out[0, len(ids):].tolist()
+            fused_lm = reference_lm("folder", Path(hf_dir))
+            self.fused = _fused_error(Path(hf_dir), fused_lm.logits(self.chat_ids), self.logits)
+            fused_lm.close()
+        # llama.cpp keeps n_ctx x vocab floats twice (its output buffer, llama-cpp-python's scores):
+        # a context just long enough for the probes, their continuations and the stop checks.
+        longest = max(len(i) + len(c) for i, c in zip(self.chat_ids, self.greedy))
+        self.n_ctx = 64 * -(-(longest + 16) // 64)
 
 
 def _fused_error(hf_dir: Path, fused: list[Any], ref: list[Any]) -> dict[str, Any]:
     """The fused folder's own logits error against the reference (same measure as the GGUFs')."""
-    num = sum(float(((f - r) ** 2).sum()) for f, r in zip(fused, ref))
-    den = sum(float((r ** 2).sum()) for r in ref)
+    num = sum(_sq(f, r) for f, r in zip(fused, ref))
+    den = sum(_sq(r) for r in ref)
     cfg = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
     return {"folder": hf_dir.name, "dtype": cfg.get("dtype") or cfg.get("torch_dtype"),
             "nmse": num / max(den, 1e-30),
             "max_abs_logit_diff": max(float(abs(f - r).max()) for f, r in zip(fused, ref))}
+
+
+def _sq(a: Any, b: Any = None) -> float:
+    """sum((a - b)^2) (or sum(a^2)) in float64, one row at a time (the logits are vocab wide)."""
+    import numpy as np
+
+    total = 0.0
+    for k in range(len(a)):
+        x = np.asarray(a[k], dtype=np.float64)
+        if b is not None:
+            x = x - np.asarray(b[k], dtype=np.float64)
+        total += float(x @ x)
+    return total
 
 
 def _check_tokens(ref: HFReference, llm: Any) -> list[str]:
@@ -213,19 +218,17 @@ def verify_gguf(ref: HFReference, path: Path, quant: str, stops: list[str], lora
     without failing the file."""
     import numpy as np
 
-    llm = load_llama(path, lora)
+    llm = load_llama(path, lora, ref.n_ctx)
     try:
         mismatches = _check_tokens(ref, llm)
         num = den = 0.0
         agree = total = 0
         text_equal = True
-        for ids, hf_logits, cont in zip(ref.chat_ids, ref.logits, ref.greedy):
-            gg = gguf_logits(llm, ids)
-            num += float(((gg - hf_logits) ** 2).sum())
-            den += float((hf_logits ** 2).sum())
+        for ids, hf_logits, cont, hf_full in zip(ref.chat_ids, ref.logits, ref.greedy, ref.teacher):
+            num += _sq(gguf_logits(llm, ids), hf_logits)
+            den += _sq(hf_logits)
             # Teacher-forced greedy: same prefix, compare argmax at each continuation step.
             full = ids + cont
-            hf_full = ref._logits(full)[len(ids) - 1: len(full) - 1]
             gg_full = gguf_logits(llm, full)[len(ids) - 1: len(full) - 1]
             for h, g in zip(hf_full, gg_full):
                 top2 = np.sort(h)[-2:]
@@ -258,12 +261,12 @@ def verify_gguf(ref: HFReference, path: Path, quant: str, stops: list[str], lora
 
 
 def _nmse_only(ref: HFReference, path: Path) -> float:
-    llm = load_llama(path)
+    llm = load_llama(path, n_ctx=ref.n_ctx)
     try:
-        num = sum(float(((gguf_logits(llm, ids) - h) ** 2).sum()) for ids, h in zip(ref.chat_ids, ref.logits))
+        num = sum(_sq(gguf_logits(llm, ids), h) for ids, h in zip(ref.chat_ids, ref.logits))
     finally:
         llm.close()
-    return num / max(sum(float((h ** 2).sum()) for h in ref.logits), 1e-30)
+    return num / max(sum(_sq(h) for h in ref.logits), 1e-30)
 
 
 def verify_all(hf_dir: Path, files: list[tuple[Path, str]], stops: list[str], out_json: Path,
@@ -281,7 +284,8 @@ def verify_all(hf_dir: Path, files: list[tuple[Path, str]], stops: list[str], ou
     checks = [verify_gguf(ref, p, q, stops, lora, allow) for p, q in files]
     doc = {"passed": all(c.passed for c in checks), "nmse_limits": NMSE_LIMITS, "nmse_required_for": EXACT,
            "greedy_min_quantised": GREEDY_MIN, "tie_margin": TIE_MARGIN,
-           "stops": stops, "pretokenizer": tokenizer, "reference": ref.reference, "fused": ref.fused,
+           "stops": stops, "pretokenizer": tokenizer, "reference": ref.reference,
+           "reference_computed": ref.computed, "fused": ref.fused,
            "files": [asdict(c) for c in checks]}
     atomic.write_text(out_json, json.dumps(doc, indent=1, ensure_ascii=False))
     return checks

@@ -1,0 +1,141 @@
+"""The layer-by-layer reference (qlocal.export.layerwise) computes what the whole model computes.
+
+For every export family: base + adapter run one decoder layer at a time gives the same logits, the
+same greedy tokens and the same teacher-forced logits as PEFT's whole model in fp32 (forward and
+`generate` with its KV cache), and holds no layer's weights once a forward is done.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+pytest.importorskip("accelerate")
+
+from conftest import EXPORT_ARCHS
+from export_helpers import TARGETS, make_run
+
+from qlocal.export import layerwise
+from qlocal.export.fuse import load_trained, probe_ids, reference_lm
+
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+N_GREEDY = 5
+
+
+def _tol(ref: list[np.ndarray]) -> float:
+    # fp32 rounding of a different matmul order (batch, chunked head, unmerged LoRA on the layer).
+    return 2e-5 * max(1.0, max(float(np.abs(r).max()) for r in ref))
+
+
+def _probes(base: Path, run: Path) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base))
+    ids = probe_ids(tok, (run / "chat_template.jinja").read_text(encoding="utf-8"))
+    return ids + [tok("Numbers: 0 7 42 1234 and a longer plain line of text.")["input_ids"]]
+
+
+def _whole(model: Any, ids: list[list[int]]) -> tuple[list[np.ndarray], list[list[int]], list[np.ndarray]]:
+    """Per probe (batch 1): logits, greedy tokens from generate (KV cache), teacher-forced logits."""
+    import torch
+
+    logits, tokens, teacher = [], [], []
+    with torch.no_grad():
+        for s in ids:
+            x = torch.tensor([s])
+            logits.append(model(input_ids=x).logits[0].numpy())
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=N_GREEDY, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)
+            cont = out[0, len(s):].tolist()
+            tokens.append(cont)
+            full = torch.tensor([s + cont])
+            teacher.append(model(input_ids=full).logits[0, len(s) - 1: len(s) + N_GREEDY - 1].numpy())
+    return logits, tokens, teacher
+
+
+@pytest.mark.parametrize("arch", EXPORT_ARCHS)
+def test_trained_reference_equals_whole_model(arch: str, tiny_model_dir, tmp_path: Path) -> None:
+    base = tiny_model_dir(arch)
+    # Qwen3-MoE's experts are 3-D parameters (no nn.Linear): LoRA on attention, as its training does.
+    run = make_run(base, tmp_path / "run", targets=ATTENTION if arch == "qwen3moe" else TARGETS)
+    ids = _probes(base, run)
+    lm = layerwise.trained_lm(base, run / "adapter")
+    got = lm.greedy(ids, N_GREEDY)
+    assert lm.mode == "layer by layer"
+    # Nothing of a decoder layer stays in memory after the forwards.
+    layers = [p for n, p in lm.model.named_parameters() if ".layers." in n]
+    assert layers and all(p.is_meta for p in layers)
+
+    want_logits, want_tokens, want_teacher = _whole(load_trained(base, run / "adapter"), ids)
+    tol = _tol(want_logits)
+    for g, w in zip(got.prompt_logits, want_logits):
+        assert g.shape == w.shape and g.dtype == np.float32
+        assert float(np.abs(g - w).max()) < tol
+    assert got.tokens == want_tokens
+    for g, w in zip(got.step_logits, want_teacher):
+        assert g.shape == w.shape and float(np.abs(g - w).max()) < tol
+    # The check has teeth: the base alone is far from base + adapter.
+    plain = layerwise.folder_lm(base).logits(ids)
+    assert max(float(np.abs(p - w).max()) for p, w in zip(plain, want_logits)) > 100 * tol
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "qwen3moe"])
+def test_merged_and_folder_sources(arch: str, tiny_model_dir, tmp_path: Path) -> None:
+    """The streamed fp32 merge and a plain folder (Qwen3-MoE: per-expert tensors stacked as
+    transformers holds them) against the same weights loaded whole."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlocal.export.fuse import _with_merged
+    from qlocal.export.merge import merged_tensors
+
+    base = tiny_model_dir(arch)
+    run = make_run(base, tmp_path / "run", targets=ATTENTION)
+    ids = _probes(base, run)
+    whole = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
+    plain_want = _whole(whole, ids)[0]
+    merged_want = _whole(_with_merged(whole, merged_tensors(base, run / "adapter")), ids)[0]
+    for lm, want in ((reference_lm("folder", base), plain_want),
+                     (reference_lm("merged", base, run / "adapter"), merged_want)):
+        assert lm.mode == "layer by layer"
+        got = lm.logits(ids)
+        assert max(float(np.abs(g - w).max()) for g, w in zip(got, want)) < _tol(want)
+
+
+def test_unknown_checkpoint_name_is_unsupported(tiny_model_dir, tmp_path: Path) -> None:
+    """A checkpoint whose names do not map onto the model's parameters is refused by name..."""
+    import shutil
+
+    base = tiny_model_dir("llama")
+    odd = tmp_path / "odd"
+    shutil.copytree(base, odd)
+    path = odd / "model.safetensors"  # rename one tensor in place (same length: the header stays valid)
+    raw = path.read_bytes()
+    assert raw.count(b"model.norm.weight") == 1
+    path.write_bytes(raw.replace(b"model.norm.weight", b"model.norm.wEight"))
+    with pytest.raises(layerwise.Unsupported, match="model.norm.weight"):
+        layerwise.folder_lm(odd)
+
+
+def test_fallback_is_the_whole_model_and_says_so(tiny_model_dir, tmp_path: Path, monkeypatch) -> None:
+    """...and then reference_lm computes the same thing with the whole model, naming why."""
+    base = tiny_model_dir("qwen2")
+    run = make_run(base, tmp_path / "run")
+    ids = _probes(base, run)
+    want = reference_lm("trained", base, run / "adapter").greedy(ids, N_GREEDY)
+
+    def refuse(*args: Any) -> Any:
+        raise layerwise.Unsupported("stacked experts")
+
+    monkeypatch.setattr(layerwise, "trained_lm", refuse)
+    lm = reference_lm("trained", base, run / "adapter")
+    assert isinstance(lm, layerwise.WholeLM) and lm.mode == "whole model (stacked experts)"
+    got = lm.greedy(ids, N_GREEDY)
+    assert got.tokens == want.tokens
+    for g, w in zip(got.prompt_logits + got.step_logits, want.prompt_logits + want.step_logits):
+        assert float(np.abs(g - w).max()) < _tol([w])
