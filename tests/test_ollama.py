@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -238,3 +239,73 @@ def test_tool_template_variants() -> None:
     no_switch = CASES["qwen3"][0].replace("{%- if enable_thinking is defined and enable_thinking is false %}",
                                           "{%- if false %}")
     assert build_modelfile("m.gguf", no_switch, None, "<|im_end|>").template_source == "gguf"
+
+
+def _ollama_order(value: Any) -> Any:
+    """Argument objects with their keys sorted, recursively: Ollama hands a template Go maps."""
+    if isinstance(value, dict):
+        return {k: _ollama_order(value[k]) for k in sorted(value)}
+    return [_ollama_order(v) for v in value] if isinstance(value, list) else value
+
+
+def _openai_to_ollama(messages: list[dict]) -> list[dict]:
+    out = []
+    for m in messages:
+        o = {"role": m["role"], "content": m.get("content") or ""}
+        if m.get("tool_calls"):
+            o["tool_calls"] = [{"id": c.get("id", ""), "function": {"index": i, "name": c["function"]["name"],
+                                                                    "arguments": c["function"]["arguments"]}}
+                               for i, c in enumerate(m["tool_calls"])]
+        if m.get("reasoning_content"):
+            o["thinking"] = m["reasoning_content"]
+        if m["role"] == "tool":
+            o["tool_name"], o["tool_call_id"] = m.get("name", ""), m.get("tool_call_id", "")
+        out.append(o)
+    return out
+
+
+TOOL_CASES = {"qwen2.5": "qwen2.5-tools", "qwen3": "qwen3", "hermes": "hermes", "llama3.1": "llama3.1",
+              "mistral-v3": "mistral-v3"}
+
+
+@pytest.mark.parametrize("family", sorted(TOOL_CASES))
+def test_tool_sample_renders_in_ollama_as_in_training(family: str, go_renderer: GoRenderer) -> None:
+    """Every chat of data/tools_sample.jsonl (real schemas, single, parallel and multi-step calls,
+    results, reasoning) rendered by Ollama == the training render (qlocal.data.render.chat_inputs).
+
+    Schema property names and argument keys are put in sorted order first: Ollama passes them to a
+    TEMPLATE as Go maps, so no TEMPLATE can reproduce another order (see ollama_probes)."""
+    import copy
+
+    import jinja2
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from qlocal.data.formats import load_samples
+    from qlocal.data.render import chat_inputs
+
+    template, bos, eos, _ = CASES[TOOL_CASES[family]]
+    info = build_modelfile("m.gguf", template, bos, eos)
+    assert info.family == family
+    samples, _ = load_samples(str(Path(__file__).resolve().parents[1] / "data" / "tools_sample.jsonl"))
+    requests, wants = [], []
+    for s in samples:
+        s = copy.deepcopy(s)
+        for t in s.tools or []:
+            params = t["function"]["parameters"]
+            params["properties"] = dict(sorted(params.get("properties", {}).items()))
+        for m in s.messages:
+            for c in m.get("tool_calls") or []:
+                c["function"]["arguments"] = _ollama_order(c["function"]["arguments"])
+        msgs, extra = chat_inputs(s, template)  # reasoning inlined as <think> where the template has none
+        try:
+            rendered, _ = render_jinja_template(conversations=[msgs], chat_template=template, add_generation_prompt=True,
+                                                bos_token=bos or "", eos_token=eos or "", **extra)
+        except jinja2.TemplateError:  # Llama 3.1: one call per turn, so no such training chat
+            continue
+        wants.append(rendered[0][len(bos):] if bos and rendered[0].startswith(bos) else rendered[0])
+        think = extra.get("enable_thinking") if chat_families.family(family).thinking_tags else None
+        requests.append({"messages": _openai_to_ollama(msgs), "tools": s.tools, "think": think})
+    assert len(requests) >= 40
+    res = go_renderer.run(_template_of(info.text), requests, info.system or "")
+    for i, (got, want, err) in enumerate(zip(res.renders, wants, res.errors)):
+        assert not err and got == want, f"{family}: sample chat {i}"
