@@ -10,6 +10,12 @@ importing torch or mlx.
 
 Module paths are the HF module paths on both sides (mlx-lm keeps HF parameter names for the
 supported families), so only the prefix, the leaf name and the orientation change.
+
+Trained rows of added tokens (PEFT `trainable_token_indices`; config `lora.new_tokens`) are the
+rows' full values, (k, hidden), in the same orientation on both sides:
+
+    MLX   model.embed_tokens.trainable_tokens_delta
+    PEFT  base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta
 """
 
 from __future__ import annotations
@@ -29,12 +35,38 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 
 _PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _MLX_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<ab>[ab])$")
+PEFT_ROWS_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.token_adapter\.trainable_tokens_delta(?:\.[^.]+)?$")
+MLX_ROWS_LEAF = "trainable_tokens_delta"
+
+
+def token_rows(config: dict[str, Any]) -> dict[str, list[int]]:
+    """Module leaf name -> trained token ids, from adapter_config.json (a bare list means the embedding)."""
+    rows = config.get("trainable_token_indices") or {}
+    return {"embed_tokens": list(rows)} if isinstance(rows, list) else {k: list(v) for k, v in rows.items()}
+
+
+def vocab_needed(config: dict[str, Any]) -> int:
+    """The vocabulary size the adapter's trained token rows need (0 when it trains none)."""
+    return max((max(ids) + 1 for ids in token_rows(config).values() if ids), default=0)
+
+
+def fit_vocab(model: Any, adapter_dir: Path) -> None:
+    """Grow a transformers model's vocabulary to the adapter's trained token rows, before PEFT
+    loads the adapter (which holds those rows' values, so the new rows' fill does not matter)."""
+    config = json.loads((Path(adapter_dir) / CONFIG_FILE).read_text(encoding="utf-8"))
+    need = vocab_needed(config)
+    if need > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(need, mean_resizing=False)
 
 
 def mlx_to_peft(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """MLX LoRA tensors (`<path>.lora_a` (in, r), `<path>.lora_b` (r, out)) -> PEFT state dict."""
     out = {}
     for name, w in weights.items():
+        path, _, leaf = name.rpartition(".")
+        if leaf == MLX_ROWS_LEAF:
+            out[f"{PEFT_PREFIX}{path}.token_adapter.{MLX_ROWS_LEAF}"] = np.ascontiguousarray(w)
+            continue
         m = _MLX_KEY.match(name)
         if m is None:
             raise ValueError(f"not an MLX LoRA tensor: {name}")
@@ -47,6 +79,10 @@ def peft_to_mlx(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """PEFT state dict -> MLX LoRA tensors (transposed). Anything but lora_A/lora_B is an error."""
     out = {}
     for name, w in weights.items():
+        rows = PEFT_ROWS_KEY.match(name)
+        if rows is not None:
+            out[f"{rows['path']}.{MLX_ROWS_LEAF}"] = np.ascontiguousarray(w)
+            continue
         m = _PEFT_KEY.match(name)
         if m is None:
             # DoRA magnitudes, embedding LoRA, modules_to_save...: MLX cannot apply them faithfully.
@@ -61,6 +97,8 @@ def lora_modules(mlx_weights: dict[str, np.ndarray]) -> dict[str, int]:
     ranks: dict[str, int] = {}
     for name, w in mlx_weights.items():
         path, leaf = name.rsplit(".", 1)
+        if leaf == MLX_ROWS_LEAF:
+            continue
         r = w.shape[1] if leaf == "lora_a" else w.shape[0]
         if ranks.setdefault(path, r) != r:
             raise UserError(f"adapter: lora_A and lora_B of {path} disagree on the rank")
@@ -90,9 +128,11 @@ def lora_scale(config: dict[str, Any], path: str, rank: int) -> float:
 
 
 def peft_config(rank: int, alpha: float, target_modules: list[str], layers: list[int] | None,
-                base_model: str, dropout: float = 0.0) -> dict[str, Any]:
-    """adapter_config.json for a plain LoRA adapter on a causal LM, as PEFT itself writes it."""
-    return {
+                base_model: str, dropout: float = 0.0,
+                token_indices: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """adapter_config.json for a LoRA adapter on a causal LM (with trained token rows when
+    `token_indices` is given), as PEFT itself writes it."""
+    return {"trainable_token_indices": token_indices,
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(target_modules),
         "layers_to_transform": layers, "layers_pattern": None, "bias": "none", "fan_in_fan_out": False,

@@ -141,7 +141,7 @@ def data_check(file: str | None, config_file: str | None, sets: tuple[str, ...],
     """
     from qlocal import config as config_mod
     from qlocal.data.check import check_report
-    from qlocal.data.templates import resolve_chat_template
+    from qlocal.data.templates import add_missing_markers, resolve_chat_template
     from qlocal.models import resolve_model
     from qlocal.hf import load_tokenizer
 
@@ -150,8 +150,12 @@ def data_check(file: str | None, config_file: str | None, sets: tuple[str, ...],
     flags["data"] = file
     cfg = config_mod.build(config_file, {TRAIN_FLAGS[k]: v for k, v in flags.items() if v is not None}, sets)
     resolved = resolve_model(cfg.model.name, cfg.model.revision)
-    tokenizer = load_tokenizer(resolved.path, cfg.model.trust_remote_code)
-    template, _ = resolve_chat_template(tokenizer, cfg.model.chat_template or resolved.default_chat_template)
+    tokenizer = load_tokenizer(resolved.path, cfg.model.trust_remote_code, cfg.lora.new_tokens)
+    choice = cfg.model.chat_template or resolved.default_chat_template
+    _, line = add_missing_markers(tokenizer, choice)  # rendered as training will render it
+    if line:
+        click.echo(line, err=True)
+    template, _ = resolve_chat_template(tokenizer, choice)
     click.echo(check_report(cfg.data.path, tokenizer, template, cfg.data))
 
 

@@ -93,6 +93,10 @@ class LoraConfig:
     """Module names to adapt; `all-linear` = every linear layer except the output head."""
     layers: int | None = None
     """Adapt only the last N transformer layers (None = all)."""
+    new_tokens: list[str] = field(default_factory=list)
+    """Special tokens added to the base vocabulary, whose embedding and output rows train with the
+    adapter. `qlocal train` adds the chat template's markers the vocabulary lacks (ChatML's
+    <|im_start|>/<|im_end|> on a Llama 3 base) so the model can learn to end a turn."""
 
 
 @dataclass

@@ -63,7 +63,7 @@ class BackendScorer:
         self.backend = backend
         self.backend_name = backend.name
         backend.setup(src.base_path, cfg)
-        self.tokenizer = load_tokenizer(src.base_path, cfg.model.trust_remote_code)
+        self.tokenizer = load_tokenizer(src.base_path, cfg.model.trust_remote_code, cfg.lora.new_tokens)
         self.template = src.template
         self.has_adapter = src.adapter is not None
         if src.adapter is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 # `org/name` as the Hub accepts it for models and datasets: each part starts with a letter or digit.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -42,12 +42,28 @@ def quiet_transformers() -> None:
     warnings.filterwarnings("ignore", message=r".*(use_reentrant|is_gradient_checkpointing|gradient_checkpointing_enable).*")
 
 
-def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
-    """The base model's HF tokenizer (shared by every backend)."""
+def load_tokenizer(path: Path, trust_remote_code: bool = False, added: Sequence[str] = ()) -> Any:
+    """The base model's HF tokenizer (shared by every backend), with a run's `added` special tokens
+    (config `lora.new_tokens`) appended in order, so their ids are the same wherever it is loaded."""
     from transformers import AutoTokenizer
 
     quiet_transformers()
-    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    add_special_tokens(tok, added)
+    return tok
+
+
+def add_special_tokens(tokenizer: Any, tokens: Sequence[str]) -> list[int]:
+    """Add `tokens` the vocabulary lacks as special tokens (matched before pre-tokenisation, never
+    split, skipped when decoding); returns the ids of all of `tokens`."""
+    from tokenizers import AddedToken
+
+    missing = [t for t in tokens if t not in tokenizer.get_added_vocab()]
+    if missing:
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": [AddedToken(t, special=True, normalized=False) for t in missing]},
+            replace_extra_special_tokens=False)
+    return [int(tokenizer.convert_tokens_to_ids(t)) for t in tokens]
 
 
 def pad_id(tokenizer: Any) -> int:

@@ -114,7 +114,7 @@ class BackendGenerator:
     def __init__(self, src: HFSource, backend: Backend) -> None:
         cfg = src.cfg if src.cfg is not None else Config()
         self.backend = backend
-        self.tokenizer = load_tokenizer(src.base_path, cfg.model.trust_remote_code)
+        self.tokenizer = load_tokenizer(src.base_path, cfg.model.trust_remote_code, cfg.lora.new_tokens)
         self.template = src.template
         backend.load_for_inference(src.base_path, src.adapter, cfg)
 

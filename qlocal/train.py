@@ -168,6 +168,7 @@ class _StopFlag:
 def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
     """Train a LoRA adapter as configured (or continue `resume`) and return the run folder."""
     from qlocal.backends.select import create_backend, select_backend
+    from qlocal.data.templates import add_missing_markers
     from qlocal.export.preflight import preflight
     from qlocal.models import fingerprint, resolve_model
 
@@ -184,9 +185,14 @@ def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
         raise UserError(f"{resume}: was trained on a different base model than {model.path} is now "
                         f"(fingerprint {recorded['model_fingerprint']} vs {model_id}); resume needs the same base")
     export = preflight(model.path, cfg.model.name, cfg.model.require_export, distributed.from_env().is_main)
-    tokenizer = hf.load_tokenizer(model.path, cfg.model.trust_remote_code)
+    tokenizer = hf.load_tokenizer(model.path, cfg.model.trust_remote_code, cfg.lora.new_tokens)
     pad_id = hf.pad_id(tokenizer)
-    data = prepare_data(cfg, tokenizer, cfg.model.chat_template or model.default_chat_template)
+    choice = cfg.model.chat_template or model.default_chat_template
+    added, line = add_missing_markers(tokenizer, choice)  # before rendering: markers become one token
+    cfg.lora.new_tokens = [*cfg.lora.new_tokens, *added]
+    if line and distributed.from_env().is_main:
+        print(line, file=sys.stderr)
+    data = prepare_data(cfg, tokenizer, choice)
 
     tc = cfg.train
     backend = create_backend(backend_name)

@@ -156,8 +156,8 @@ def test_display_markers() -> None:
 def test_resolve_chat_template(tmp_path: Path) -> None:
     t = copy.deepcopy(tok("gemma3"))
     t.chat_template = None
-    with pytest.raises(UserError, match="has no chat template; pass --chat-template chatml"):
-        resolve_chat_template(t, None)
+    # No template of its own: the fallback whose markers its vocabulary has (tests/test_new_tokens.py).
+    assert resolve_chat_template(t, None) == (FALLBACKS["gemma"], "gemma")
     path = tmp_path / "mine.jinja"
     path.write_text(FALLBACKS["alpaca"], encoding="utf-8")
     assert resolve_chat_template(t, str(path)) == (FALLBACKS["alpaca"], str(path))

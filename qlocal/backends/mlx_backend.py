@@ -124,6 +124,14 @@ class MLXBackend:
         self.model, facts = load_mlx_model(model_path, tc.quantize, tc.dtype)
         mx.random.seed(tc.seed)  # LoRA A init draws from MLX's global key
         targets, layers = attach_lora(self.model, lc.rank, lc.alpha, lc.dropout, list(lc.target_modules), lc.layers)
+        token_rows = None
+        if lc.new_tokens:  # added special tokens: their embedding (and head) rows train too
+            from qlocal.backends import mlx_tokens
+            from qlocal.hf import add_special_tokens, load_tokenizer
+
+            ids = add_special_tokens(load_tokenizer(model_path, cfg.model.trust_remote_code), list(lc.new_tokens))
+            token_rows = mlx_tokens.token_indices(self.model, ids)
+            mlx_tokens.attach_token_rows(self.model, token_rows)
         if tc.grad_checkpointing:
             _checkpoint_blocks(self.model)
         self.model.train()
@@ -136,7 +144,7 @@ class MLXBackend:
         self.world = distributed.current().world if distributed.current().engine == "mlx" else 1
         self.adapter_config = adapters.peft_config(
             lc.rank, lc.alpha, targets, layers if len(layers) < len(self.model.layers) else None,
-            str(model_path), lc.dropout)
+            str(model_path), lc.dropout, token_rows)
         from mlx.utils import tree_flatten
 
         n_train = sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))

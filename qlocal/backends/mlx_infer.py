@@ -131,6 +131,18 @@ def load_peft_adapter_into_mlx(model: Any, adapter_dir: Path) -> Any:
         m.scale = adapters.lora_scale(config, path, rank)
     if wrapped:
         model.update_modules(tree_unflatten(wrapped))
+    rows = adapters.token_rows(config)
+    if rows:  # trained rows of added tokens (PEFT trainable_token_indices)
+        from qlocal.backends.mlx_tokens import attach_token_rows
+
+        values = {}
+        for leaf in rows:
+            key = next((k for k in weights if k.removesuffix(f".{adapters.MLX_ROWS_LEAF}").split(".")[-1] == leaf
+                        and k.endswith(adapters.MLX_ROWS_LEAF)), None)
+            if key is None:
+                raise UserError(f"{adapter_dir}: adapter_config.json trains token rows of {leaf} but the weights hold none")
+            values[leaf] = weights[key]
+        attach_token_rows(model, rows, values)
     return model
 
 

@@ -196,6 +196,16 @@ class TorchBackend:
             kwargs["quantization_config"] = self._bnb_config(tc.quantize, dtype)
             kwargs["device_map"] = {"": self.device}
         model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
+        token_rows = None
+        if lc.new_tokens:  # added special tokens: a larger vocabulary and their rows trained
+            from qlocal.backends.torch_tokens import prepare_rows
+            from qlocal.hf import add_special_tokens, load_tokenizer
+
+            if self.fsdp:
+                raise UserError("lora.new_tokens (trained rows of added tokens) runs with train.distributed=ddp, "
+                                "not fsdp")
+            tok = load_tokenizer(model_path, cfg.model.trust_remote_code)
+            token_rows = prepare_rows(model, add_special_tokens(tok, list(lc.new_tokens)))
         if tc.quantize == "none" and not self.fsdp:
             model.to(self.device)  # FSDP moves each layer to the device as it shards it
         model.config.use_cache = False
@@ -217,7 +227,7 @@ class TorchBackend:
             layers = list(range(layers_total - lc.layers, layers_total))
         lora = peft.LoraConfig(r=lc.rank, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
                                target_modules=targets, layers_to_transform=layers, bias="none",
-                               task_type="CAUSAL_LM")
+                               task_type="CAUSAL_LM", trainable_token_indices=token_rows)
         torch.manual_seed(tc.seed)  # LoRA A init draws from the global RNG
         try:
             self.model = peft.get_peft_model(model, lora)
@@ -348,7 +358,8 @@ class TorchBackend:
         if self.fsdp:
             self.model.save_pretrained(str(path), safe_serialization=True, state_dict=self._full_state()[0])
             return
-        self.model.save_pretrained(str(path), safe_serialization=True)
+        # Trained token rows are saved as rows; never the whole (resized) embedding and head.
+        self.model.save_pretrained(str(path), safe_serialization=True, save_embedding_layers=False)
 
     def save_state(self, path: Path) -> None:
         torch = _import_torch()

@@ -29,6 +29,9 @@ def load_model(model_path: Path, adapter: Path | None, trust_remote_code: bool) 
     if adapter is not None:
         import peft
 
+        from qlocal.adapters import fit_vocab
+
+        fit_vocab(model, adapter)
         model = peft.PeftModel.from_pretrained(model, str(adapter))
     return model.eval(), device
 

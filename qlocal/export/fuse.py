@@ -37,6 +37,8 @@ class RunInfo:
     template_name: str
     adapter_dir: Path
     resolved: dict[str, Any] = field(default_factory=dict)
+    new_tokens: list[str] = field(default_factory=list)
+    """Special tokens the run added to the base vocabulary (config lora.new_tokens)."""
 
 
 @dataclass
@@ -67,7 +69,7 @@ def read_run(run_dir: Path) -> RunInfo:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run folder; give outputs/<run>")
-    _, resolved = rundir.load_config(run_dir)
+    cfg, resolved = rundir.load_config(run_dir)
     adapter = run_dir / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"{run_dir}: the run has no adapter/ (did training finish?); "
@@ -83,7 +85,7 @@ def read_run(run_dir: Path) -> RunInfo:
     if not tpl_file.is_file():
         raise UserError(f"{run_dir}: chat_template.jinja is missing; the run folder is incomplete")
     return RunInfo(run_dir, run_dir.resolve().name, base_path, tpl_file.read_text(encoding="utf-8"),
-                   str(resolved.get("chat_template", "model")), adapter, resolved)
+                   str(resolved.get("chat_template", "model")), adapter, resolved, list(cfg.lora.new_tokens))
 
 
 def probe_ids(tokenizer: Any, template: str) -> list[list[int]]:
@@ -118,8 +120,11 @@ def load_trained(base_path: Path, adapter_dir: Path) -> Any:
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise missing_extra("torch/peft", "torch") from None
+    from qlocal.adapters import fit_vocab
+
     base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
     try:
+        fit_vocab(base, adapter_dir)
         return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     except (ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"{adapter_dir}: adapter does not fit base {base_path} ({str(e).splitlines()[0]})") from None
@@ -146,7 +151,7 @@ def fuse_run(run_dir: Path, out_dir: Path, fused_dtype: str | None = None) -> Fu
     """
     import time
 
-    from qlocal.export.merge import fused_config, merged_tensors, write_safetensors
+    from qlocal.export.merge import fused_config, merged_tensors, vocab_size, write_safetensors
 
     t0 = time.perf_counter()
     info = read_run(run_dir)
@@ -157,15 +162,15 @@ def fuse_run(run_dir: Path, out_dir: Path, fused_dtype: str | None = None) -> Fu
     from qlocal.hf import load_tokenizer, quiet_transformers
 
     quiet_transformers()
-    tokenizer = load_tokenizer(info.base_path)
+    tokenizer = load_tokenizer(info.base_path, added=info.new_tokens)  # with the run's added tokens
     tokenizer.chat_template = info.template
     dtype_name = fused_dtype_name(info.base_path, fused_dtype)
     tensors = merged_tensors(info.base_path, info.adapter_dir)
 
     def fill(tmp: Path) -> None:
         write_safetensors(tensors, info.base_path, tmp, dtype_name)
-        (tmp / "config.json").write_text(json.dumps(fused_config(info.base_path, dtype_name), indent=2),
-                                         encoding="utf-8")
+        config = fused_config(info.base_path, dtype_name, vocab_size(tensors))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         gen = info.base_path / "generation_config.json"
         if gen.is_file():
             (tmp / gen.name).write_bytes(gen.read_bytes())
@@ -229,8 +234,10 @@ def _with_merged(model: Any, tensors: dict[str, Any]) -> Any:
     """`model` (the plain fp32 base) with our streamed fp32 merge copied into the adapted weights."""
     import torch
 
+    from qlocal.export.merge_experts import model_parameter
+
     with torch.no_grad():
         for name, t in tensors.items():
-            if t.lora_a is not None:
-                model.get_parameter(name).copy_(torch.from_numpy(t.read()))
+            if t.lora_a is not None or t.token_rows is not None:
+                model_parameter(model, name).copy_(torch.from_numpy(t.read()))
     return model.eval()

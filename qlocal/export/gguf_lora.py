@@ -40,6 +40,9 @@ def convert_lora_to_gguf(adapter_dir: Path, base_hf_dir: Path, out_path: Path) -
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora"):
         raise UserError(f"{cfg_path}: only plain LoRA adapters convert to GGUF (not DoRA or {cfg.get('peft_type')})")
+    if cfg.get("trainable_token_indices"):
+        raise UserError(f"{cfg_path}: the adapter trains rows of added tokens, and a GGUF LoRA cannot change the "
+                        "vocabulary (llama.cpp takes it from the base GGUF); export the fused model instead")
     if cfg.get("modules_to_save"):
         raise UserError(f"{cfg_path}: modules_to_save ({cfg['modules_to_save']}) cannot be expressed as a GGUF "
                         "LoRA; export the fused model instead")

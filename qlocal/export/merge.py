@@ -5,6 +5,9 @@ its shards (gguf.index_safetensors: headers first, then rows on demand). Rows of
 the same rows of B, so a merged tensor is produced piecewise like any other: the merge never holds
 more than one tensor (usually one chunk) and its fp32 copy. Both the GGUF writer and the fused HF
 folder read from these merged values, so the GGUF is encoded from fp32, never from a rounded copy.
+
+Trained rows of added tokens (PEFT trainable_token_indices) replace those rows of the embedding and
+head; ids past the base's rows grow the tensor (the fused vocabulary holds the added tokens).
 """
 
 from __future__ import annotations
@@ -33,17 +36,22 @@ class MergedTensor:
     lora_a: np.ndarray | None = None  # (r, in)
     lora_b: np.ndarray | None = None  # (out, r)
     scale: float = 0.0
+    token_ids: tuple[int, ...] = ()
+    token_rows: np.ndarray | None = None  # (len(token_ids), hidden): those rows' trained values
+    n_rows: int | None = None  # rows after adding tokens (None: the base's)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.base.shape
+        return self.base.shape if self.n_rows is None else (self.n_rows, *self.base.shape[1:])
 
     @property
     def dtype(self) -> str:
         return self.base.dtype
 
     def read(self, row_start: int = 0, row_stop: int | None = None) -> np.ndarray:
-        """Rows [row_start, row_stop) of W + scale * B @ A in float32."""
+        """Rows [row_start, row_stop) of W + scale * B @ A in float32 (token rows replaced)."""
+        if self.token_rows is not None:
+            return self._read_rows(row_start, self.shape[0] if row_stop is None else row_stop)
         x = self.base.read(row_start, row_stop)
         if self.lora_a is None or self.lora_b is None:
             return x
@@ -56,9 +64,41 @@ class MergedTensor:
         return x
 
 
+    def _read_rows(self, start: int, stop: int) -> np.ndarray:
+        n0 = self.base.shape[0]
+        parts = [self.base.read(start, min(stop, n0))] if start < n0 else []
+        if stop > n0:  # rows the base lacks; every one of them is a trained token row
+            parts.append(np.zeros((stop - max(start, n0), *self.base.shape[1:]), np.float32))
+        x = np.concatenate(parts) if len(parts) > 1 else np.array(parts[0], dtype=np.float32)
+        for i, t in enumerate(self.token_ids):
+            if start <= t < stop:
+                x[t - start] = self.token_rows[i]
+        return x
+
+
+def _token_rows(adapter_dir: Path) -> dict[str, tuple[list[int], np.ndarray]]:
+    """Module path -> (token ids, their trained rows) of an adapter with trainable_token_indices."""
+    from qlocal.adapters import PEFT_ROWS_KEY, read_peft_adapter, token_rows
+
+    config, weights = read_peft_adapter(adapter_dir)
+    ids_by_leaf = token_rows(config)
+    out = {}
+    for name, w in weights.items():
+        m = PEFT_ROWS_KEY.match(name)
+        if m is None:
+            continue
+        leaf = m["path"].rsplit(".", 1)[-1]
+        ids = ids_by_leaf.get(leaf)
+        if ids is None or len(ids) != w.shape[0]:
+            raise UserError(f"{adapter_dir}: {name} holds {w.shape[0]} rows but adapter_config.json's "
+                            f"trainable_token_indices names {ids} for {leaf}")
+        out[m["path"]] = (ids, np.asarray(w, dtype=np.float32))
+    return out
+
+
 def _adapter_modules(adapter_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
     """Module path -> (A float32, B float32, PEFT scale), with clear errors for what we cannot merge."""
-    from qlocal.adapters import _PEFT_KEY, CONFIG_FILE, lora_scale, read_peft_adapter
+    from qlocal.adapters import _PEFT_KEY, CONFIG_FILE, PEFT_ROWS_KEY, lora_scale, read_peft_adapter
 
     config, weights = read_peft_adapter(adapter_dir)
     cfg_path = Path(adapter_dir) / CONFIG_FILE
@@ -71,6 +111,8 @@ def _adapter_modules(adapter_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarra
     parts: dict[str, dict[str, np.ndarray]] = {}
     for name, w in weights.items():
         m = _PEFT_KEY.match(name)
+        if m is None and PEFT_ROWS_KEY.match(name):
+            continue  # trained token rows (_token_rows)
         if m is None:
             raise UserError(f"{adapter_dir}: adapter tensor '{name}' is not a LoRA A/B matrix; "
                             "only LoRA on linear layers can be merged")
@@ -94,7 +136,10 @@ def merged_tensors(base_path: Path, adapter_dir: Path) -> dict[str, MergedTensor
 
     index = index_safetensors(Path(base_path))
     out = {name: MergedTensor(st) for name, st in index.items()}
-    for path, (a, b, scale) in _adapter_modules(Path(adapter_dir)).items():
+    from qlocal.export.merge_experts import expand_expert_lora
+
+    # LoRA on stacked MoE experts (PEFT target_parameters) becomes one pair per expert tensor on disk.
+    for path, (a, b, scale) in expand_expert_lora(_adapter_modules(Path(adapter_dir)), index, Path(adapter_dir)).items():
         key = f"{path}.weight"
         st = index.get(key)
         if st is None:
@@ -104,7 +149,23 @@ def merged_tensors(base_path: Path, adapter_dir: Path) -> dict[str, MergedTensor
             raise UserError(f"{adapter_dir}: {path} LoRA shape ({b.shape[0]}, {a.shape[1]}) does not fit "
                             f"base tensor {key} {st.shape}")
         out[key] = MergedTensor(st, a, b, scale)
+    rows = _token_rows(Path(adapter_dir))
+    n_rows = max([max(ids) + 1 for ids, _ in rows.values()] + [index[f"{p}.weight"].shape[0] for p in rows
+                                                              if f"{p}.weight" in index], default=0)
+    if rows and "lm_head.weight" in index and "lm_head" not in rows:
+        rows["lm_head"] = next(iter(rows.values()))  # a tied head stored twice: the same rows
+    for path, (ids, values) in rows.items():
+        key = f"{path}.weight"
+        if key not in index or out[key].lora_a is not None or index[key].shape[1:] != values.shape[1:]:
+            raise UserError(f"{adapter_dir}: trained token rows of {path} do not fit base tensor {key} "
+                            f"{index[key].shape if key in index else '(absent)'}; the adapter was trained on a different model")
+        out[key] = MergedTensor(index[key], token_ids=tuple(ids), token_rows=values, n_rows=n_rows)
     return out
+
+
+def vocab_size(tensors: dict[str, MergedTensor]) -> int | None:
+    """Rows of the embedding after added tokens, when the adapter grew the vocabulary (else None)."""
+    return next((t.shape[0] for t in tensors.values() if t.n_rows is not None), None)
 
 
 def row_chunks(t: Any) -> Iterator[np.ndarray]:
@@ -168,12 +229,15 @@ def write_safetensors(tensors: dict[str, Any], base_path: Path, out_dir: Path, d
     return total
 
 
-def fused_config(base_path: Path, dtype: str) -> dict[str, Any]:
-    """The base's config.json with its dtype set to the fused folder's (text_config too, if present)."""
+def fused_config(base_path: Path, dtype: str, vocab: int | None = None) -> dict[str, Any]:
+    """The base's config.json with its dtype set to the fused folder's (text_config too, if present),
+    and `vocab` as its vocab_size when added tokens grew it."""
     cfg = json.loads((Path(base_path) / "config.json").read_text(encoding="utf-8"))
     for c in (cfg, cfg.get("text_config")):
         if isinstance(c, dict):
             c.pop("torch_dtype", None)
             c["dtype"] = dtype
+            if vocab is not None and "vocab_size" in c:
+                c["vocab_size"] = vocab
     cfg["use_cache"] = True
     return cfg

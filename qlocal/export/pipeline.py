@@ -81,6 +81,9 @@ def export_run(run_dir: Path, opts: ExportOptions, echo: Callable[[str], None] =
         _check_arch(info.base_path)
     if opts.adapter_only and not opts.gguf:
         raise UserError("--adapter-only writes GGUF files; drop --no-gguf")
+    if opts.adapter_only and info.new_tokens:
+        raise UserError(f"{run_dir}: the run added {', '.join(info.new_tokens)} to the vocabulary, and a GGUF LoRA "
+                        "cannot (llama.cpp takes the vocabulary from the base GGUF); drop --adapter-only")
     final = Path(opts.out_dir) if opts.out_dir else Path("export") / info.name
     final.parent.mkdir(parents=True, exist_ok=True)
     _quiet_llama_cpp()
