@@ -8,7 +8,8 @@ test's monkeypatch, reaches every one of them):
 
     data.templates     --chat-template NAME -> `jinja`; the names listed in error hints
     data.render        `end_of_turn` tokens trained after an assistant turn the template hides
-    export.ollama      `marker` -> family; `go_template` -> TEMPLATE; `stops` -> PARAMETER stop
+    export.ollama      `marker` -> family; `go_template` -> TEMPLATE; `stops` -> PARAMETER stop;
+                       `reference` -> whether a tool family's TEMPLATE fits the run's template
     export.gguf_vocab  the first `end_of_turn` token in the vocab -> tokenizer.ggml.eot_token_id
     infer              every `end_of_turn` token the template writes ends generation
 
@@ -21,9 +22,15 @@ Adding a family:
      `go_template` in Ollama's `.Messages` style; `{EOS}` stands for the tokenizer's eos text.
   2. Golden files: add a case to CASES in tests/test_ollama.py (a tokenizer asset's own template,
      or this fallback) and run `QLOCAL_UPDATE_GOLDEN=1 pytest tests/test_ollama.py` to write
-     tests/golden/<case>.Modelfile; review it. The same file checks the Go template against the
-     Jinja on several chats (add the case to test_go_template_renders_like_jinja), and
-     tests/test_render.py checks the fallback's masking on every tokenizer asset by itself.
+     tests/golden/<case>.Modelfile; review it. The same file renders the TEMPLATE with Go's own
+     text/template (tests/gotemplate) and compares it byte for byte with the Jinja on every shape
+     of qlocal.export.ollama_probes, and tests/test_render.py checks the fallback's masking on
+     every tokenizer asset by itself.
+A model's tool-calling format (tools, calls, results, reasoning): put its Jinja template in
+qlocal/ollama_templates/NAME.jinja (and its test fixture), write NAME.gotmpl there (the shared JSON
+printers of _json.gotmpl come first), and add a family with `reference`, `tool_call_tag` (what
+Ollama's parser will look for: the first text inside `{{ if .ToolCalls }}`, cut at `{`) and
+`thinking_tags` at the end of the table, so detect() still names the generic family.
 A format known only by its end token (no faithful fallback or Go template written yet) goes in
 `OTHER_END_OF_TURN`, so the GGUF, inference and training still stop there.
 """

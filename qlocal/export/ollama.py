@@ -3,7 +3,11 @@
 Translation is by family, detected from the markers in the run's Jinja template. The families,
 their markers, Go templates and stop strings are the chat-family table (qlocal.chat_families).
 
-Known families get a hand-written Go template in Ollama's `.Messages` style (golden-tested).
+Known families get a hand-written Go template in Ollama's `.Messages` style (golden-tested with
+Go's own text/template against the Jinja). A tool-calling family (Qwen 2.5/3, Hermes, Llama 3.1,
+Mistral v3: .Tools, .ToolCalls, the tool role, .Thinking) is used only when the run's template
+renders exactly like the Jinja its TEMPLATE was proven against (export.ollama_probes); a template
+that renders tools or reasoning any other way gets no TEMPLATE line rather than one that drops them.
 Any other template is *derived*: it is rendered with sentinel messages to find each role's prefix
 and suffix, the Go template is built from those pieces, and the pieces are rendered back in Python
 and compared with the Jinja output for a multi-turn chat. If that round trip fails, the Modelfile
