@@ -71,6 +71,9 @@ CASES = {  # golden name -> (template, bos, eos, system)
     "llama3.1": ((TOOL_TEMPLATES / "llama3.1.jinja").read_text(), "<|begin_of_text|>", "<|eot_id|>", None),
     "mistral-v3": ((TOOL_TEMPLATES / "mistral.jinja").read_text(), "<s>", "</s>", None),
     "gemma3-own": ((TOOL_TEMPLATES / "gemma3.jinja").read_text(), "<bos>", "<eos>", None),
+    # configs/tools_sample.yaml: Gemma 3 270M trained with Hermes 3's tool_use template.
+    "gemma3-hermes": ((Path(__file__).parents[1] / "configs" / "hermes_tools.jinja").read_text(), "<bos>", "<eos>",
+                      "You call tools."),
 }
 
 CHATS = [
@@ -230,6 +233,9 @@ def test_tool_template_variants() -> None:
     info = build_modelfile("m.gguf", own, None, "<|im_end|>")
     assert (info.family, info.template_source) == ("qwen2.5", "family")
     assert info.system == "You are Bob. You are a helpful assistant."
+    # --system replaces the default: the TEMPLATE stays (Ollama prepends SYSTEM like any system message).
+    info = build_modelfile("m.gguf", qwen, None, "<|im_end|>", system="You are a pirate.")
+    assert (info.family, info.system) == ("qwen2.5", "You are a pirate.")
     # Tool instructions no proven TEMPLATE says: no TEMPLATE (the GGUF's Jinja serves it), and why.
     odd = qwen.replace("You may call one or more functions", "You may call functions")
     info = build_modelfile("m.gguf", odd, None, "<|im_end|>")

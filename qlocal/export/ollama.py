@@ -178,9 +178,10 @@ def build_modelfile(gguf_file: str, template: str, bos_token: str | None, eos_to
     `system` (from --system) wins over a default system prompt built into the template.
     `adapter_file` adds an ADAPTER line (GGUF LoRA applied on top of FROM).
     """
+    own_system = default_system(template, bos_token, eos_token)
     if system is None:
-        system = default_system(template, bos_token, eos_token)
-    known = _faithful_tool_family(template, bos_token, eos_token, system) or chat_families.detect(template)
+        system = own_system
+    known = _faithful_tool_family(template, bos_token, eos_token, own_system) or chat_families.detect(template)
     family = known.name if known else None
     notes: list[str] = []
     suffix = None
