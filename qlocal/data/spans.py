@@ -87,10 +87,12 @@ def _start(messages: list[dict], i: int, render: Render, full: str, pos: int) ->
             continue
         if tail_full.startswith(tail_prompt):
             return base + len(tail_prompt)
-        for head in _header_candidates(messages, i, render):
-            k = tail_full.find(head)
-            if k >= 0:
-                return base + k + len(head)
+        # This turn's header is the first one after the previous message: the earliest occurrence
+        # of any candidate (the longest at that place), not a later turn's fuller one.
+        found = [(k, -len(h)) for h in _header_candidates(messages, i, render) if (k := tail_full.find(h)) >= 0]
+        if found:
+            k, neg = min(found)
+            return base + k - neg
         return base + _common_prefix(tail_full, tail_prompt)
     return None
 
