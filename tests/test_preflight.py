@@ -124,6 +124,28 @@ def test_supported_model_exports(tiny_model_dir: Any) -> None:
 
 
 @needs_export
+@pytest.mark.parametrize("arch,family,pre", [("smollm3", "SmolLM3", "llama-bpe"), ("olmo2", "OLMo 2", "llama-bpe"),
+                                             ("mistral_nemo", "Mistral", "tekken")])
+def test_new_families_export(arch: str, family: str, pre: str, tiny_model_dir: Any) -> None:
+    v = export_verdict(tiny_model_dir(arch))
+    assert v.ok and v.family == family and v.pretokenizer == pre, v.reasons
+
+
+@needs_export
+def test_header_llama_cpp_cannot_run_is_the_reason(tiny_model_dir: Any, tmp_path: Path) -> None:
+    """A supported family whose config llama.cpp cannot run (SmolLM3 without RoPE on other layers
+    than every 4th) is refused before training, with the converter's own line."""
+    odd = tmp_path / "smollm3"
+    shutil.copytree(tiny_model_dir("smollm3"), odd)
+    cfg = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**cfg, "no_rope_layers": [1, 0, 1, 0]}))
+    v = export_verdict(odd)
+    assert not v.ok and v.family == "SmolLM3" and v.pretokenizer == "llama-bpe"
+    (reason,) = v.reasons
+    assert reason.startswith("config.json: no_rope_layers [1, 0, 1, 0] cannot be exported")
+
+
+@needs_export
 def test_verdict_imports_no_torch_or_transformers(tiny_model_dir: Any) -> None:
     """config.json + tokenizer files only: a fresh interpreter computes it without torch or transformers."""
     code = ("import json, sys, time; t = time.perf_counter(); from qlocal.export.preflight import export_verdict; "

@@ -57,7 +57,9 @@ def export_verdict(model_path: Path) -> Verdict:
     config = _read_config(path, reasons)
     if config is not None:
         try:
-            family = gguf_arch.find_family(config).name
+            fam = gguf_arch.find_family(config)
+            family = fam.name
+            _check_header(fam, gguf_arch.text_hparams(config), reasons)
         except UserError:
             archs = config.get("architectures") if isinstance(config.get("architectures"), list) else []
             got = "/".join(map(str, archs)) or str(config.get("model_type") or "unknown")
@@ -69,6 +71,19 @@ def export_verdict(model_path: Path) -> Verdict:
         else:
             reasons.append(f"{check.line()} (export would need --allow-tokenizer-mismatch)")
     return Verdict(not reasons, reasons, family, pre, round(time.perf_counter() - t0, 3))
+
+
+def _check_header(fam: Any, hp: dict[str, Any], reasons: list[str]) -> None:
+    """The family's GGUF header written into memory: what llama.cpp cannot run (SmolLM3's NoPE
+    pattern, an unsupported rope scaling) stops the export there, so say it before training."""
+    from gguf import GGUFWriter
+
+    try:
+        fam.write_hparams(hp, GGUFWriter(None, fam.gguf_arch))  # no path: nothing touches the disk
+    except UserError as e:
+        reasons.append(_first_line(e))
+    except (KeyError, TypeError, ValueError):
+        pass  # an incomplete config.json: the converter names the missing key at export time
 
 
 def _read_config(path: Path, reasons: list[str]) -> dict[str, Any] | None:
