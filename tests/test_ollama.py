@@ -315,3 +315,23 @@ def test_tool_sample_renders_in_ollama_as_in_training(family: str, go_renderer: 
     res = go_renderer.run(_template_of(info.text), requests, info.system or "")
     for i, (got, want, err) in enumerate(zip(res.renders, wants, res.errors)):
         assert not err and got == want, f"{family}: sample chat {i}"
+
+
+NESTED = [{"type": "function", "function": {
+    "name": "book", "description": "Book a table.",
+    "parameters": {"type": "object", "properties": {
+        "size": {"description": "People or 'large'", "anyOf": [{"type": "integer"}, {"type": "string"}]},
+        "where": {"type": "object", "description": "Place", "properties": {
+            "city": {"type": "string", "description": "City"}, "zip": {"type": "string"}}, "required": ["city"]}},
+        "required": ["where"]}}}]
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-tools", "qwen3", "hermes", "mistral-v3"])
+def test_nested_schema_renders_like_jinja(name: str, go_renderer: GoRenderer) -> None:
+    """Object properties with properties/required of their own, and anyOf, print as tojson does.
+    (Llama 3.1's indent=4 printer writes flat properties and string arrays only.)"""
+    template, bos, eos, _ = CASES[name]
+    info = build_modelfile("m.gguf", template, bos, eos)
+    chat = [{"role": "user", "content": "A table for 4 in Oslo"}]
+    got = go_renderer.render(_template_of(info.text), to_ollama(chat), info.system or "", tools=NESTED)
+    assert got == jinja_render(template, with_system(chat, info.system), NESTED, None, bos, eos)

@@ -30,7 +30,12 @@ TIME = {"type": "function", "function": {
     "name": "get_time", "description": "Local time in a timezone.",
     "parameters": {"type": "object", "properties": {
         "timezone": {"type": "string", "description": "IANA name"}}, "required": ["timezone"]}}}
-TOOLS = [WEATHER, TIME]
+INVITE = {"type": "function", "function": {
+    "name": "invite", "description": "Invite people to an event.",
+    "parameters": {"type": "object", "properties": {
+        "emails": {"type": "array", "description": "Who to invite", "items": {"type": "string"}},
+        "event_id": {"type": "integer", "description": "The event"}}, "required": ["emails", "event_id"]}}}
+TOOLS = [WEATHER, TIME, INVITE]
 
 
 def _call(name: str, args: dict[str, Any], call_id: str) -> dict[str, Any]:
