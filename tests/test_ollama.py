@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from conftest import MISTRAL_V7_TEMPLATE
 from gotemplate_helpers import SHAPES, GoRenderer, go_renderer, jinja_render, to_ollama, with_system  # noqa: F401
 from qlocal import chat_families
 from qlocal.chat_families import fallbacks
@@ -50,6 +51,13 @@ PHI35 = ("{% for message in messages %}{% if message['role'] == 'system' and mes
          "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}")
 PHI4_MINI = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
              "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}")
+# OLMo 2 Instruct's (Tulu 3) template: eos + newline after an assistant turn, no newline when it is last.
+OLMO2 = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
+         "{{ '<|system|>\n' + message['content'] + '\n' }}{% elif message['role'] == 'user' %}"
+         "{{ '<|user|>\n' + message['content'] + '\n' }}{% elif message['role'] == 'assistant' %}"
+         "{% if not loop.last %}{{ '<|assistant|>\n'  + message['content'] + eos_token + '\n' }}"
+         "{% else %}{{ '<|assistant|>\n'  + message['content'] + eos_token }}{% endif %}{% endif %}"
+         "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}{% endfor %}")
 CUSTOM = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
@@ -64,6 +72,9 @@ CASES = {  # golden name -> (template, bos, eos, system)
     "granite": (GRANITE, None, "<|end_of_text|>", None),
     "phi3": (PHI35, None, "<|endoftext|>", None),
     "phi4-mini": (PHI4_MINI, None, "<|endoftext|>", None),
+    "olmo2": (OLMO2, "<|endoftext|>", "<|endoftext|>", None),
+    "mistral-v7": (MISTRAL_V7_TEMPLATE, "<s>", "</s>", None),  # the mistral_nemo fixture's (Small 3)
+    "smollm3": ((TOOL_TEMPLATES / "smollm3.jinja").read_text(), None, "<|im_end|>", None),
     # Tool-calling templates of real models (tests/assets/chat_templates, issue 15).
     "qwen2.5-tools": ((TOOL_TEMPLATES / "qwen2.5.jinja").read_text(), None, "<|im_end|>", None),
     "qwen3": ((TOOL_TEMPLATES / "qwen3.jinja").read_text(), None, "<|im_end|>", None),
@@ -241,6 +252,11 @@ def test_tool_template_variants() -> None:
     info = build_modelfile("m.gguf", odd, None, "<|im_end|>")
     assert info.template_source == "gguf" and not any(line.startswith("TEMPLATE") for line in info.text.splitlines())
     assert "renders tools or reasoning" in info.notes[-1]
+    # An unknown per-role template with a tools block: not derived (that TEMPLATE would drop the tools).
+    custom_tools = CUSTOM.replace("{% for m in messages %}", "{% if tools %}<|tools|>{{ tools | tojson }}<|end|>\n"
+                                  "{% endif %}{% for m in messages %}")
+    assert build_modelfile("m.gguf", CUSTOM, None, "<|end|>").template_source == "derived"
+    assert build_modelfile("m.gguf", custom_tools, None, "<|end|>").template_source == "gguf"
     # Qwen3 without its thinking switch renders differently with enable_thinking=False: not Qwen3's.
     no_switch = CASES["qwen3"][0].replace("{%- if enable_thinking is defined and enable_thinking is false %}",
                                           "{%- if false %}")

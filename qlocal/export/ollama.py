@@ -127,8 +127,13 @@ def derive_go_template(template: str, bos_token: str | None, eos_token: str | No
         user_only = r([u], False)
         gen = r([u], True)[len(user_only):]
         up, us = user_only.split(_SENT["user"])
-        ua = r([u, a], False)
-        ap, as_ = ua[len(user_only):].split(_SENT["assistant"])
+        # The assistant's pieces as Ollama renders them: followed by a user turn (OLMo 2's template
+        # writes a newline after eos only then; a last assistant turn is training-only text).
+        u2 = {"role": "user", "content": _SENT["user2"]}
+        mid, tail = r([u, a, u2], False)[len(user_only):], up + _SENT["user2"] + us
+        if not mid.endswith(tail):
+            return None
+        ap, as_ = mid[: len(mid) - len(tail)].split(_SENT["assistant"])
         su = r([s, u], False)
         sp, ss = su[: len(su) - len(user_only)].split(_SENT["system"])
     except Exception:  # noqa: BLE001 - a template we cannot take apart gets no TEMPLATE line
@@ -185,7 +190,8 @@ def build_modelfile(gguf_file: str, template: str, bos_token: str | None, eos_to
     family = known.name if known else None
     notes: list[str] = []
     suffix = None
-    if known is not None and known.reference is None and _renders_tools_or_thinking(template, bos_token, eos_token):
+    # A TEMPLATE that is not proven for tools would drop them (the derived one included): better none.
+    if (known is None or known.reference is None) and _renders_tools_or_thinking(template, bos_token, eos_token):
         go, source = "", "gguf"
         notes.append("the chat template renders tools or reasoning and no TEMPLATE qlocal has was proven to "
                      "render it the same; no TEMPLATE line: Ollama will use the chat template stored in the GGUF")
