@@ -144,6 +144,19 @@ _TABLE = [
             "{{- end }}<start_of_turn>model\n"
         ),
     ),
+    # Mistral Small 3 (tekken, "v7"): [SYSTEM_PROMPT] block first, [INST]...[/INST] with no spaces,
+    # eos after an assistant turn. Before "mistral": its templates contain [INST] too.
+    ChatFamily(
+        name="mistral-v7", marker="[SYSTEM_PROMPT]",
+        go_template=(
+            "{{- range $i, $_ := .Messages }}\n"
+            "{{- if eq .Role \"system\" }}{{ if eq $i 0 }}[SYSTEM_PROMPT]{{ .Content }}[/SYSTEM_PROMPT]{{ end }}\n"
+            "{{- else if eq .Role \"user\" }}[INST]{{ .Content }}[/INST]\n"
+            "{{- else if eq .Role \"assistant\" }}{{ .Content }}{EOS}\n"
+            "{{- end }}\n"
+            "{{- end }}"
+        ),
+    ),
     # Mistral [INST]: a system prompt goes in front of the first user message; an assistant turn
     # ends with the tokenizer's eos, so there is no end-of-turn token of its own.
     ChatFamily(

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from conftest import MISTRAL_V7_TEMPLATE
+from conftest import MISTRAL_V7_TEMPLATE
 from gotemplate_helpers import SHAPES, GoRenderer, go_renderer, jinja_render, to_ollama, with_system  # noqa: F401
 from qlocal import chat_families
 from qlocal.chat_families import fallbacks
@@ -58,6 +59,13 @@ OLMO2 = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == '
          "{% if not loop.last %}{{ '<|assistant|>\n'  + message['content'] + eos_token + '\n' }}"
          "{% else %}{{ '<|assistant|>\n'  + message['content'] + eos_token }}{% endif %}{% endif %}"
          "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}{% endfor %}")
+# OLMo 2 Instruct's (Tulu 3) template: eos + newline after an assistant turn, no newline when it is last.
+OLMO2 = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
+         "{{ '<|system|>\n' + message['content'] + '\n' }}{% elif message['role'] == 'user' %}"
+         "{{ '<|user|>\n' + message['content'] + '\n' }}{% elif message['role'] == 'assistant' %}"
+         "{% if not loop.last %}{{ '<|assistant|>\n'  + message['content'] + eos_token + '\n' }}"
+         "{% else %}{{ '<|assistant|>\n'  + message['content'] + eos_token }}{% endif %}{% endif %}"
+         "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}{% endfor %}")
 CUSTOM = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
@@ -72,6 +80,9 @@ CASES = {  # golden name -> (template, bos, eos, system)
     "granite": (GRANITE, None, "<|end_of_text|>", None),
     "phi3": (PHI35, None, "<|endoftext|>", None),
     "phi4-mini": (PHI4_MINI, None, "<|endoftext|>", None),
+    "olmo2": (OLMO2, "<|endoftext|>", "<|endoftext|>", None),
+    "mistral-v7": (MISTRAL_V7_TEMPLATE, "<s>", "</s>", None),  # the mistral_nemo fixture's (Small 3)
+    "smollm3": ((TOOL_TEMPLATES / "smollm3.jinja").read_text(), None, "<|im_end|>", None),
     "olmo2": (OLMO2, "<|endoftext|>", "<|endoftext|>", None),
     "mistral-v7": (MISTRAL_V7_TEMPLATE, "<s>", "</s>", None),  # the mistral_nemo fixture's (Small 3)
     "smollm3": ((TOOL_TEMPLATES / "smollm3.jinja").read_text(), None, "<|im_end|>", None),
@@ -114,7 +125,11 @@ def test_golden_modelfiles(name: str) -> None:
     assert info.text == golden.read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+# Cases whose Modelfile has no TEMPLATE on purpose (test_no_template_cases says why).
+NO_TEMPLATE = {"smollm3"}
+
+
+@pytest.mark.parametrize("name", sorted(set(CASES) - NO_TEMPLATE))
 def test_go_template_renders_like_jinja(name: str, go_renderer: GoRenderer) -> None:
     """Ollama's render (Go text/template) of every conversation shape == transformers' Jinja render,
     and Ollama finds in the TEMPLATE the capabilities, tool-call tag and thinking tags the table says."""
@@ -156,6 +171,15 @@ def test_go_template_renders_like_jinja(name: str, go_renderer: GoRenderer) -> N
         assert "tool-call" in compared
     if "thinking" in res.capabilities:
         assert {"thinking", "no-thinking", "thinking-tool-call"} <= set(compared)
+
+
+def test_no_template_cases() -> None:
+    """SmolLM3's template writes reasoning (/think by default, empty <think> blocks in /no_think turns)
+    and a dated metadata system block: no TEMPLATE qlocal has renders it, so Ollama gets none."""
+    for name in NO_TEMPLATE:
+        info = build_modelfile("m.gguf", *CASES[name])
+        assert info.template_source == "gguf" and "reasoning" in info.notes[-1], name
+        assert info.stops == ["<|im_end|>"]
 
 
 def test_family_detection_and_stops() -> None:
