@@ -210,6 +210,23 @@ def _check_stops(llm: Any, stops: list[str]) -> tuple[bool, dict[str, Any]]:
     return ok, detail
 
 
+def _free_greedy(llm: Any, ids: list[int], n: int) -> list[int]:
+    """llama.cpp's own greedy continuation of `ids`: at most `n` tokens, ending at end-of-generation.
+
+    Counted in tokens: create_completion keeps sampling past max_tokens while the text is an
+    incomplete UTF-8 sequence (byte-fallback tokens), and then runs off the end of the context."""
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    llm.reset()
+    out: list[int] = []
+    for t in llm.generate(ids, temp=0.0, top_k=1):
+        if len(out) >= n or llama_cpp.llama_vocab_is_eog(vocab, t):
+            break
+        out.append(t)
+    return out
+
+
 def verify_gguf(ref: HFReference, path: Path, quant: str, stops: list[str], lora: Path | None = None,
                 allow_token_mismatch: bool = False) -> FileCheck:
     """Check one GGUF (optionally with a GGUF LoRA on top) against the fused HF reference.
@@ -236,9 +253,8 @@ def verify_gguf(ref: HFReference, path: Path, quant: str, stops: list[str], lora
                     continue
                 total += 1
                 agree += int(np.argmax(h) == np.argmax(g))
-            llm.reset()
-            free = llm.create_completion(ids, max_tokens=len(cont), temperature=0.0, top_k=1)
-            text_equal = text_equal and free["choices"][0]["text"] == ref.tokenizer.decode(cont)
+            free = _free_greedy(llm, ids, len(cont))
+            text_equal = text_equal and ref.tokenizer.decode(free) == ref.tokenizer.decode(cont)
         stops_ok, stop_detail = _check_stops(llm, stops)
     finally:
         llm.close()
