@@ -188,3 +188,99 @@ def test_what_llama_cpp_cannot_run_stops_in_one_line(change: dict[str, Any], mes
         convert_hf_to_gguf(src, tmp_path / "out.gguf", "f16")
     assert "\n" not in str(e.value)
     assert not list(tmp_path.glob("out.gguf*")) and not list(tmp_path.glob(".out.gguf*"))
+
+
+# ---------------------------------------------------------------- LoRA on the experts
+
+@pytest.fixture(scope="module")
+def expert_run(tiny_model_dir: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A run whose random adapter covers attention and the experts: PEFT turns the gate/up/down_proj
+    targets into LoRA on transformers 5's stacked expert parameters (target_parameters)."""
+    pytest.importorskip("peft")
+    from export_helpers import make_run
+
+    base = tiny_model_dir("qwen3moe")
+    run = make_run(base, tmp_path_factory.mktemp("moe") / "run", b_std=0.2)
+    cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert sorted(cfg["target_parameters"]) == ["down_proj", "gate_up_proj"]
+    return base, run
+
+
+def test_expert_lora_merge_equals_peft(expert_run: tuple[Path, Path]) -> None:
+    """Every expert's streamed fp32 merge equals PEFT's own merge_and_unload of the stacked parameters."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qlocal.export.merge import merged_tensors
+
+    base, run = expert_run
+    tensors = merged_tensors(base, run / "adapter")
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                           str(run / "adapter"))
+    merged = peft_model.merge_and_unload()
+    for layer in range(2):
+        experts = merged.model.layers[layer].mlp.experts
+        gate_up, down = experts.gate_up_proj.detach().numpy(), experts.down_proj.detach().numpy()
+        for e in range(4):
+            prefix = f"model.layers.{layer}.mlp.experts.{e}"
+            want = {"gate": gate_up[e, :64], "up": gate_up[e, 64:], "down": down[e]}
+            for proj in PROJ:
+                t = tensors[f"{prefix}.{proj}_proj.weight"]
+                assert t.lora_a is not None, "every expert tensor carries its LoRA pair"
+                got = t.read()
+                np.testing.assert_allclose(got, want[proj], atol=2e-6, err_msg=f"{prefix}.{proj}")
+                assert np.abs(got - t.base.read()).max() > 1e-3  # the adapter moved this expert
+
+
+def test_expert_lora_exports(expert_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """Fused folder and F16 GGUF of an expert-LoRA run give base + adapter's logits (PEFT, fp32); a
+    GGUF LoRA of it is refused in one line (the writer has no stacked-parameter LoRA)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlocal.export.fuse import fuse_run
+    from qlocal.export.gguf_lora import convert_lora_to_gguf
+    from qlocal.export.merge import merged_tensors
+
+    base, run = expert_run
+    report = fuse_run(run, tmp_path / "fused")
+    assert report.max_abs_logit_diff < 1e-4, report
+    path = convert_hf_to_gguf(tmp_path / "fused", tmp_path / "m-f16.gguf", "f16",
+                              tensors=merged_tensors(base, run / "adapter"))
+    ids = AutoTokenizer.from_pretrained(base)(PROMPT)["input_ids"]
+    ref_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                          str(run / "adapter")).eval()
+    with torch.no_grad():
+        ref = ref_model(torch.tensor([ids])).logits[0].numpy()
+        with ref_model.disable_adapter():
+            plain = ref_model(torch.tensor([ids])).logits[0].numpy()
+    llm = load_gguf(path)
+    got = gguf_logits(llm, ids)
+    llm.close()
+    assert nmse(plain, ref) > 0.01, "the adapter must visibly change the logits"
+    assert nmse(got, ref) < 1e-4
+    with pytest.raises(UserError, match="stacked parameters") as e:
+        convert_lora_to_gguf(run / "adapter", base, tmp_path / "lora.gguf")
+    assert "\n" not in str(e.value) and not (tmp_path / "lora.gguf").exists()
+
+
+def test_torch_trains_the_experts_when_asked(tiny_model_dir: Any, tmp_path: Path) -> None:
+    """Naming the expert projections trains them on torch (PEFT maps gate/up/down_proj onto the stacked
+    parameters); the run exports f16 that verifies against base + adapter."""
+    from conftest import REPO, run_qlocal
+    from safetensors.numpy import load_file
+
+    run = tmp_path / "runs" / "e"
+    targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    r = run_qlocal("train", "--model", tiny_model_dir("qwen3moe"), "--data", REPO / "data" / "alpaca_sample.jsonl",
+                   "--iters", "3", "--output-dir", run.parent, "--name", run.name, "--quiet", "--max-seq-len", "128",
+                   "--backend", "torch", "--lr", "0.02", "--target-modules", targets)
+    assert r.returncode == 0, r.stderr
+    weights = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    expert_b = [v for k, v in weights.items() if ".mlp.experts." in k and "lora_B" in k]
+    assert len(expert_b) == 4 and all(np.abs(b).max() > 0 for b in expert_b)  # 2 layers x (gate_up, down)
+    out = tmp_path / "export"
+    r = run_qlocal("export", run, "--gguf", "--quant", "f16", "--out", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    verify = json.loads((out / "verify.json").read_text())
+    assert verify["passed"] and verify["files"][0]["nmse"] < 1e-3

@@ -8,7 +8,7 @@ row permutation, Gemma's norm shift, tied output), so a mistake made twice, in t
 our check, shows up here.
 
 Families: llama, mistral and mistral_nemo (written as llama; Nemo's head_dim reaches the reader as
-rope.dimension_count), qwen2, qwen3, gemma2, gemma3, phi3. transformers' reader
+rope.dimension_count), qwen2, qwen3, gemma2, gemma3, phi3, qwen3moe. transformers' reader
 ignores some header keys, so some fixtures differ from conftest's:
   - qwen3 ignores attention.key_length: head_dim must be Qwen3Config's default (128).
   - gemma2/gemma3 don't carry query_pre_attn_scalar (llama.cpp scales by 1/sqrt(head_dim), the
@@ -18,6 +18,9 @@ ignores some header keys, so some fixtures differ from conftest's:
     window of 8 is shorter than the prompts, so the window itself is read and applied.
   - phi3 ignores rope.dimension_count and the LongRoPE factors: full rotary and plain rope (the
     fused attn_qkv/ffn_up layout is what this checks; llama.cpp checks partial rotary and LongRoPE).
+  - qwen3moe ignores expert_feed_forward_length: moe_intermediate_size must be Qwen3MoeConfig's
+    default (768, Qwen3-30B-A3B's). make_run's gate/up/down_proj targets become PEFT LoRA on the
+    stacked experts (target_parameters), so this also checks the expert-LoRA merge.
 Granite, SmolLM3 and OLMo 2 are not GGUF architectures transformers reads (transformers 5.24's
 GGUF_SUPPORTED_ARCHITECTURES has no granite, smollm3 or olmo2).
 Llama 3.1 rope scaling is not read by transformers' GGUF loader (it drops rope_freqs), so llama31
@@ -54,6 +57,7 @@ TOLERANCE = 1e-5
 # What transformers' GGUF reader needs beyond conftest's tiny configs (see the module docstring).
 READER_OVERRIDES: dict[str, dict[str, Any]] = {
     "qwen3": dict(head_dim=128),
+    "qwen3moe": dict(moe_intermediate_size=768),
     "gemma2": dict(head_dim=256, query_pre_attn_scalar=256),
     "gemma3": dict(head_dim=256, query_pre_attn_scalar=256, num_hidden_layers=6, layer_types=None,
                    sliding_window=8),
@@ -83,7 +87,7 @@ def nmse(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a - b) ** 2).mean() / (b ** 2).mean())
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mistral_nemo"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mistral_nemo", "qwen3moe"])
 def test_transformers_reads_our_f16_gguf(arch: str, tmp_path: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

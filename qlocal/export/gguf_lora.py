@@ -46,6 +46,9 @@ def convert_lora_to_gguf(adapter_dir: Path, base_hf_dir: Path, out_path: Path) -
     if cfg.get("modules_to_save"):
         raise UserError(f"{cfg_path}: modules_to_save ({cfg['modules_to_save']}) cannot be expressed as a GGUF "
                         "LoRA; export the fused model instead")
+    if cfg.get("target_parameters"):
+        raise UserError(f"{cfg_path}: the adapter trains stacked parameters ({', '.join(cfg['target_parameters'])}, "
+                        "e.g. MoE experts), which the GGUF LoRA writer does not write; export the fused model instead")
     config = json.loads((base_hf_dir / "config.json").read_text(encoding="utf-8"))
     family = find_family(config)
     hp = text_hparams(config)
