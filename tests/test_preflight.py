@@ -125,7 +125,7 @@ def test_supported_model_exports(tiny_model_dir: Any) -> None:
 
 @needs_export
 @pytest.mark.parametrize("arch,family,pre", [("smollm3", "SmolLM3", "llama-bpe"), ("olmo2", "OLMo 2", "llama-bpe"),
-                                             ("mistral_nemo", "Mistral", "tekken")])
+                                             ("mistral_nemo", "Mistral", "tekken"), ("qwen3moe", "Qwen3-MoE", "qwen2")])
 def test_new_families_export(arch: str, family: str, pre: str, tiny_model_dir: Any) -> None:
     v = export_verdict(tiny_model_dir(arch))
     assert v.ok and v.family == family and v.pretokenizer == pre, v.reasons
@@ -143,6 +143,20 @@ def test_header_llama_cpp_cannot_run_is_the_reason(tiny_model_dir: Any, tmp_path
     assert not v.ok and v.family == "SmolLM3" and v.pretokenizer == "llama-bpe"
     (reason,) = v.reasons
     assert reason.startswith("config.json: no_rope_layers [1, 0, 1, 0] cannot be exported")
+
+
+@needs_export
+def test_moe_llama_cpp_cannot_run_is_the_reason(tiny_model_dir: Any, tmp_path: Path) -> None:
+    """Qwen3-MoE with unnormalised top-k router weights (transformers' default, llama.cpp's qwen3moe
+    always renormalises) is refused before training."""
+    odd = tmp_path / "qwen3moe"
+    shutil.copytree(tiny_model_dir("qwen3moe"), odd)
+    cfg = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**cfg, "norm_topk_prob": False}))
+    v = export_verdict(odd)
+    assert not v.ok and v.family == "Qwen3-MoE"
+    (reason,) = v.reasons
+    assert reason.startswith("config.json: Qwen3-MoE with norm_topk_prob false cannot be exported")
 
 
 @needs_export
