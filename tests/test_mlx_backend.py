@@ -158,6 +158,10 @@ def test_options_reach_the_adapter(tiny_model_dir, tmp_path: Path) -> None:
 def test_unknown_target_module_is_a_user_error(tiny_model_dir, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="lora.target_modules: qq_proj not found.*q_proj"):
         _backend(tiny_model_dir("qwen2"), tmp_path, **{"lora.target_modules": "qq_proj"})
+    # Qwen3-MoE on MLX: the experts (SwitchLinear) and the router are not targets, and the line says where they train.
+    with pytest.raises(UserError, match=r"gate_proj not found.*\(linear layers there: k_proj, o_proj, q_proj, v_proj\); "
+                                        "LoRA on MoE experts trains on the torch backend only"):
+        _backend(tiny_model_dir("qwen3moe"), tmp_path, **{"lora.target_modules": "q_proj,gate_proj"})
 
 
 def test_cli_train_mlx_shows_progress(tiny_model_dir, tmp_path: Path, qlocal_cli) -> None:

@@ -58,8 +58,9 @@ def attach_lora(model: Any, rank: int, alpha: float, dropout: float, targets: li
         unknown = [t for t in targets if not any(k == t or k.endswith("." + t) for k in every)]
         if unknown:
             leaves = sorted({k.rsplit(".", 1)[-1] for k in every})
+            moe = "; LoRA on MoE experts trains on the torch backend only" if routers else ""
             raise UserError(f"lora.target_modules: {', '.join(unknown)} not found in the model's blocks "
-                            f"(linear layers there: {', '.join(leaves)})")
+                            f"(linear layers there: {', '.join(leaves)}){moe}")
     first = len(blocks) - layers if layers is not None and layers < len(blocks) else 0
     for block in blocks[first:]:
         wrapped = [(k, LoRALinear.from_base(m, r=rank, dropout=dropout, scale=alpha / rank))
