@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +104,26 @@ def test_bad_tool_fields_name_the_record_and_field(record: dict, match: str) -> 
     fmt = "sharegpt" if "conversations" in record else "messages"
     with pytest.raises(UserError, match=r"^b\.jsonl:3: " + match + r".*--skip-bad-lines"):
         normalise(record, fmt, "b.jsonl:3")
+
+
+def test_mapping_carries_tools(tmp_path: Path) -> None:
+    from qlocal import config as config_mod
+    from qlocal.data.formats import load_samples
+    from qlocal.data.mapping import mapping_from_config
+
+    def load(records: list[dict], **keys: object) -> list:
+        path = tmp_path / "m.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        cfg = config_mod.apply(config_mod.Config(), {"data": keys}, "test")
+        return load_samples(str(path), mapping=mapping_from_config(cfg.data))[0]
+
+    chat = msgs({"role": "assistant", "content": None, "tool_calls": [CALL]}, {"role": "tool", "content": "18 C"},
+                {"role": "assistant", "content": "18 C."})["messages"]
+    renamed = load([{"dialog": chat, "functions": json.dumps([WEATHER["function"]])}],
+                   columns={"messages": "dialog", "tools": "functions"})
+    assert renamed[0].tools == [WEATHER] and renamed[0].messages[1]["tool_calls"] == [CALL]
+    assert load([{"dialog": chat, "tools": [WEATHER]}], columns={"messages": "dialog"})[0].tools == [WEATHER]
+    built = load([{"q": "Hi", "a": "Hello", "fns": [WEATHER]}], columns={"user": "q", "assistant": "a", "tools": "fns"})
+    assert built[0].tools == [WEATHER]
+    with pytest.raises(UserError, match="data.columns.tools does not apply to raw text"):
+        load([{"t": "x"}], columns={"text": "t", "tools": "fns"})

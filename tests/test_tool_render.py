@@ -252,3 +252,20 @@ def test_data_tools_file_applies_to_records_without_tools(tmp_path: Path) -> Non
         load_samples(str(data), tools=str(bad))
     with pytest.raises(UserError, match=r"data\.tools: .*missing\.json not found"):
         load_samples(str(data), tools=str(tmp_path / "missing.json"))
+
+
+def test_reasoning_goes_where_the_template_reads_it() -> None:
+    tok = tokenizer("qwen2.5")
+    sample = Sample("chat", where="k:1", messages=[{"role": "user", "content": "Hi"},
+                                                    {"role": "assistant", "content": "Hello.", "reasoning_content": "Be kind."}])
+    # a template reading message.thinking (gpt-oss style) gets the reasoning under that key
+    thinking = ("{%- for m in messages %}<|im_start|>{{ m.role }}\n{% if m.thinking %}[T]{{ m.thinking }}[/T]{% endif %}"
+                "{{ m.content }}<|im_end|>{%- endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert trained_spans(render(sample, tok, thinking), tok) == ["[T]Be kind.[/T]Hello.<|im_end|>"]
+    # a template with no thinking of its own (ChatML fallback) gets it inline, as <think> before the answer
+    from qlocal.chat_families import fallbacks
+
+    assert trained_spans(render(sample, tok, fallbacks()["chatml"]), tok) == [
+        "<think>\nBe kind.\n</think>\n\nHello.<|im_end|>\n"]
+    off = render(sample, tok, fallbacks()["chatml"], train_on_reasoning=False)
+    assert "Be kind." not in "".join(trained_spans(off, tok)) and "Be kind." in _untrained(off, tok)

@@ -2,8 +2,9 @@
 
 Two ways, combinable:
 
-  columns            {system|user|assistant|messages|text: column}: a column becomes that turn (or
-                     the conversation list, or raw text). `columns: {user: question, assistant: answer}`
+  columns            {system|user|assistant|messages|text|tools: column}: a column becomes that turn (or
+                     the conversation list, raw text, or the function schemas the template renders).
+                     `columns: {user: question, assistant: answer}`
   prompt_template    the user / assistant / system turn built from several fields, str.format style:
   response_template  "Case:\\n{case_description}\\n\\nProcess:\\n{consultation_process}". List values are
   system_prompt      joined with newlines; {{ and }} are literal braces; {a[b]} reaches into objects.
@@ -23,9 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qlocal.data.formats import SKIP_HINT, Sample
+from qlocal.data.tools import parse_tools
 from qlocal.errors import UserError
 
-COLUMN_KEYS = ("system", "user", "assistant", "messages", "text")
+COLUMN_KEYS = ("system", "user", "assistant", "messages", "text", "tools")
 TEMPLATE_KEYS = ("prompt_template", "response_template", "system_prompt")
 
 
@@ -125,6 +127,8 @@ class Mapping:
         whole = [k for k in ("messages", "text") if k in self.columns]
         if len(whole) == 2:
             raise UserError("data.columns: 'messages' and 'text' are two different formats; keep one")
+        if "tools" in self.columns and "text" in self.columns:
+            raise UserError("data.columns.tools does not apply to raw text (data.columns.text); drop one")
         if self.builds_turns:
             if whole:
                 raise UserError(f"data.columns.{whole[0]} cannot be combined with user/assistant turns "
@@ -187,10 +191,14 @@ class Mapping:
         data.columns.messages/text renamed to the standard key, for the format detector."""
         if not isinstance(record, dict):
             raise UserError(f"{where}: a record must be a JSON object; {SKIP_HINT}")
+        tools_col = self.columns.get("tools", "tools")
         if not self.builds_turns:
             for key in ("messages", "text"):
                 if key in self.columns:
-                    return {key: self._column(key, record, where)}
+                    out = {key: self._column(key, record, where)}
+                    if key == "messages" and record.get(tools_col) is not None:
+                        out["tools"] = record[tools_col]  # the renamed chat keeps its schemas
+                    return out
             return record
         fields = self._fields(record, where)
         system = self._turn("system_prompt", "system", fields, where)
@@ -202,7 +210,8 @@ class Mapping:
             raise UserError(f"{where}: the mapped assistant turn is empty, so there is nothing to train on; {SKIP_HINT}")
         messages = [{"role": "system", "content": system}] if system else []
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-        return Sample("chat", messages=messages, where=where)
+        tools = parse_tools(self._column("tools", record, where), where, tools_col) if "tools" in self.columns else None
+        return Sample("chat", messages=messages, where=where, tools=tools)
 
 
     def add_system(self, sample: Sample, record: dict, where: str) -> Sample:
