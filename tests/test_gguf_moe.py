@@ -284,3 +284,36 @@ def test_torch_trains_the_experts_when_asked(tiny_model_dir: Any, tmp_path: Path
     assert r.returncode == 0, r.stdout + r.stderr
     verify = json.loads((out / "verify.json").read_text())
     assert verify["passed"] and verify["files"][0]["nmse"] < 1e-3
+
+
+def test_attention_lora_as_gguf_lora(tiny_model_dir: Any, tmp_path: Path) -> None:
+    """--adapter-only on Qwen3-MoE: an attention LoRA (what all-linear trains) as a GGUF LoRA over the
+    base GGUF gives PEFT's base + adapter in llama.cpp."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlocal.export.gguf_lora import convert_lora_to_gguf
+
+    hf_dir = tiny_model_dir("qwen3moe")
+    torch.manual_seed(0)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32),
+                                LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    base = convert_hf_to_gguf(hf_dir, tmp_path / "base.gguf", "f16")
+    lora = convert_lora_to_gguf(tmp_path / "adapter", hf_dir, tmp_path / "lora.gguf")
+    names = {t for t in read_fields(lora)["_tensors"]}
+    assert {"blk.0.attn_q.weight.lora_a", "blk.1.attn_output.weight.lora_b"} <= names
+    ids = AutoTokenizer.from_pretrained(hf_dir)(PROMPT)["input_ids"]
+    with torch.no_grad():
+        ref = peft_model.eval()(torch.tensor([ids])).logits[0].numpy()
+        with peft_model.disable_adapter():
+            plain = peft_model(torch.tensor([ids])).logits[0].numpy()
+    assert nmse(plain, ref) > 0.01
+    llm = load_gguf(base, lora_path=str(lora))
+    got = gguf_logits(llm, ids)
+    llm.close()
+    assert nmse(got, ref) < 1e-3
