@@ -86,6 +86,23 @@ def test_chatml_on_llama3_adds_its_markers_as_one_trained_token(tokenizer_dir: A
     assert _tok("llama3", tokenizer_dir, CHATML).convert_tokens_to_ids(CHATML) == [n, n + 1]
 
 
+def test_gguf_eot_follows_the_template_when_the_vocabulary_has_several(tokenizer_dir: Any, tmp_path: Path) -> None:
+    pytest.importorskip("gguf")
+    from gguf import GGUFWriter
+
+    from qlocal.export.gguf_vocab import write_vocab
+
+    tok = _tok("qwen2", tokenizer_dir)  # ChatML's <|im_end|> is native
+    added, _ = add_missing_markers(tok, "llama3")
+    assert added == ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    tok.save_pretrained(tmp_path / "tok")
+    eot = {}
+    for name in ("llama3", "chatml"):
+        info = write_vocab(GGUFWriter(str(tmp_path / f"{name}.gguf"), "qwen2"), tmp_path / "tok", None, fallbacks()[name])
+        eot[name] = info.special_ids["eot"]
+    assert eot == {"llama3": tok.convert_tokens_to_ids("<|eot_id|>"), "chatml": tok.convert_tokens_to_ids("<|im_end|>")}
+
+
 def test_token_rows_names_round_trip() -> None:
     rows = np.arange(8, dtype=np.float32).reshape(2, 4)
     mlx_w = {"model.embed_tokens.trainable_tokens_delta": rows, "lm_head.trainable_tokens_delta": rows + 1,

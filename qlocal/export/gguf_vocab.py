@@ -25,7 +25,7 @@ from typing import Any
 
 from gguf import GGUFWriter, TokenType
 
-from qlocal.chat_families import end_of_turn_tokens
+from qlocal.chat_families import detect, end_of_turn_tokens
 from qlocal.errors import UserError
 
 QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -140,15 +140,15 @@ def write_vocab(w: GGUFWriter, hf_dir: Path, n_vocab: int | None, chat_template:
     tok_config = read_json(hf_dir / "tokenizer_config.json")
     config = read_json(hf_dir / "config.json")
     tj_path = hf_dir / "tokenizer.json"
+    template = chat_template or load_chat_template(hf_dir, tok_config)
     if tj_path.is_file():
         info = write_tokenizer_json(w, json.loads(tj_path.read_text(encoding="utf-8")), tok_config, config,
-                                    n_vocab, pre)
+                                    n_vocab, pre, template)
     elif (hf_dir / "tokenizer.model").is_file():
         info, lookup = _write_tokens_sentencepiece(w, hf_dir, n_vocab)
-        _write_specials(w, info, {}, tok_config, config, lookup)
+        _write_specials(w, info, {}, tok_config, config, lookup, template)
     else:
         raise UserError(f"{hf_dir}: no tokenizer.json or tokenizer.model; the GGUF needs the tokenizer")
-    template = chat_template or load_chat_template(hf_dir, tok_config)
     if template:
         w.add_chat_template(template)
     return info
@@ -160,13 +160,13 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def write_tokenizer_json(w: GGUFWriter, tj: dict[str, Any], tok_config: dict[str, Any], config: dict[str, Any],
-                         n_vocab: int | None, pre: str | None = None) -> VocabInfo:
+                         n_vocab: int | None, pre: str | None = None, template: str | None = None) -> VocabInfo:
     """Tokens, merges or scores, and special-token metadata of a parsed tokenizer.json (no chat template).
 
     May drop `tj["model"]["merges"]` to save memory; pass a copy to keep it.
     """
     info, lookup = _write_tokens_json(w, tj, tok_config, n_vocab, pre)
-    _write_specials(w, info, tj, tok_config, config, lookup)
+    _write_specials(w, info, tj, tok_config, config, lookup, template)
     return info
 
 
@@ -279,7 +279,7 @@ def _write_tokens_sentencepiece(w: GGUFWriter, hf_dir: Path,
 
 
 def _write_specials(w: GGUFWriter, info: VocabInfo, tj: dict[str, Any], tok_config: dict[str, Any],
-                    config: dict[str, Any], lookup: dict[str, int]) -> None:
+                    config: dict[str, Any], lookup: dict[str, int], template: str | None = None) -> None:
     ids: dict[str, int] = {}
     for typ in ("bos", "eos", "unk", "pad"):
         text = _token_str(tok_config.get(f"{typ}_token"))
@@ -292,7 +292,10 @@ def _write_specials(w: GGUFWriter, info: VocabInfo, tj: dict[str, Any], tok_conf
         if isinstance(cid, int) and 0 <= cid < info.n_tokens:
             ids[typ] = cid
     # The token that ends a chat turn is written as eot, so llama.cpp stops there even when eos differs.
-    eot = next((lookup[t] for t in end_of_turn_tokens() if t in lookup), None)
+    # The template's own family first: a vocabulary can hold several (ChatML added to a Llama 3 base).
+    family = detect(template) if template else None
+    eot = next((lookup[t] for t in (*(family.end_of_turn if family else ()), *end_of_turn_tokens())
+                if t in lookup), None)
     if eot is not None:
         ids["eot"] = eot
     for typ, tid in ids.items():
