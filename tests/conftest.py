@@ -115,6 +115,8 @@ def tekken_tokenizer() -> Path:
     """
     if _TEKKEN_DIR:
         return _TEKKEN_DIR[0]
+    import atexit
+    import shutil
     import tempfile
 
     from tokenizers import processors
@@ -132,6 +134,7 @@ def tekken_tokenizer() -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<pad>", chat_template=MISTRAL_V7_TEMPLATE)
     out = Path(tempfile.mkdtemp(prefix="qlocal-tekken-"))
+    atexit.register(shutil.rmtree, out, True)  # model folders copy it; nothing reads it after the session
     fast.save_pretrained(str(out))
     _TEKKEN_DIR.append(out)
     return out
