@@ -74,7 +74,7 @@ def _common_prefix(a: str, b: str) -> int:
 def _start(messages: list[dict], i: int, render: Render, full: str, pos: int) -> int | None:
     for j in range(i - 1, -1, -1):  # the nearest earlier message the template renders where it stands
         if messages[j]["role"] == "assistant":
-            return None
+            return pos  # right after the previous turn's span
         tag = f"{SENTINEL}{j}"
         variant = _variant(messages, j, tag)
         whole, prompt = _try(render, variant, False), _try(render, variant[:i], True)
@@ -94,6 +94,12 @@ def _start(messages: list[dict], i: int, render: Render, full: str, pos: int) ->
             k, neg = min(found)
             return base + k - neg
         return base + _common_prefix(tail_full, tail_prompt)
+    # Nothing before the turn that the template renders in place (an opening assistant turn):
+    # the first generation header after `pos`.
+    found = [(k, -len(h)) for h in _header_candidates(messages, i, render) if (k := full.find(h, pos)) >= 0]
+    if found:
+        k, neg = min(found)
+        return k - neg
     return None
 
 
@@ -126,13 +132,15 @@ def assistant_spans(messages: list[dict], render: Render, full: str, ends: list[
         if msg["role"] != "assistant":
             continue
         span = _prefix_span(messages, i, render, full, pos)
-        if span is None:
-            start = _start(messages, i, render, full, pos)
-            start = pos if start is None else start
+        start = None if span is not None else _start(messages, i, render, full, pos)
+        if start is not None:
             end = _end(messages, i, render, full, start, ends)
             span = (start, end) if end is not None and end > start else None
         if span is None and not msg.get("tool_calls"):
             span = locate(msg, pos)
+        if span is None and start is None:  # last resort: the turn runs from the previous one's end
+            end = _end(messages, i, render, full, pos, ends)
+            span = (pos, end) if end is not None and end > pos else None
         spans.append(span)
         if span is not None:
             pos = span[1]
