@@ -269,3 +269,13 @@ def test_reasoning_goes_where_the_template_reads_it() -> None:
         "<think>\nBe kind.\n</think>\n\nHello.<|im_end|>\n"]
     off = render(sample, tok, fallbacks()["chatml"], train_on_reasoning=False)
     assert "Be kind." not in "".join(trained_spans(off, tok)) and "Be kind." in _untrained(off, tok)
+
+
+@pytest.mark.parametrize("family", ["qwen2.5", "qwen3", "llama3.1"])
+def test_an_opening_assistant_turn_trains_only_itself(family: str) -> None:
+    tok = tokenizer(family)
+    sample = Sample("chat", where="o:1", messages=[{"role": "assistant", "content": "Hi there."},
+                                                    {"role": "user", "content": "Hello"},
+                                                    {"role": "assistant", "content": "How can I help?"}])
+    spans = trained_spans(render(sample, tok, template(family)), tok)
+    assert [s.rstrip("\n") for s in spans] == [f"Hi there.{EOT[family].strip()}", f"How can I help?{EOT[family].strip()}"]
