@@ -254,3 +254,65 @@ def test_chatml_on_llama3_base_learns_to_stop_through_export(backend: str, llama
     prompt = prompt_ids(load_tokenizer(llama3_base, added=CHATML), fallbacks()["chatml"],
                         [{"role": "user", "content": QUESTIONS[2]}])
     assert _gguf_greedy(f16, prompt) == (ANSWER, n + 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_resume_keeps_the_added_tokens_and_their_rows(backend: str, tiny_model_dir: Any, tmp_path: Path) -> None:
+    """A run resumed from its step-2 checkpoint ends with the same adapter, token rows included."""
+    import shutil
+
+    from qlocal.train import train
+    from train_helpers import assert_same_adapter, metrics_rows, train_cfg
+
+    _needs(backend)
+    cfg = train_cfg(backend, tiny_model_dir("llama"), tmp_path, "full", iters=4,
+                    **{"train.save_every": 2, "model.chat_template": "chatml"})
+    full = train(cfg, quiet=True)
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "adapter")
+    shutil.rmtree(sorted((part / "checkpoints").glob("step-*"))[-1])
+    train(cfg, resume=part, quiet=True)
+    assert [r["step"] for r in metrics_rows(part)] == [1, 2, 3, 4]
+    assert "new_tokens:\n  - <|im_start|>\n  - <|im_end|>\n" in (part / "config.yaml").read_text()
+    assert_same_adapter(full, part)
+    rows = [k for k in _adapter_keys(part) if "trainable_tokens_delta" in k]
+    assert len(rows) == 2  # embedding and (untied) head
+
+
+def _adapter_keys(run: Path) -> list[str]:
+    from safetensors.numpy import load_file
+
+    return list(load_file(str(run / "adapter" / "adapter_model.safetensors")))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+@pytest.mark.parametrize("arch,template", [("gemma3", "chatml"), ("qwen2", "llama3")])
+def test_tied_embedding_rows_move_between_frameworks(backend: str, arch: str, template: str, tiny_model_dir: Any,
+                                                      tmp_path: Path) -> None:
+    """Tied heads (Gemma's scaled embedding, Qwen's): one set of rows serves the embedding and the
+    head, and the adapter gives the same logits on torch + PEFT and on MLX, new tokens included."""
+    from qlocal.train import train
+    from train_helpers import train_cfg
+
+    _needs("mlx")
+    base = tiny_model_dir(arch)
+    run = train(train_cfg(backend, base, tmp_path, "r", iters=6, **{"model.chat_template": template}), quiet=True)
+    added = template_markers(fallbacks()[template])
+    tok = load_tokenizer(base, added=added)
+    new = tok.convert_tokens_to_ids(added)
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["trainable_token_indices"] == \
+        {"embed_tokens": new}
+    ids = np.array([tok("Hello there", add_special_tokens=False)["input_ids"] + new + [new[0]]])
+    from safetensors.numpy import load_file
+
+    rows = load_file(str(run / "adapter" / "adapter_model.safetensors"))[
+        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    start = load_file(str(base / "model.safetensors"))["model.embed_tokens.weight"].mean(0)
+    assert np.abs(rows - start).max() > 1e-3  # they started as the mean row and trained
+    t, m = _logits_both(run, base, ids)
+    assert t.shape[-1] == len(tok)
+    np.testing.assert_allclose(m, t, atol=1e-4 * max(1.0, np.abs(t).max()))
+    assert np.array_equal(m.argmax(-1), t.argmax(-1))
