@@ -25,7 +25,7 @@ TRAIN_FLAGS: dict[str, str] = {
     "require_export": "model.require_export",
     "rank": "lora.rank", "alpha": "lora.alpha", "dropout": "lora.dropout",
     "target_modules": "lora.target_modules", "layers": "lora.layers",
-    "backend": "train.backend", "quantize": "train.quantize", "iters": "train.iters", "epochs": "train.epochs",
+    "method": "train.method", "backend": "train.backend", "quantize": "train.quantize", "iters": "train.iters", "epochs": "train.epochs",
     "batch_size": "train.batch_size", "grad_accum": "train.grad_accum", "lr": "train.lr",
     "lr_schedule": "train.lr_schedule", "warmup": "train.warmup_steps", "warmup_ratio": "train.warmup_ratio",
     "weight_decay": "train.weight_decay", "max_grad_norm": "train.max_grad_norm",
@@ -68,6 +68,7 @@ def _opt(*names: str, **kw: Any) -> Any:
 @_opt("--max-seq-len", type=int, help="Truncate examples to this many tokens. [default: 1024]")
 @_opt("--skip-bad-lines", is_flag=True, default=None, help="Skip malformed records (counted) instead of stopping.")
 @_opt("--drop-long", is_flag=True, default=None, help="Drop examples longer than --max-seq-len instead of truncating.")
+@_opt("--method", type=click.Choice(["sft", "dpo", "orpo", "kto", "simpo"]), help="Objective: sft, or a preference method on pairs/labelled data (config section preference). [default: sft]")
 @_opt("--backend", "-b", type=click.Choice(["auto", "torch", "mlx"]), help="Training backend. [default: auto]")
 @_opt("--quantize", "-q", type=click.Choice(["none", "4bit", "8bit"]), help="Quantise the base: 4bit = QLoRA. [default: none]")
 @_opt("--rank", "-r", type=int, help="LoRA rank. [default: 8]")

@@ -147,10 +147,37 @@ class TrainConfig:
     """Checkpoints kept on disk."""
     log_every: int = 1
     """Write a metrics line every N steps."""
+    method: str = "sft"
+    """sft, dpo (the loss by preference.loss_type: sigmoid or ipo), orpo, kto or simpo. The preference
+    methods read pairs or labelled completions (qlocal.data.preference) and the preference section."""
+    precompute_ref: bool = False
+    """dpo/kto: compute the reference log-probs (the base with the adapter off) once before training
+    and keep them with the data: faster steps, one extra pass; off computes them in every step."""
     distributed: str = "ddp"
     """With several ranks (torchrun / accelerate launch): ddp (each rank holds the whole model;
     LoRA and QLoRA) or fsdp (FSDP2: base weights sharded across ranks per decoder layer, for 16-bit
     LoRA of models too large for one GPU). Ignored in a single process and on MLX."""
+
+
+@dataclass
+class PreferenceConfig:
+    """Hyperparameters of the preference methods; defaults are TRL's for the same method."""
+
+    beta: float = 0.1
+    """dpo, kto, simpo: inverse temperature of the implicit reward (how far the policy may move from
+    the reference; for ipo the regulariser tau). TRL's default 0.1 (the SimPO paper uses 2.0-2.5)."""
+    loss_type: str = "sigmoid"
+    """dpo: sigmoid (the DPO paper) or ipo (IPO's squared loss on length-averaged log-probs)."""
+    label_smoothing: float = 0.0
+    """dpo sigmoid: assumed probability that a pair's preference is flipped (conservative DPO), < 0.5."""
+    orpo_lambda: float = 0.1
+    """orpo: weight of the odds-ratio term added to the chosen answer's SFT loss (TRL ORPOConfig.beta)."""
+    simpo_gamma: float = 0.5
+    """simpo: target reward margin between chosen and rejected (TRL CPOConfig.simpo_gamma)."""
+    desirable_weight: float = 1.0
+    """kto: weight of the desirable (label true) examples' losses."""
+    undesirable_weight: float = 1.0
+    """kto: weight of the undesirable (label false) examples' losses."""
 
 
 @dataclass
@@ -169,6 +196,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -181,6 +209,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.lr_schedule": ("cosine", "linear", "constant"),
     "train.dtype": ("auto", "float32", "bfloat16", "float16"),
     "train.distributed": ("ddp", "fsdp"),
+    "train.method": ("sft", "dpo", "orpo", "kto", "simpo"),
+    "preference.loss_type": ("sigmoid", "ipo"),
     "data.format": ("auto", "alpaca", "sharegpt", "messages", "completion", "text"),
 }
 
@@ -313,6 +343,31 @@ def _check(cfg: Config, source: str) -> None:
         raise UserError(f"{source}: 'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
     if cfg.lora.layers is not None and cfg.lora.layers <= 0:
         raise UserError(f"{source}: 'lora.layers' must be positive, got {cfg.lora.layers}")
+    _check_preference(cfg, source)
+
+
+def _check_preference(cfg: Config, source: str) -> None:
+    pc = cfg.preference
+    for key in ("beta", "desirable_weight", "undesirable_weight"):
+        if getattr(pc, key) <= 0:
+            raise UserError(f"{source}: 'preference.{key}' must be positive, got {getattr(pc, key)}")
+    if pc.orpo_lambda < 0:
+        raise UserError(f"{source}: 'preference.orpo_lambda' must be >= 0, got {pc.orpo_lambda}")
+    if not 0.0 <= pc.label_smoothing < 0.5:
+        raise UserError(f"{source}: 'preference.label_smoothing' must be in [0, 0.5), got {pc.label_smoothing}")
+
+
+def _check_methods(cfg: Config, source: str) -> None:
+    """Keys that only make sense together; checked once all layers are applied (a YAML file may set
+    loss_type: ipo and the command line --method dpo)."""
+    pc, method = cfg.preference, cfg.train.method
+    if pc.loss_type == "ipo" and method != "dpo":
+        raise UserError(f"{source}: 'preference.loss_type: ipo' is a dpo loss; set train.method: dpo or loss_type: sigmoid")
+    if pc.loss_type == "ipo" and pc.label_smoothing:
+        raise UserError(f"{source}: 'preference.label_smoothing' applies to the sigmoid loss, not ipo; drop one")
+    if cfg.train.precompute_ref and method not in ("dpo", "kto"):
+        raise UserError(f"{source}: 'train.precompute_ref' is for dpo and kto (the methods with a reference model), "
+                        f"not {method}; drop it")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -327,7 +382,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         where = f":{mark.line + 1}" if mark else ""
         raise UserError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(data, dict):
-        raise UserError(f"{p}: a config file must be a mapping of sections (model:, data:, lora:, train:, run:)")
+        raise UserError(f"{p}: a config file must be a mapping of sections (model:, data:, lora:, train:, preference:, run:)")
     return data
 
 
@@ -355,12 +410,15 @@ def build(config_file: str | None = None, flags: dict[str, Any] | None = None,
         apply(cfg, {k: v for k, v in flags.items() if v is not None}, "command line")
     if sets:
         apply(cfg, parse_set(sets), "--set")
+    _check_methods(cfg, "config")
     return cfg
 
 
 def from_dict(data: dict[str, Any], source: str) -> Config:
     """Rebuild a Config from a saved config.yaml."""
-    return apply(Config(), data, source)
+    cfg = apply(Config(), data, source)
+    _check_methods(cfg, source)
+    return cfg
 
 
 def save(cfg: Config, path: Path, extra: dict[str, Any] | None = None) -> None:

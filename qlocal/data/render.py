@@ -195,6 +195,29 @@ def render(sample: Sample, tokenizer: Any, template: str, train_on_prompt: bool 
     return Example(ids, mask, truncated)
 
 
+# For callers that cut a render into parts (qlocal.data.preference: prompt | response).
+
+def apply_template(tokenizer: Any, messages: list[dict[str, Any]], template: str, add_generation_prompt: bool,
+                   where: str, extra: dict[str, Any] | None = None) -> str:
+    """The chat template's text for `messages` (template variables in `extra`); errors name `where`."""
+    return _apply(tokenizer, messages, template, add_generation_prompt, where, extra)
+
+
+def chat_spans(sample: Sample, tokenizer: Any, template: str,
+               train_on_reasoning: bool = True) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
+    """The full render of a chat sample, the character span of each assistant turn (in order) and
+    the reasoning spans cut out of them: what `render` trains, before tokenising."""
+    messages, extra = chat_inputs(sample, template)
+    full = _apply(tokenizer, messages, template, False, sample.where, extra)
+    return (full, *_assistant_spans(sample, messages, tokenizer, template, full, extra, train_on_reasoning))
+
+
+def span_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]],
+              cut: list[tuple[int, int]] | None = None) -> list[int]:
+    """1 for each token (character offsets) inside a span and outside every cut span, as `render` masks."""
+    return _tokens_in_spans(offsets, spans, cut)
+
+
 def _runs(example: Example) -> list[tuple[int, list[int]]]:
     runs: list[tuple[int, list[int]]] = []
     for tok, m in zip(example.input_ids, example.loss_mask):
