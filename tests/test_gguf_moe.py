@@ -264,6 +264,7 @@ def test_expert_lora_exports(expert_run: tuple[Path, Path], tmp_path: Path) -> N
     assert "\n" not in str(e.value) and not (tmp_path / "lora.gguf").exists()
 
 
+@pytest.mark.slow  # trains and exports in subprocesses; fast twin: test_expert_lora_exports
 def test_torch_trains_the_experts_when_asked(tiny_model_dir: Any, tmp_path: Path) -> None:
     """Naming the expert projections trains them on torch (PEFT maps gate/up/down_proj onto the stacked
     parameters); the run exports f16 that verifies against base + adapter."""
@@ -317,3 +318,83 @@ def test_attention_lora_as_gguf_lora(tiny_model_dir: Any, tmp_path: Path) -> Non
     got = gguf_logits(llm, ids)
     llm.close()
     assert nmse(got, ref) < 1e-3
+
+
+_MEASURE = """
+import json, sys
+from pathlib import Path
+from qlocal.export.gguf import convert_hf_to_gguf
+from qlocal.export.merge import merged_tensors
+from qlocal.export.pretokenizer import check_pretokenizer
+def peak_rss_mb():
+    # VmHWM, not ru_maxrss: on Linux ru_maxrss keeps the forking parent's (pytest's) peak.
+    line = next(x for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+base, adapter, out = map(Path, sys.argv[1:4])
+pre = check_pretokenizer(base)
+tensors = merged_tensors(base, adapter)  # adapter read; no base tensor yet
+before = peak_rss_mb()
+convert_hf_to_gguf(base, out, "f16", pretokenizer=pre, tensors=tensors)
+print(json.dumps({"before": before, "peak": peak_rss_mb()}))
+"""
+
+
+@pytest.mark.slow  # an export subprocess on 300 MiB of experts; fast twin: the one-expert chunks above
+def test_stacking_merged_experts_holds_a_chunk_not_a_layer(tmp_path: Path) -> None:
+    """Two layers of 16 bf16 experts of Qwen3-30B-A3B's width (768 x 2048), LoRA on all of them: the
+    F16 conversion's RSS grows by about one 64 MiB chunk, not by a layer's experts (288 MiB fp32)."""
+    import subprocess
+    import sys
+
+    from conftest import OFFLINE_ENV, REPO, tokenizer_path
+    from safetensors.torch import save_file
+
+    from qlocal.adapters import write_peft_adapter
+
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("measures VmHWM from /proc (Linux)")
+    n_layers, n_exp, hidden, ff, r = 2, 16, 2048, 768, 4
+    base = tmp_path / "base"
+    shutil.copytree(tokenizer_path("qwen3moe"), base)
+    vocab = json.loads((base / "tokenizer.json").read_text())["model"]["vocab"]
+    (base / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": hidden,
+        "num_hidden_layers": n_layers, "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 128,
+        "intermediate_size": 6144, "moe_intermediate_size": ff, "num_experts": n_exp, "num_experts_per_tok": 2,
+        "norm_topk_prob": True, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "max_position_embeddings": 4096,
+        "vocab_size": len(vocab) + 64, "tie_word_embeddings": True}))
+    torch.manual_seed(0)
+    tensors = {}
+    for layer in range(n_layers):
+        prefix = f"model.layers.{layer}.mlp"
+        tensors[f"{prefix}.gate.weight"] = torch.randn(n_exp, hidden, dtype=torch.bfloat16)
+        for e in range(n_exp):
+            for proj, shape in (("gate", (ff, hidden)), ("up", (ff, hidden)), ("down", (hidden, ff))):
+                tensors[f"{prefix}.experts.{e}.{proj}_proj.weight"] = torch.randn(*shape, dtype=torch.bfloat16)
+    save_file(tensors, str(base / "model.safetensors"))
+    del tensors
+    rng = np.random.default_rng(0)
+    weights = {}
+    for layer in range(n_layers):
+        mod = f"base_model.model.model.layers.{layer}.mlp.experts"
+        # PEFT's layout: gate_up_proj (rank doubled, as PEFT's MoE conversion writes it) nested in down_proj.
+        weights[f"{mod}.base_layer.lora_A.weight"] = rng.standard_normal((n_exp * 2 * r, hidden), dtype=np.float32)
+        weights[f"{mod}.base_layer.lora_B.weight"] = rng.standard_normal((2 * ff, 2 * r * n_exp), dtype=np.float32)
+        weights[f"{mod}.lora_A.weight"] = rng.standard_normal((n_exp * r, ff), dtype=np.float32)
+        weights[f"{mod}.lora_B.weight"] = rng.standard_normal((hidden, r * n_exp), dtype=np.float32)
+    write_peft_adapter(tmp_path / "adapter", {
+        "peft_type": "LORA", "r": r, "lora_alpha": 8, "target_modules": [], "lora_dropout": 0.0,
+        "target_parameters": ["down_proj", "gate_up_proj"], "rank_pattern": {r".*\.gate_up_proj": 2 * r},
+        "alpha_pattern": {r".*\.gate_up_proj": 16}}, weights)
+    env = {**OFFLINE_ENV, "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-c", _MEASURE, str(base), str(tmp_path / "adapter"), str(tmp_path / "m.gguf")],
+                         capture_output=True, text=True, env=env, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rss = json.loads(res.stdout.strip().splitlines()[-1])
+    grew = rss["peak"] - rss["before"]
+    layer_fp32_mb = n_exp * 3 * ff * hidden * 4 / 2**20
+    print(f"MoE F16 conversion RSS growth {grew:.0f} MiB (peak {rss['peak']:.0f}); one layer's experts "
+          f"{layer_fp32_mb:.0f} MiB fp32, the model's {n_layers * layer_fp32_mb:.0f} MiB")
+    assert grew < 0.6 * layer_fp32_mb, rss
+    t = read_fields(tmp_path / "m.gguf")["_tensors"]
+    assert list(t["blk.1.ffn_down_exps.weight"].shape) == [ff, hidden, n_exp]
