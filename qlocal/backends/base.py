@@ -83,6 +83,12 @@ class Backend(Protocol):
         """Summed objective loss and its count (SFT: target tokens) over all ranks, without gradients."""
         ...
 
+    def sequence_logprobs(self, batch: Batch) -> np.ndarray:
+        """Per row, the summed log-prob of the target tokens (loss_mask[:, 1:]) as float32 (B,),
+        under the model as it is now (adapter on or off), without gradients and without dropout:
+        the reference scores of preference training. Collective-free, so ranks may call it apart."""
+        ...
+
     def gather_state(self) -> None:
         """Collect sharded adapter and optimizer state before saving; every rank calls it (the
         gathers are collectives). A no-op except under torch FSDP."""

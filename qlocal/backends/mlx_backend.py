@@ -264,6 +264,19 @@ class MLXBackend:
             count = int(count_f)
         return total, count
 
+    def sequence_logprobs(self, batch: Batch) -> np.ndarray:
+        mx, _, _ = _mlx()
+        # Outside the compiled step: it reads the LoRA scales as they are now (0 with the adapter off).
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            ids, w, _ = self._arrays({k: v for k, v in batch.items() if k in ("input_ids", "loss_mask")})
+            scores = (mx.stop_gradient(_target_logprobs(self.model, ids)) * w).sum(axis=-1)
+            mx.eval(scores)
+        finally:
+            self.model.train(was_training)
+        return np.array(scores, dtype=np.float32)
+
     # -- inference and the adapter switch (mlx_infer) -----------------------------------------
 
     def load_for_inference(self, model_path: Path, adapter: Path | None, cfg: Config) -> None:

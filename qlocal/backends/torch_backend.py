@@ -14,7 +14,7 @@ from qlocal.config import Config
 from qlocal.distributed import Dist
 from qlocal.errors import UserError, missing_extra
 from qlocal.memory import peak_rss_mb
-from qlocal.objectives import SFT, Objective, row_fields
+from qlocal.objectives import SFT, TOKEN_FIELDS, Objective, row_fields
 
 
 def _import_torch() -> Any:
@@ -337,6 +337,20 @@ class TorchBackend:
         self.model.train()
         total, count_f = distributed.all_sum([total, float(count)])
         return total, int(count_f)
+
+    def sequence_logprobs(self, batch: Batch) -> np.ndarray:
+        torch = _import_torch()
+        # DDP's wrapper would broadcast buffers (a collective); FSDP's must run to gather the shards.
+        fn = self.logprob_fn if self.fsdp else getattr(self.logprob_fn, "module", self.logprob_fn)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                t = self._tensors({k: v for k, v in batch.items() if k in TOKEN_FIELDS})
+                scores = (fn(t) * t["loss_mask"][:, 1:]).sum(-1)
+        finally:
+            self.model.train(was_training)
+        return scores.float().cpu().numpy()
 
     def gather_state(self) -> None:
         """Under FSDP, gather the full LoRA weights and optimizer state; every rank must call it
