@@ -50,13 +50,29 @@ def vocab_needed(config: dict[str, Any]) -> int:
     return max((max(ids) + 1 for ids in token_rows(config).values() if ids), default=0)
 
 
+def grow_vocab(model: Any, need: int) -> None:
+    """Grow a transformers model's embedding (and untied head) to `need` rows; the new rows are the
+    mean of the old ones, each matrix its own (what training starts from on both backends, and what
+    the base gives for them with the adapter switched off)."""
+    import torch
+
+    old = model.get_input_embeddings().weight.shape[0]
+    if need <= old:
+        return
+    model.resize_token_embeddings(need, mean_resizing=False)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    layers = [emb] if head is None or head.weight is emb.weight else [emb, head]
+    with torch.no_grad():
+        for layer in layers:
+            w = layer.weight
+            w[old:] = w[:old].float().mean(0).to(w.dtype)
+
+
 def fit_vocab(model: Any, adapter_dir: Path) -> None:
     """Grow a transformers model's vocabulary to the adapter's trained token rows, before PEFT
-    loads the adapter (which holds those rows' values, so the new rows' fill does not matter)."""
+    loads the adapter (which holds those rows' values)."""
     config = json.loads((Path(adapter_dir) / CONFIG_FILE).read_text(encoding="utf-8"))
-    need = vocab_needed(config)
-    if need > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(need, mean_resizing=False)
+    grow_vocab(model, vocab_needed(config))
 
 
 def mlx_to_peft(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

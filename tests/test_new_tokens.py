@@ -316,3 +316,47 @@ def test_tied_embedding_rows_move_between_frameworks(backend: str, arch: str, te
     assert t.shape[-1] == len(tok)
     np.testing.assert_allclose(m, t, atol=1e-4 * max(1.0, np.abs(t).max()))
     assert np.array_equal(m.argmax(-1), t.argmax(-1))
+
+
+def _chatml_batches(base: Path) -> list[dict[str, np.ndarray]]:
+    from qlocal.data.batching import collate
+    from qlocal.data.formats import load_samples
+    from qlocal.data.render import render
+    from qlocal.hf import pad_id
+    from train_helpers import DATA
+
+    tok = load_tokenizer(base, added=CHATML)
+    samples, _ = load_samples(str(DATA))
+    return [collate([render(s, tok, fallbacks()["chatml"], max_seq_len=96) for s in samples[i * 4:(i + 1) * 4]],
+                    pad_id(tok)) for i in range(3)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_adapter_switch_covers_the_token_rows_on_both_backends(arch: str, tiny_model_dir: Any, tmp_path: Path) -> None:
+    """Off = the model training started from (new rows at the mean) on torch and on MLX alike;
+    both start from the same loss, and training moves it."""
+    from qlocal import config as config_mod
+    from qlocal.backends.select import create_backend
+
+    _needs("mlx")
+    base = tiny_model_dir(arch)
+    batches = _chatml_batches(base)
+    start = {}
+    for name in ("torch", "mlx"):
+        cfg = config_mod.build(sets=[f"model.name={base}", f"train.backend={name}",
+                                     'lora.new_tokens=["<|im_start|>", "<|im_end|>"]'])
+        b = create_backend(name)
+        b.setup(base, cfg)
+        s0, n = b.eval_loss(batches)
+        for i in range(3):
+            b.train_step([batches[i]], 2e-2)
+        s_on, _ = b.eval_loss(batches)
+        b.set_adapter_enabled(False)
+        s_off, _ = b.eval_loss(batches)
+        b.set_adapter_enabled(True)
+        assert abs(s_on - s0) / n > 5e-3, (name, s0 / n, s_on / n)
+        assert abs(s_off - s0) / n < 1e-5, (name, s0 / n, s_off / n)
+        assert b.eval_loss(batches)[0] == pytest.approx(s_on, rel=1e-6)
+        start[name] = s0 / n
+    assert start["mlx"] == pytest.approx(start["torch"], abs=1e-4)

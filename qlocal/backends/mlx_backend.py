@@ -291,12 +291,15 @@ class MLXBackend:
 
     def set_adapter_enabled(self, enabled: bool) -> None:
         """Off = every LoRA scale 0 (exactly the base); on = the scales saved when switched off."""
+        from qlocal.backends.mlx_tokens import set_rows_enabled
+
         if not enabled and self._lora_scales is None:
             self._lora_scales = mlx_infer.lora_scales(self.model)
             mlx_infer.set_lora_scales(self.model, dict.fromkeys(self._lora_scales, 0.0))
         elif enabled and self._lora_scales is not None:
             mlx_infer.set_lora_scales(self.model, self._lora_scales)
             self._lora_scales = None
+        set_rows_enabled(self.model, enabled)  # added tokens' rows: the ones training started from
 
     def stream(self, prompt: list[int], tokenizer: Any, stop_ids: list[int], sampling: Sampling) -> Iterator[str]:
         return mlx_infer.stream(self.model, tokenizer, prompt, stop_ids, sampling)

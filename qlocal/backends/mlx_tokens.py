@@ -39,16 +39,21 @@ def _module():  # the class is built on first use, so importing this file needs 
     class TokenRows(nn.Module):
         """An embedding or output head whose rows for `ids` are `trainable_tokens_delta`."""
 
-        def __init__(self, base: Any, ids: list[int], rows: Any, vocab: int, head: bool) -> None:
+        def __init__(self, base: Any, ids: list[int], rows: Any, start: Any, vocab: int, head: bool) -> None:
             super().__init__()
             base.freeze()
             self.base = base
             self.trainable_tokens_delta = rows
+            self._start = start  # the rows with the adapter off (base rows, the mean for new ids)
+            self._enabled = True
             self._ids, self._vocab, self._head = list(ids), vocab, head
             self._base_rows = base.weight.shape[0]
 
+        def rows(self) -> Any:
+            return self.trainable_tokens_delta if self._enabled else self._start
+
         def _logits(self, logits: Any, h: Any) -> Any:
-            rows = self.trainable_tokens_delta
+            rows = self.rows()
             if self._vocab > self._base_rows:
                 logits = mx.concatenate(
                     [logits, mx.zeros((*logits.shape[:-1], self._vocab - self._base_rows), logits.dtype)], axis=-1)
@@ -58,9 +63,10 @@ def _module():  # the class is built on first use, so importing this file needs 
         def __call__(self, x: Any) -> Any:
             if self._head:
                 return self._logits(self.base(x), x)
-            sel = (x[..., None] == mx.array(self._ids)).astype(self.trainable_tokens_delta.dtype)  # (..., k)
+            rows = self.rows()
+            sel = (x[..., None] == mx.array(self._ids)).astype(rows.dtype)  # (..., k)
             h = self.base(mx.minimum(x, self._base_rows - 1))
-            return h * (1 - sel.sum(-1, keepdims=True)).astype(h.dtype) + (sel @ self.trainable_tokens_delta).astype(h.dtype)
+            return h * (1 - sel.sum(-1, keepdims=True)).astype(h.dtype) + (sel @ rows).astype(h.dtype)
 
         def as_linear(self, h: Any) -> Any:
             """The tied head: the same rows as the embedding."""
@@ -93,17 +99,23 @@ def attach_token_rows(model: Any, rows: dict[str, list[int]], values: dict[str, 
         if "trainable_tokens_delta" in base and values is not None:  # wrapped already: new values only
             base.trainable_tokens_delta = mx.array(values[leaf]).astype(base.trainable_tokens_delta.dtype)
             continue
-        if values is not None and leaf in values:
-            init = mx.array(values[leaf])
-        else:
-            dense = _dense(base)
-            mean = dense.mean(axis=0)
-            init = mx.stack([dense[i] if i < dense.shape[0] else mean for i in ids])
+        dense = _dense(base)
+        mean = dense.mean(axis=0)
         dtype = base.scales.dtype if "scales" in base else base.weight.dtype
-        wrapped.append((path, TokenRows(base, ids, init.astype(dtype), vocab, head=leaf != EMBED)))
+        start = mx.stack([dense[i] if i < dense.shape[0] else mean for i in ids]).astype(dtype)
+        init = mx.array(values[leaf]).astype(dtype) if values is not None and leaf in values else start
+        wrapped.append((path, TokenRows(base, ids, init, start, vocab, head=leaf != EMBED)))
     if wrapped:
         model.update_modules(tree_unflatten(wrapped))
     mx.eval(model.parameters())
+
+
+def set_rows_enabled(model: Any, enabled: bool) -> None:
+    """Adapter switch for the token rows: off = the rows training started from (as PEFT's switch
+    gives the resized base's rows on torch)."""
+    for _, m in model.named_modules():
+        if "trainable_tokens_delta" in m:
+            m._enabled = enabled
 
 
 def token_indices(model: Any, ids: list[int]) -> dict[str, list[int]]:
