@@ -130,7 +130,7 @@ def _assert_same_movement(model_dir: Path, adapter: Path) -> None:
 
 @frameworks
 @pytest.mark.parametrize("arch,lora", [("qwen2", {}), ("llama", {"rank": 4, "alpha": 32, "layers": 1}),
-                                       ("gemma3", {"target_modules": "q_proj,v_proj,down_proj"})])
+                                       ("gemma3", {"target_modules": "q_proj,v_proj,down_proj"}), ("qwen3moe", {})])
 def test_torch_adapter_in_mlx_moves_logits_as_in_torch(arch: str, lora: dict, tiny_model_dir, tmp_path: Path) -> None:
     model_dir = tiny_model_dir(arch)
     adapter, _ = _trained("torch", model_dir, tmp_path, **lora)
@@ -139,7 +139,7 @@ def test_torch_adapter_in_mlx_moves_logits_as_in_torch(arch: str, lora: dict, ti
 
 @frameworks
 @pytest.mark.parametrize("arch,lora", [("qwen2", {"rank": 4, "alpha": 32}), ("llama", {}),
-                                       ("gemma3", {"layers": 1})])
+                                       ("gemma3", {"layers": 1}), ("qwen3moe", {})])
 def test_mlx_adapter_in_peft_moves_logits_as_in_mlx(arch: str, lora: dict, tiny_model_dir, tmp_path: Path) -> None:
     model_dir = tiny_model_dir(arch)
     import peft
@@ -198,6 +198,17 @@ def test_peft_patterns_load_into_mlx(tiny_model_dir, tmp_path: Path) -> None:
                           rank_pattern={"v_proj": 2}, alpha_pattern={"up_proj": 2}, init_lora_weights=False)
     peft.get_peft_model(base, cfg).save_pretrained(str(tmp_path / "pat"))
     _assert_same_movement(model_dir, tmp_path / "pat")
+
+
+@frameworks
+def test_torch_expert_adapter_is_refused_by_mlx(tiny_model_dir, tmp_path: Path) -> None:
+    """Naming Qwen3-MoE's expert projections trains PEFT LoRA on the stacked experts on torch; MLX
+    cannot apply that and says so in one line instead of loading half of it."""
+    model_dir = tiny_model_dir("qwen3moe")
+    adapter, _ = _trained("torch", model_dir, tmp_path, target_modules="q_proj,gate_proj,up_proj,down_proj")
+    with pytest.raises(UserError, match="trains stacked parameters .*use --backend torch") as e:
+        _mlx_model(model_dir, adapter)
+    assert "\n" not in str(e.value)
 
 
 @frameworks

@@ -112,6 +112,9 @@ def load_peft_adapter_into_mlx(model: Any, adapter_dir: Path) -> Any:
     from mlx_lm.tuner.lora import LoRALinear
 
     config, peft_weights = adapters.read_peft_adapter(Path(adapter_dir))
+    if config.get("target_parameters"):  # PEFT's LoRA on stacked parameters (torch-trained MoE experts)
+        raise UserError(f"{adapter_dir}: the adapter trains stacked parameters ({', '.join(config['target_parameters'])}, "
+                        "e.g. MoE experts), which the MLX backend cannot apply; use --backend torch")
     weights = adapters.peft_to_mlx(peft_weights)
     modules = dict(model.named_modules())
     wrapped = []
