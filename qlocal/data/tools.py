@@ -18,6 +18,11 @@ Accepted on the way in:
   Reasoning     assistant `reasoning_content`, `reasoning` or `thinking`, or a leading
                 <think>...</think> block in content (the field wins when both are given).
 
+Schema property names and argument keys are put in sorted order (recursively): Ollama hands a
+TEMPLATE its tools and calls as Go maps, which iterate sorted, so training on that order is what
+makes the exported model see in Ollama exactly the text it was trained on. JSON objects mean the
+same in any key order, so nothing is lost.
+
 Arguments are kept as objects: several real templates (Qwen2.5, Llama 3.1) write `arguments | tojson`,
 which would double-encode a string. Calls without an id get "call" + 5 digits (9 alphanumerics, what
 Mistral's template demands), numbered through the conversation, so the same chat written in either
@@ -36,6 +41,25 @@ from qlocal.errors import UserError
 SKIP = "fix the record or pass --skip-bad-lines"
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 _THINK = re.compile(r"^\s*<think>(.*?)</think>", re.S)
+
+
+def ollama_order(value: Any) -> Any:
+    """Dict keys sorted, recursively (lists keep their order): how Ollama's Go maps iterate."""
+    if isinstance(value, dict):
+        return {k: ollama_order(value[k]) for k in sorted(value)}
+    return [ollama_order(v) for v in value] if isinstance(value, list) else value
+
+
+def _sorted_properties(schema: Any) -> Any:
+    """A JSON schema whose `properties` (at every depth) are in sorted order; other keys keep theirs."""
+    if isinstance(schema, list):
+        return [_sorted_properties(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _sorted_properties(v) for k, v in schema.items()}
+    if isinstance(schema.get("properties"), dict):
+        out["properties"] = {k: _sorted_properties(schema["properties"][k]) for k in sorted(schema["properties"])}
+    return out
 
 
 def _json(value: Any, where: str, loc: str, what: str) -> Any:
@@ -65,6 +89,8 @@ def parse_tools(value: Any, where: str, loc: str = "tools") -> list[dict] | None
                             f"({{\"type\": \"function\", \"function\": {{\"name\", \"description\", \"parameters\"}}}}); {SKIP}")
         if "parameters" in fn and not isinstance(fn["parameters"], dict):
             raise UserError(f"{where}: '{loc}[{i}].parameters' must be a JSON schema object; {SKIP}")
+        if "parameters" in fn:
+            fn = {**fn, "parameters": _sorted_properties(fn["parameters"])}
         out.append({"type": "function", "function": fn})
     return out
 
@@ -92,7 +118,7 @@ def _arguments(value: Any, where: str, loc: str) -> dict:
     value = _json(value, where, loc, "a JSON object of arguments")
     if not isinstance(value, dict):
         raise UserError(f"{where}: '{loc}' must be a JSON object of arguments, got {type(value).__name__}; {SKIP}")
-    return value
+    return ollama_order(value)
 
 
 def parse_calls(value: Any, where: str, loc: str) -> list[dict]:
