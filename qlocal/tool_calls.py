@@ -47,6 +47,26 @@ class Parsed:
     """A leading <think>...</think> block's text, when `parse(..., thinking=True)`."""
 
 
+def check_tools(value: Any) -> list[dict] | None:
+    """Function schemas in the OpenAI shape (a bare {"name", "parameters"} is wrapped); None when
+    empty. ValueError names the first bad entry."""
+    if value in (None, []):
+        return None
+    if isinstance(value, dict) and isinstance(value.get("tools"), list):
+        value = value["tools"]
+    if not isinstance(value, list):
+        raise ValueError('tools must be a list of {"type": "function", "function": {"name", "parameters"}} objects')
+    out = []
+    for i, t in enumerate(value):
+        fn = t.get("function", t) if isinstance(t, dict) and t.get("type", "function") == "function" else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ValueError(f'tools[{i}] must be {{"type": "function", "function": {{"name", "parameters"}}}}')
+        if not isinstance(fn.get("parameters", {}), dict):
+            raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
+        out.append({"type": "function", "function": fn})
+    return out
+
+
 def template_tag(template: str | None) -> str | None:
     """The tool-call tag for a Jinja chat template, or None when the template renders no tool calls.
 
@@ -180,6 +200,86 @@ def parse(text: str, tag: str | None, tools: list[dict] | None = None, thinking:
     if braces:  # the call ended where its JSON did: anything after it is content again
         out.content += text[pos:]
     return out
+
+
+def _text(content: Any) -> str:
+    """OpenAI content: a string, null, or a list of text parts."""
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return str(content)
+
+
+def template_message(m: Any, where: str) -> dict:
+    """One OpenAI chat message as templates read it: content a string, call arguments an object
+    (OpenAI sends a JSON string, which `arguments | tojson` in Qwen's or Llama's template would
+    print quoted). ValueError says what is wrong, after `where`."""
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise ValueError(f"{where} must be an object with a 'role'")
+    out = {**m, "content": _text(m.get("content"))}
+    if m.get("tool_calls"):
+        calls = []
+        for j, c in enumerate(m["tool_calls"]):
+            fn = c.get("function") if isinstance(c, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise ValueError(f"{where}.tool_calls[{j}] must have a function with a 'name'")
+            args = fn.get("arguments") or {}
+            if isinstance(args, str):
+                try:
+                    args = json.loads(args) if args.strip() else {}
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{where}.tool_calls[{j}].function.arguments is not valid JSON ({e.msg})") from None
+            calls.append({"id": c.get("id") or new_call_id(), "type": "function",
+                          "function": {"name": fn["name"], "arguments": args}})
+        out["tool_calls"] = calls
+    return out
+
+
+class StreamParser:
+    """`parse` over a stream of pieces: content as soon as it cannot be the start of a call, each
+    call once its JSON is complete. What `feed` and `finish` hand out, joined, is `parse` of the whole."""
+
+    def __init__(self, tag: str | None, tools: list[dict] | None = None) -> None:
+        self.tag, self.tools = tag, tools
+        self.text = ""
+        self._sent = 0  # characters of content handed out
+        self._calls = 0
+
+    def feed(self, piece: str) -> tuple[str, list[dict]]:
+        """(new content, newly completed calls) after `piece`."""
+        self.text += piece
+        return self._step(final=False)
+
+    def finish(self) -> tuple[str, list[dict]]:
+        """(the rest of the content, the last calls) at the end of the output."""
+        return self._step(final=True)
+
+    def _step(self, final: bool) -> tuple[str, list[dict]]:
+        out = parse(self.text, self.tag, self.tools)
+        if final:
+            safe = len(out.content)
+        elif out.tagged:
+            safe = self.text.find(self.tag or "")  # content after a call waits for the end
+        else:
+            safe = len(self.text) - self._held()
+        content = out.content[self._sent:max(safe, self._sent)]
+        self._sent += len(content)
+        calls = out.calls[self._calls:]
+        self._calls = len(out.calls)
+        return content, calls
+
+    def _held(self) -> int:
+        """How much of the end of the text could still become the tag."""
+        tag = self.tag
+        if not tag:
+            return 0
+        if tag in ("{", "[") and not self.text.strip():
+            return len(self.text)  # leading whitespace may yet precede a call
+        for n in range(min(len(tag) - 1, len(self.text)), 0, -1):
+            if self.text.endswith(tag[:n]):
+                return n
+        return 0
 
 
 def openai_calls(calls: list[dict], ids: list[str] | None = None) -> list[dict]:
