@@ -151,6 +151,15 @@ def llama3_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def test_data_check_shows_the_added_markers(tiny_model_dir: Any, qlocal_cli: Any) -> None:
+    from train_helpers import DATA
+
+    res = qlocal_cli("data", "check", str(DATA), "--model", str(tiny_model_dir("llama")), "--chat-template", "chatml")
+    assert res.returncode == 0, res.stderr
+    assert "chat template chatml: <|im_start|>, <|im_end|> not in the vocabulary; added as special tokens" in res.stderr
+    assert "[[The capital of France is Paris.<|im_end|>" in res.stdout  # one token, trained
+
+
 def _train(backend: str, base: Path, tmp: Path) -> Path:
     from qlocal import config as config_mod
     from qlocal.train import train
@@ -210,7 +219,8 @@ def _gguf_greedy(path: Path, prompt: list[int]) -> tuple[str, int]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
-def test_chatml_on_llama3_base_learns_to_stop_through_export(backend: str, llama3_base: Path, tmp_path: Path) -> None:
+def test_chatml_on_llama3_base_learns_to_stop_through_export(backend: str, llama3_base: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
     _needs(backend)
     import gguf
 
@@ -218,6 +228,7 @@ def test_chatml_on_llama3_base_learns_to_stop_through_export(backend: str, llama
     from qlocal.infer import prompt_ids
 
     run = _train(backend, llama3_base, tmp_path)
+    assert "chat template chatml: <|im_start|>, <|im_end|> not in the vocabulary" in capsys.readouterr().err
     n = len(load_tokenizer(llama3_base))
     cfg_text = (run / "config.yaml").read_text()
     assert "new_tokens:\n  - <|im_start|>\n  - <|im_end|>" in cfg_text
@@ -360,3 +371,22 @@ def test_adapter_switch_covers_the_token_rows_on_both_backends(arch: str, tiny_m
         assert b.eval_loss(batches)[0] == pytest.approx(s_on, rel=1e-6)
         start[name] = s0 / n
     assert start["mlx"] == pytest.approx(start["torch"], abs=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_qlora_with_added_tokens_exports_and_verifies(backend: str, tiny_model_dir: Any, tmp_path: Path) -> None:
+    """4-bit training (NF4 on torch, affine on MLX, where the embedding is quantised too) trains the
+    rows in 16/32 bit; the export merges them into the original base and verifies."""
+    from qlocal.export.pipeline import ExportOptions, export_run
+    from qlocal.train import train
+    from train_helpers import train_cfg
+
+    _needs(backend)
+    if backend == "torch" and importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("needs bitsandbytes")
+    run = train(train_cfg(backend, tiny_model_dir("llama"), tmp_path, "q", iters=3,
+                          **{"train.quantize": "4bit", "model.chat_template": "chatml"}), quiet=True)
+    assert len([k for k in _adapter_keys(run) if "trainable_tokens_delta" in k]) == 2
+    res = export_run(run, ExportOptions(quants=["f16"], out_dir=tmp_path / "export"), echo=lambda _: None)
+    assert res.verify_passed
