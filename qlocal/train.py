@@ -57,6 +57,7 @@ def prepare_data(cfg: Config, tokenizer: Any, template_choice: str | None) -> Pr
     from qlocal.data.formats import load_samples
     from qlocal.data.mapping import mapping_from_config
     from qlocal.data.render import render
+    from qlocal.data.split import split_validation
     from qlocal.data.templates import resolve_chat_template
 
     template, template_name = resolve_chat_template(tokenizer, template_choice)
@@ -71,13 +72,8 @@ def prepare_data(cfg: Config, tokenizer: Any, template_choice: str | None) -> Pr
     if dc.val_path:
         val_samples, _ = load_samples(dc.val_path, dc.format, dc.split, skip_bad_lines=dc.skip_bad_lines,
                                       mapping=mapping, tools=dc.tools)
-    elif dc.val_split > 0:
-        order = np.random.default_rng(cfg.train.seed).permutation(len(samples))
-        n_val = max(1, round(len(samples) * dc.val_split))
-        if n_val >= len(samples):
-            raise UserError(f"data.val_split={dc.val_split} leaves no training records out of {len(samples)}")
-        val_samples = [samples[i] for i in sorted(order[:n_val])]
-        samples = [samples[i] for i in sorted(order[n_val:])]
+    else:  # the rule export and eval use to find the held-out records again (qlocal.data.split)
+        samples, val_samples = split_validation(samples, dc.val_split, cfg.train.seed)
 
     def render_all(items: list[Any]) -> list[Any]:
         return [render(s, tokenizer, template, train_on_prompt=dc.train_on_prompt, max_seq_len=dc.max_seq_len,
