@@ -28,7 +28,7 @@ from qlocal.infer import GGUFGenerator, HFSource, Sampling, chat_stream, find_gg
 LABEL_RULE = ("labels when data.label_map is set, else when there are >= 4 references, each <= 4 tokens, "
               "with 2..min(20, n/2) distinct values")
 METRICS = ("loss", "perplexity", "rouge_l", "bleu", "chrf", "exact_match", "accuracy", "macro_precision",
-           "macro_recall", "macro_f1")
+           "macro_recall", "macro_f1", "tool_valid", "tool_valid_json", "tool_name_accuracy", "tool_arguments_exact")
 _TOKENS = {"zh": "characters (CJK)", "ja-mecab": "words (MeCab, Japanese)", "13a": "words"}
 
 
@@ -87,6 +87,13 @@ class BackendScorer:
     def chat(self, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[str]:
         return chat_stream(self.backend, self.tokenizer, self.template, messages, sampling)
 
+    def greedy(self, ids: list[int], max_tokens: int) -> str:
+        """Greedy reply to prompt ids, special tokens kept (tool-call tags can be special tokens)."""
+        from qlocal.infer import stop_token_ids
+
+        stops = stop_token_ids(self.tokenizer, self.template)
+        return "".join(self.backend.stream(ids, self.tokenizer, stops, Sampling(max_tokens, keep_special=True)))
+
 
 class GGUFScorer:
     """llama-cpp-python: generation with the GGUF's template; loss from logits on HF-tokenised examples."""
@@ -123,6 +130,12 @@ class GGUFScorer:
 
     def chat(self, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[str]:
         return self.gen.chat(messages, sampling)
+
+    def greedy(self, ids: list[int], max_tokens: int) -> str:
+        """llama.cpp's greedy reply to prompt ids, special tokens kept, within the context."""
+        from qlocal.tool_eval import llama_greedy
+
+        return llama_greedy(self.gen.llm, max(0, min(max_tokens, self.gen.llm.n_ctx() - len(ids))))(ids)
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,7 +195,7 @@ def generation_items(samples: list[Any]) -> list[tuple[Any, list[dict[str, str]]
 
 
 def _score(scorer: Any, examples: list[Any], items: list[Any], opts: EvalOptions, labels: list[str] | None,
-           what: str, quiet: bool) -> tuple[dict[str, Any], list[str]]:
+           what: str, quiet: bool, tool_prompts: list[Any] | None = None) -> tuple[dict[str, Any], list[str]]:
     from qlocal.metrics_text import text_metrics
 
     out: dict[str, Any] = {}
@@ -197,6 +210,10 @@ def _score(scorer: Any, examples: list[Any], items: list[Any], opts: EvalOptions
         for _, prompt, _ in tqdm(items, desc=f"generate ({what})", unit="rec", disable=quiet, file=sys.stderr):
             predictions.append("".join(scorer.chat(prompt, sampling)).strip())
         out.update(text_metrics(predictions, [r for _, _, r in items], labels))
+    if tool_prompts:  # calling turns of the data: did the model call the same tools, validly?
+        from qlocal.tool_eval import eval_metrics
+
+        out.update(eval_metrics(scorer, tool_prompts))
     return out, predictions
 
 
@@ -206,6 +223,7 @@ def evaluate(target: str, opts: EvalOptions, quiet: bool = False) -> dict[str, A
     from qlocal.data.mapping import mapping_from_config
     from qlocal.data.render import render
     from qlocal.metrics_text import bleu_tokenizer, label_set, sources
+    from qlocal.tool_eval import prompts_from_samples
 
     scorer, kind, cfg = open_scorer(target, opts)
     dc = cfg.data
@@ -226,6 +244,7 @@ def evaluate(target: str, opts: EvalOptions, quiet: bool = False) -> dict[str, A
             if sum(ex.loss_mask[1:]):
                 examples.append(ex)
     items = generation_items(samples)[: opts.limit] if opts.generate else []
+    tools = prompts_from_samples(samples, opts.limit) if opts.generate and scorer.tokenizer is not None else []
     refs = [r for _, _, r in items]
     labels = label_set(refs, mapping.label_map.values() if mapping and mapping.label_map else None) if refs else None
 
@@ -246,9 +265,9 @@ def evaluate(target: str, opts: EvalOptions, quiet: bool = False) -> dict[str, A
         if kind == "model":
             raise UserError(f"{target} is a base model already; --compare-base needs a run folder")
         scorer.set_base(True)
-        report["base"], base_preds = _score(scorer, examples, items, opts, labels, "base", quiet)
+        report["base"], base_preds = _score(scorer, examples, items, opts, labels, "base", quiet, tools)
         scorer.set_base(False)
-    report["metrics"], preds = _score(scorer, examples, items, opts, labels, kind, quiet)
+    report["metrics"], preds = _score(scorer, examples, items, opts, labels, kind, quiet, tools)
     if opts.compare_base:
         # Scalars only: per_class and confusion_matrix are shown side by side, not subtracted.
         report["delta"] = {k: report["metrics"][k] - v for k, v in report["base"].items()
@@ -296,6 +315,9 @@ def table(report: dict[str, Any]) -> str:
     for title, col in ([("base", base)] if base is not None else []) + [(name, m)]:
         lines += [""] * bool(col.get("per_class")) + label_table(col, title)
     notes = [report["loss_note"]] if report.get("loss_note") else []
+    if m.get("tool_calls"):
+        notes.append(f"tool_*: {m['tool_calls']['prompts']} calling turns answered greedily, parsed with tag "
+                     f"{m['tool_calls']['tag']!r} as Ollama does (qlocal.tool_eval)")
     how = (gen or {}).get("computed_by", {})
     notes += [f"{label} {how[k]}" for k, label in (("bleu", "BLEU:"), ("chrf", "chrF:")) if k in how]
     return "\n".join([head, ""] + lines + [""] * bool(notes) + notes)

@@ -45,6 +45,8 @@ class Sampling:
     temperature: float = 0.0
     """0 = greedy."""
     top_p: float = 1.0
+    keep_special: bool = False
+    """Keep special tokens in the text (a tool-call tag such as Mistral's [TOOL_CALLS] is one)."""
 
 
 class Backend(Protocol):

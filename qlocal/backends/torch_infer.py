@@ -69,7 +69,7 @@ def stream(model: Any, tokenizer: Any, prompt: list[int], stop_ids: list[int], s
     model.eval()  # training code may have left dropout on
     device = next(model.parameters()).device
     ids = torch.tensor([prompt], device=device)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=not sampling.keep_special)
     kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "streamer": streamer,
                               "max_new_tokens": sampling.max_tokens, "pad_token_id": pad_id(tokenizer),
                               "use_cache": True, "eos_token_id": stop_ids}

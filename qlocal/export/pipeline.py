@@ -152,16 +152,42 @@ def _build(info: Any, opts: ExportOptions, quants: list[str], tmp: Path, echo: C
 
         echo("verifying with llama-cpp-python ...")
         lora = tmp / adapter_file if adapter_file else None
+        tools = _tool_prompts(info, echo)
         checks = verify_all(tmp / "fused", [(p, q) for q, p in files], mf.stops, tmp / "verify.json", lora,
-                            tokenizer=pre.to_dict(), trained=(info.base_path, info.adapter_dir))
+                            tokenizer=pre.to_dict(), trained=(info.base_path, info.adapter_dir), tool_prompts=tools)
         echo(table(checks))
+        for c in checks:
+            if c.tool_calls:
+                from qlocal.tool_eval import summary_line
+
+                echo(f"  {c.file}: {summary_line(c.tool_calls)}")
         fused_err = json.loads((tmp / "verify.json").read_text(encoding="utf-8")).get("fused")
         if fused_err:
             echo(f"  (reference: base + adapter in fp32; fused/ itself, {fused_err['dtype']}: "
                  f"NMSE {fused_err['nmse']:.2e})")
         summary["verify"] = {"passed": all(c.passed for c in checks),
                              "files": {c.file: c.passed for c in checks}, "fused": fused_err}
+        if tools and tools[0]:
+            summary["verify"]["tool_calls_valid"] = {c.file: c.tool_calls["valid_rate"] for c in checks}
     return summary
+
+
+def _tool_prompts(info: Any, echo: Callable[[str], None]) -> tuple[list[Any], str] | None:
+    """The tool prompts verify answers with each GGUF (qlocal.tool_eval.run_prompts), for a run whose
+    template renders tool calls; None for one that does not."""
+    from qlocal import rundir
+    from qlocal.tool_calls import template_tag
+    from qlocal.tool_eval import PREFLIGHT_PROMPTS, run_prompts
+
+    if template_tag(info.template) is None:
+        return None
+    try:
+        prompts, source = run_prompts(rundir.load_config(info.run_dir)[0], PREFLIGHT_PROMPTS)
+    except UserError as e:  # the data moved or needs the network: the files are still verified
+        prompts, source = [], str(e)
+    if not prompts:
+        echo(f"note: no tool-call preflight: {source}")
+    return prompts, source
 
 
 def _choose_pretokenizer(src: Path, allow_mismatch: bool, echo: Callable[[str], None]) -> Any:

@@ -78,6 +78,9 @@ class FileCheck:
     lora: str | None = None
     nmse_without_lora: float | None = None
     """With a LoRA: the base GGUF alone vs the fused model, a control showing the adapter matters."""
+    tool_calls: dict[str, Any] | None = None
+    """Tool-call preflight (qlocal.tool_eval): held-out tool prompts answered by this file; reported,
+    not part of `passed` (it measures what the model learned, not whether the file serves it)."""
 
 
 def _limit(quant: str) -> float:
@@ -287,22 +290,31 @@ def _nmse_only(ref: HFReference, path: Path) -> float:
 
 def verify_all(hf_dir: Path, files: list[tuple[Path, str]], stops: list[str], out_json: Path,
                lora: Path | None = None, tokenizer: dict[str, Any] | None = None,
-               trained: tuple[Path, Path] | None = None) -> list[FileCheck]:
+               trained: tuple[Path, Path] | None = None, tool_prompts: tuple[list[Any], str] | None = None,
+               ) -> list[FileCheck]:
     """Verify each (gguf path, quant); write verify.json atomically. A `lora` applies to every file.
 
     `trained` = (base folder, adapter folder): measure every file against base + adapter in fp32
     (the trained model) and record the fused folder's own error there too (see HFReference).
 
     `tokenizer` is the export's pre-tokenizer check (PreTokenizerCheck.to_dict()), recorded in
-    verify.json; when it allowed a mismatch, differing tokenisation does not fail a file."""
+    verify.json; when it allowed a mismatch, differing tokenisation does not fail a file.
+    `tool_prompts` = (qlocal.tool_eval prompts, where they came from): each file answers them too."""
     ref = HFReference(hf_dir, trained)
     allow = bool(tokenizer and tokenizer.get("allowed_mismatch"))
     checks = [verify_gguf(ref, p, q, stops, lora, allow) for p, q in files]
+    if tool_prompts and tool_prompts[0]:
+        from qlocal.tool_eval import gguf_tool_calls
+
+        for check, (p, _) in zip(checks, files):
+            check.tool_calls = gguf_tool_calls(p, lora, ref.tokenizer, ref.template, *tool_prompts)
     doc = {"passed": all(c.passed for c in checks), "nmse_limits": NMSE_LIMITS, "nmse_required_for": EXACT,
            "greedy_min_quantised": GREEDY_MIN, "tie_margin": TIE_MARGIN,
            "stops": stops, "pretokenizer": tokenizer, "reference": ref.reference,
            "reference_computed": ref.computed, "fused": ref.fused,
            "files": [asdict(c) for c in checks]}
+    if tool_prompts is not None:  # how many tool prompts each file answered, and from where (or why none)
+        doc["tool_prompts"] = {"count": len(tool_prompts[0]), "source": tool_prompts[1]}
     atomic.write_text(out_json, json.dumps(doc, indent=1, ensure_ascii=False))
     return checks
 
