@@ -62,7 +62,7 @@ def _opt(*names: str, **kw: Any) -> Any:
 @_opt("--val-data", help="Validation data file.")
 @_opt("--val-split", type=float, help="Fraction of training records held out for validation.")
 @_opt("--split", help="Split of a hub dataset. [default: train]")
-@_opt("--format", "data_format", type=click.Choice(["auto", "alpaca", "sharegpt", "messages", "completion", "text"]), help="Data format. [default: auto]")
+@_opt("--format", "data_format", type=click.Choice(["auto", "alpaca", "sharegpt", "messages", "completion", "text", "pairs", "pairs_implicit", "kto"]), help="Data format. [default: auto]")
 @_opt("--chat-template", help=f"{TEMPLATE_NAMES} or a .jinja file. [default: the model's own]")
 @_opt("--train-on-prompt/--no-train-on-prompt", default=None, help="Also train on prompt tokens.")
 @_opt("--max-seq-len", type=int, help="Truncate examples to this many tokens. [default: 1024]")
@@ -129,10 +129,11 @@ def data() -> None:
 @_opt("--set", "sets", multiple=True, default=(), metavar="KEY=VALUE", help="Override a config key, e.g. --set data.label_field=y.")
 @_opt("--model", "-m", help="Model whose tokenizer and template to use. [default: the config's, else gemma-3-270m]")
 @_opt("--chat-template", help=f"{TEMPLATE_NAMES} or a .jinja file.")
-@_opt("--format", "data_format", type=click.Choice(["auto", "alpaca", "sharegpt", "messages", "completion", "text"]), help="[default: auto]")
+@_opt("--format", "data_format", type=click.Choice(["auto", "alpaca", "sharegpt", "messages", "completion", "text", "pairs", "pairs_implicit", "kto"]), help="[default: auto]")
 @_opt("--max-seq-len", type=int, help="[default: 1024]")
 @_opt("--train-on-prompt", is_flag=True, default=None)
 @_opt("--skip-bad-lines", is_flag=True, default=None)
+@_opt("--method", type=click.Choice(["sft", "dpo", "orpo", "kto", "simpo"]), help="Check as this method reads it (kto unpairs pairs). [default: sft; preference data is recognised by its keys]")
 def data_check(file: str | None, config_file: str | None, sets: tuple[str, ...], **flags: Any) -> None:
     """Counts per format, token-length statistics, truncation and one rendered example.
 
@@ -157,7 +158,7 @@ def data_check(file: str | None, config_file: str | None, sets: tuple[str, ...],
     if line:
         click.echo(line, err=True)
     template, _ = resolve_chat_template(tokenizer, choice)
-    click.echo(check_report(cfg.data.path, tokenizer, template, cfg.data))
+    click.echo(check_report(cfg.data.path, tokenizer, template, cfg.data, cfg.train.method))
 
 
 def _sampling_options(f: Any) -> Any:

@@ -48,7 +48,8 @@ class DataConfig:
     split: str = "train"
     """Split to read from a hub dataset."""
     format: str = "auto"
-    """auto, alpaca, sharegpt, messages, completion or text."""
+    """auto, alpaca, sharegpt, messages, completion or text; for a preference train.method: auto,
+    pairs, pairs_implicit (chosen/rejected conversations sharing a prefix) or kto."""
     max_seq_len: int = 1024
     """Examples longer than this are truncated (and counted)."""
     train_on_prompt: bool = False
@@ -211,7 +212,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.distributed": ("ddp", "fsdp"),
     "train.method": ("sft", "dpo", "orpo", "kto", "simpo"),
     "preference.loss_type": ("sigmoid", "ipo"),
-    "data.format": ("auto", "alpaca", "sharegpt", "messages", "completion", "text"),
+    "data.format": ("auto", "alpaca", "sharegpt", "messages", "completion", "text", "pairs", "pairs_implicit", "kto"),
 }
 
 

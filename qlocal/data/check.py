@@ -33,11 +33,28 @@ def _tool_lines(samples: list[Sample], train_on_reasoning: bool) -> list[str]:
     return lines
 
 
-def check_report(path: str, tokenizer: Any, template: str, cfg_data: Any) -> str:
+def _is_preference(path: str, cfg_data: Any, method: str) -> bool:
+    from qlocal.data.formats import load_records
+    from qlocal.data.pref_formats import PREF_COLUMNS, detect_preference
+
+    if method != "sft" or set(getattr(cfg_data, "columns", None) or {}) & (set(PREF_COLUMNS) - {"system", "tools"}):
+        return True
+    record = load_records(path, getattr(cfg_data, "split", "train"), [])[0][0]
+    shape = detect_preference(record)
+    return shape is not None and (shape != "kto" or isinstance(record.get("label"), bool))
+
+
+def check_report(path: str, tokenizer: Any, template: str, cfg_data: Any, method: str = "sft") -> str:
     """Text report for a data file: records per format, token-length statistics, truncation at
     max_seq_len, tools/calls/results/reasoning counts, and an example rendered with its trained
-    spans marked [[ ... ]] (the first that calls a tool, if any does)."""
+    spans marked [[ ... ]] (the first that calls a tool, if any does). Preference data (pairs, KTO;
+    or any file under a preference train.method) gets qlocal.data.pref_check's report."""
     from qlocal.data.mapping import mapping_from_config
+
+    if _is_preference(path, cfg_data, method):
+        from qlocal.data.pref_check import preference_report
+
+        return preference_report(path, tokenizer, template, cfg_data, None if method == "sft" else method)
 
     samples, stats = load_samples(path, cfg_data.format, getattr(cfg_data, "split", "train"),
                                   skip_bad_lines=getattr(cfg_data, "skip_bad_lines", False),

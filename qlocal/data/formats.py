@@ -296,6 +296,12 @@ def _turns(record: dict, key: str, fmt: str, where: str) -> list[dict[str, Any]]
     return tooldata.link_results(messages)
 
 
+def parse_turns(record: dict, key: str, where: str) -> list[dict[str, Any]]:
+    """record[key] as chat messages, read as the messages format reads them (either key spelling,
+    tool calls, tool results, reasoning); for other record shapes (qlocal.data.pref_formats)."""
+    return _turns(record, key, "messages", where)
+
+
 def normalise(record: dict, fmt: str, where: str) -> Sample:
     """Turn one record of format `fmt` into a Sample; a missing or mistyped field is a UserError."""
     if fmt == "text":
@@ -358,6 +364,12 @@ def load_samples(path: str, fmt: str = "auto", split: str = "train", skip_bad_li
                 samples.append(rec)
                 continue
             this = fmt if fmt != "auto" else detect_format(rec)
+            if this is None and ("chosen" in rec or "rejected" in rec):
+                raise UserError(f"{where}: a preference pair (chosen/rejected); SFT reads one answer per record: "
+                                "train it with --method dpo (or orpo, simpo, kto)")
+            if fmt == "auto" and this == "completion" and isinstance(rec.get("label"), bool):
+                raise UserError(f"{where}: prompt + completion + a true/false label is KTO data; SFT would train on "
+                                "the undesirable answers too: train it with --method kto")
             if this is None:
                 keys = ", ".join(sorted(map(str, rec))[:8]) or "none"
                 raise UserError(f"{where}: cannot tell the format from the keys ({keys}); expected instruction+output "

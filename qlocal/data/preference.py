@@ -303,3 +303,26 @@ def collate_kto(examples: Sequence[KTOExample], pad_id: int) -> dict[str, np.nda
     if refs is not None:
         batch["ref_logp"] = refs
     return batch
+
+
+def render_preference(samples: Sequence[PairSample | KTOSample], tokenizer: Any, template: str,
+                      max_seq_len: int | None, train_on_reasoning: bool = True,
+                      drop_long: bool = False) -> tuple[list[PairExample | KTOExample], dict[str, int]]:
+    """Render every sample; leave out those longer than max_seq_len when drop_long, and those whose
+    truncation cut a side's scored tokens away. Returns (examples, counts): truncated, dropped_long,
+    unscored, split_render (sides tokenised apart from their prompt)."""
+    counts = {"truncated": 0, "dropped_long": 0, "unscored": 0, "split_render": 0}
+    out: list[PairExample | KTOExample] = []
+    for s in samples:
+        ex = (render_kto if isinstance(s, KTOSample) else render_pair)(s, tokenizer, template, max_seq_len,
+                                                                        train_on_reasoning)
+        counts["split_render"] += ex.split_render
+        if ex.truncated and drop_long:
+            counts["dropped_long"] += 1
+            continue
+        counts["truncated"] += int(ex.truncated)
+        if not ex.scored():
+            counts["unscored"] += 1
+            continue
+        out.append(ex)
+    return out, counts
