@@ -128,7 +128,22 @@ def _untrained(ex: Any, tok: Any) -> str:
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data())
 def test_mask_is_exactly_the_assistant_turns(family: str, data: Any) -> None:
-    messages = data.draw(tool_chats(family))
+    _assert_mask_is_the_turns(family, data.draw(tool_chats(family)))
+
+
+# Identical contents everywhere: Mistral's template compares whole messages (`message ==
+# user_messages[-1]`), so both user turns get the tools block and a sentinel swap of the second
+# moves text before it; the first turn once lost its end-of-turn token and trained the user's '0'.
+REPEATED = [{"role": "system", "content": "0"}, {"role": "user", "content": "0"}, {"role": "assistant", "content": "0"},
+            {"role": "user", "content": "0"}, {"role": "assistant", "content": "0"}]
+
+
+@pytest.mark.parametrize("family", TOOL_FAMILIES)
+def test_mask_with_repeated_contents_is_exactly_the_assistant_turns(family: str) -> None:
+    _assert_mask_is_the_turns(family, [dict(m) for m in REPEATED])
+
+
+def _assert_mask_is_the_turns(family: str, messages: list[dict]) -> None:
     tok = tokenizer(family)
     sample = Sample("chat", messages=messages, where="p:1", tools=TOOLS)
     ex = render(sample, tok, template(family))

@@ -103,21 +103,35 @@ def _start(messages: list[dict], i: int, render: Render, full: str, pos: int) ->
     return None
 
 
+def _head(messages: list[dict], i: int, render: Render, full: str, start: int) -> int | None:
+    """Length of a render of `full` up to the message after turn i: text before the next message's
+    sentinel content, else (when the swap changes what comes before it) the render ending at turn i."""
+    tag = f"{SENTINEL}{i + 1}"
+    whole = _try(render, _variant(messages, i + 1, tag), False)
+    if whole and whole.count(tag) == 1:
+        head = whole[: whole.index(tag)]
+        if full.startswith(head) and len(head) > start:
+            return len(head)
+    # Templates that compare whole messages (Mistral's `message == user_messages[-1]` places the
+    # tools before every user turn equal to the last) render text before the swapped message
+    # differently when contents repeat; the render of messages[:i+1] is unaffected by that swap.
+    upto = _try(render, messages[: i + 1], False)
+    if upto and full.startswith(upto) and len(upto) > start:
+        return len(upto)
+    return None
+
+
 def _end(messages: list[dict], i: int, render: Render, full: str, start: int, ends: list[str]) -> int | None:
     if i + 1 >= len(messages):
         return len(full)
-    tag = f"{SENTINEL}{i + 1}"
-    whole = _try(render, _variant(messages, i + 1, tag), False)
-    if not whole or whole.count(tag) != 1 or not ends:
+    limit = _head(messages, i, render, full, start) if ends else None
+    if limit is None:
         return None
-    head = whole[: whole.index(tag)]
-    if not full.startswith(head) or len(head) <= start:
-        return None
-    found = list(re.finditer("|".join(map(re.escape, ends)), full[start:len(head)]))
+    found = list(re.finditer("|".join(map(re.escape, ends)), full[start:limit]))
     if not found:
         return None
     end = start + found[-1].end()
-    while end < len(head) and full[end].isspace():  # the template's line break after the end token, as prefix spans have
+    while end < limit and full[end].isspace():  # the template's line break after the end token, as prefix spans have
         end += 1
     return end
 
@@ -136,8 +150,8 @@ def assistant_spans(messages: list[dict], render: Render, full: str, ends: list[
         if start is not None:
             end = _end(messages, i, render, full, start, ends)
             span = (start, end) if end is not None and end > start else None
-        if span is None and not msg.get("tool_calls"):
-            span = locate(msg, pos)
+        if span is None and not msg.get("tool_calls"):  # the content at or after the turn's start, never prompt text before it
+            span = locate(msg, pos if start is None else start)
         if span is None and start is None:  # last resort: the turn runs from the previous one's end
             end = _end(messages, i, render, full, pos, ends)
             span = (pos, end) if end is not None and end > pos else None
