@@ -218,3 +218,36 @@ def test_method_and_preference_keys(tmp_path: Path) -> None:
     saved.train.method = "kto"
     assert config_mod.from_dict(saved.to_dict(), "config.yaml").train.method == "kto"
     assert np.isclose(config_mod.from_dict(saved.to_dict(), "c").preference.simpo_gamma, 0.5)
+
+
+def test_random_pairs_share_their_prompt_exactly(tokenizer_dir: Any) -> None:
+    # Any texts (spaces, newlines, markup-like text): each row is the prompt's own tokens followed
+    # by the answer's, on a prefix-stable template the same tokens as the whole chat's render.
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    tok, template = _tok(tokenizer_dir, "qwen2"), _template("qwen2.5.jinja")
+    text = st.text(alphabet=st.sampled_from(list("ab c\n.<>|-é")), min_size=1, max_size=30).filter(str.strip)
+
+    @hypothesis.settings(max_examples=40, deadline=None, derandomize=True)
+    @hypothesis.given(text, text, text)
+    def check(q: str, good: str, bad: str) -> None:
+        hypothesis.assume(good.strip() != bad.strip())
+        sample = PairSample([{"role": "user", "content": q}], [{"role": "assistant", "content": good}],
+                            [{"role": "assistant", "content": bad}], "f:1")
+        try:
+            ex = render_pair(sample, tok, template)
+        except UserError as e:  # the template trims both answers to the same text
+            assert "render to the same tokens" in str(e)
+            return
+        gen = tok(tok.apply_chat_template(sample.prompt, chat_template=template, tokenize=False,
+                                          add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        assert ex.prompt_ids == gen
+        for answer, (row, _) in ((sample.chosen, ex.rows()), (sample.rejected, ex.rows()[::-1])):
+            full = tok(tok.apply_chat_template(sample.prompt + answer, chat_template=template, tokenize=False),
+                       add_special_tokens=False)["input_ids"]
+            if ex.split_render == 0:
+                assert full[:len(row.input_ids)] == row.input_ids
+            assert row.input_ids[:len(gen)] == gen and any(row.loss_mask) and not any(row.loss_mask[:len(gen)])
+
+    check()

@@ -209,3 +209,19 @@ def test_data_check_shows_pairs(tokenizer_dir: Any, tmp_path: Path) -> None:
     assert "80 records (kto: 80)" in kto and "desirable" in kto
     unpaired = check_report(str(DATA / "prefs_sample.jsonl"), tok, template, cfg(), method="kto")
     assert "unpaired for kto: 160 examples" in unpaired and "labels: 80 desirable, 80 undesirable" in unpaired
+
+
+def test_cli_data_check_and_one_line_errors(qlocal_cli: Any, tiny_model_dir: Any, tmp_path: Path) -> None:
+    model = tiny_model_dir("qwen2")
+    res = qlocal_cli("data", "check", str(DATA / "prefs_sample.jsonl"), "--model", model, "--method", "dpo")
+    assert res.returncode == 0, res.stderr
+    assert "80 records (pairs: 80)" in res.stdout and "[[Sure" in res.stdout
+    bad = write(tmp_path, {"prompt": Q, "chosen": GOOD, "rejected": BAD}, {"prompt": Q, "chosen": GOOD})
+    res = qlocal_cli("data", "check", bad, "--model", model)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert lines == [f"error: {bad}:2: missing 'rejected' (a preference pair needs both chosen and rejected); "
+                     "fix the record or pass --skip-bad-lines"]
+    kto = write(tmp_path, {"prompt": Q, "completion": GOOD, "label": "maybe"}, name="k.jsonl")
+    res = qlocal_cli("data", "check", kto, "--model", model, "--method", "kto")
+    assert res.returncode == 2 and res.stderr.strip().startswith(f"error: {kto}:1: 'label' must be true")
