@@ -154,11 +154,11 @@ def data_check(file: str | None, config_file: str | None, sets: tuple[str, ...],
     resolved = resolve_model(cfg.model.name, cfg.model.revision)
     tokenizer = load_tokenizer(resolved.path, cfg.model.trust_remote_code, cfg.lora.new_tokens)
     choice = cfg.model.chat_template or resolved.default_chat_template
-    _, line = add_missing_markers(tokenizer, choice)  # rendered as training will render it
-    if line:
-        click.echo(line, err=True)
+    _, line = add_missing_markers(tokenizer, choice, training=False)  # rendered as training will render it
     template, _ = resolve_chat_template(tokenizer, choice)
     click.echo(check_report(cfg.data.path, tokenizer, template, cfg.data, cfg.train.method))
+    if line:  # after the report: a data error stays the only line on stderr
+        click.echo(line, err=True)
 
 
 def _sampling_options(f: Any) -> Any:

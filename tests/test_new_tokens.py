@@ -156,7 +156,10 @@ def test_data_check_shows_the_added_markers(tiny_model_dir: Any, qlocal_cli: Any
 
     res = qlocal_cli("data", "check", str(DATA), "--model", str(tiny_model_dir("llama")), "--chat-template", "chatml")
     assert res.returncode == 0, res.stderr
-    assert "chat template chatml: <|im_start|>, <|im_end|> not in the vocabulary; added as special tokens" in res.stderr
+    # data check adds nothing anywhere: it renders as training will and says what training does
+    assert res.stderr.strip().splitlines()[-1] == ("chat template chatml: <|im_start|>, <|im_end|> not in the "
+                                                   "vocabulary; training adds them as special tokens whose "
+                                                   "embedding and output rows train with the adapter")
     assert "[[The capital of France is Paris.<|im_end|>" in res.stdout  # one token, trained
 
 

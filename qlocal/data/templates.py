@@ -79,9 +79,11 @@ def native_fallback(tokenizer: Any) -> str | None:
     return None
 
 
-def add_missing_markers(tokenizer: Any, choice: str | None) -> tuple[list[str], str]:
+def add_missing_markers(tokenizer: Any, choice: str | None, training: bool = True) -> tuple[list[str], str]:
     """Add the markers of the run's template (`choice` as for resolve_chat_template) that the
-    tokenizer lacks as special tokens; returns (added tokens, one line saying what was decided)."""
+    tokenizer lacks as special tokens; returns (added tokens, one line saying what was decided).
+    training=False (data check) adds them to this in-memory tokenizer only, to render as training
+    will, and the line says what training would do."""
     from qlocal.hf import add_special_tokens
 
     template, name = resolve_chat_template(tokenizer, choice)
@@ -92,6 +94,7 @@ def add_missing_markers(tokenizer: Any, choice: str | None) -> tuple[list[str], 
     missing = missing_markers(tokenizer, template)
     if missing:
         add_special_tokens(tokenizer, missing)
-        line = (f"chat template {name}: {', '.join(missing)} not in the vocabulary; added as special tokens "
+        did = "added as special tokens" if training else "training adds them as special tokens"
+        line = (f"chat template {name}: {', '.join(missing)} not in the vocabulary; {did} "
                 "whose embedding and output rows train with the adapter")
     return missing, line
