@@ -121,7 +121,8 @@ class Metrics:
 
 
 def plot_losses(metrics: Metrics, out: Path, title: str) -> None:
-    """loss.png: training loss per step and validation loss where measured."""
+    """loss.png: training loss per step and validation loss where measured; a preference run adds
+    a second panel with reward accuracy and margin."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,7 +131,11 @@ def plot_losses(metrics: Metrics, out: Path, title: str) -> None:
     rows = metrics.read()
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    acc = [(r["step"], r["rewards/accuracies"]) for r in rows if "rewards/accuracies" in r]
+    margin = [(r["step"], r["rewards/margins"]) for r in rows if "rewards/margins" in r]
+    panels = 2 if acc or margin else 1
+    fig, axes = plt.subplots(panels, 1, figsize=(7, 4 * panels), squeeze=False, sharex=True)
+    ax = axes[0][0]
     if train:
         ax.plot(*zip(*train), label="train", linewidth=1.2)
     if val:
@@ -140,11 +145,31 @@ def plot_losses(metrics: Metrics, out: Path, title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    if panels == 2:
+        _plot_rewards(axes[1][0], acc, margin)
     try:
         with atomic.writing(out) as tmp:
             fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")  # the temp name has no .png
     finally:
         plt.close(fig)
+
+
+def _plot_rewards(ax: Any, acc: list[tuple[int, float]], margin: list[tuple[int, float]]) -> None:
+    """Reward accuracy (left axis, 0-1) and reward margin (right axis) per step."""
+    if acc:
+        ax.plot(*zip(*acc), color="tab:green", label="reward accuracy", linewidth=1.2)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("reward accuracy")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    if margin:
+        right = ax.twinx()
+        right.plot(*zip(*margin), color="tab:purple", label="reward margin", linewidth=1.2)
+        right.set_ylabel("reward margin")
+        lines = ax.get_lines() + right.get_lines()
+        ax.legend(lines, [ln.get_label() for ln in lines], loc="best")
+    elif acc:
+        ax.legend()
 
 
 def save_config_with_template(run: Path, cfg: Config, resolved: dict[str, Any], template: str) -> None:

@@ -21,12 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from qlocal import distributed, rundir
+from qlocal import distributed, preference_run, reference, rundir
 from qlocal import hf
 from qlocal.backends.base import Backend, Batch, StepStats
 from qlocal.config import Config
 from qlocal.errors import UserError
 from qlocal.objectives import SFT, Objective
+from qlocal.preference_losses import objective_for, summarize
 
 
 @dataclass
@@ -61,6 +62,9 @@ def prepare_data(cfg: Config, tokenizer: Any, template_choice: str | None) -> Pr
     from qlocal.data.templates import resolve_chat_template
 
     template, template_name = resolve_chat_template(tokenizer, template_choice)
+    if preference_run.is_preference(cfg):  # pairs or labelled answers: qlocal.data.preference
+        train, val, fmt, truncated, dropped = preference_run.prepare(cfg, tokenizer, template)
+        return PreparedData(train, val, fmt, truncated, template_name, template, dropped)
     dc = cfg.data
     mapping = mapping_from_config(dc)  # None unless the config maps another dataset shape
     samples, stats = load_samples(dc.path, dc.format, dc.split, skip_bad_lines=dc.skip_bad_lines, mapping=mapping,
@@ -101,7 +105,7 @@ class _Schedule:
     """Maps optimizer steps to micro-batches: a pure function of (seed, step), so resume can jump."""
 
     def __init__(self, examples: list[Any], batch_size: int, grad_accum: int, seed: int, pad_id: int,
-                 packed: bool, dist: Any = None) -> None:
+                 packed: bool, dist: Any = None, collate_fn: Any = None) -> None:
         from qlocal.data.batching import epoch_batches
         from qlocal.distributed import Dist
 
@@ -109,8 +113,9 @@ class _Schedule:
         # With N ranks a micro-batch holds N * batch_size examples and each rank takes its shard.
         self.bs = batch_size * self.dist.world
         self.examples, self.ga, self.seed, self.pad_id = examples, grad_accum, seed, pad_id
-        self.packed = packed
-        self.lengths = [len(e.input_ids) for e in examples]
+        self.packed, self.collate_fn = packed, collate_fn
+        """collate_fn: the batching of a preference method's examples; None = SFT's collate."""
+        self.lengths = [preference_run.length(e) for e in examples]
         self._epoch_batches = epoch_batches
         self._cache: dict[int, list[list[int]]] = {}
         self.per_epoch = len(epoch_batches(self.lengths, self.bs, seed, 0))
@@ -129,7 +134,10 @@ class _Schedule:
         for m in range(step * self.ga, (step + 1) * self.ga):
             e, i = divmod(m, self.per_epoch)
             chosen = shard([self.examples[j] for j in self._epoch(e)[i]], self.dist)
-            out.append(collate_packed(chosen) if self.packed else collate(chosen, self.pad_id))
+            if self.collate_fn is not None:
+                out.append(self.collate_fn(chosen))
+            else:
+                out.append(collate_packed(chosen) if self.packed else collate(chosen, self.pad_id))
         return out, (step + 1) * self.ga / self.per_epoch
 
 
@@ -193,8 +201,10 @@ def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
     tc = cfg.train
     backend = create_backend(backend_name)
     dist = backend.init_distributed()
-    packed = tc.packing and backend.supports_packing
-    sched = _Schedule(data.train, tc.batch_size, tc.grad_accum, tc.seed, pad_id, packed, dist)
+    pref = preference_run.is_preference(cfg)
+    packed = tc.packing and backend.supports_packing and not pref  # pairs are never packed
+    collate = preference_run.collate_fn(cfg, pad_id) if pref else None
+    sched = _Schedule(data.train, tc.batch_size, tc.grad_accum, tc.seed, pad_id, packed, dist, collate)
     total = tc.iters or max(1, math.ceil(tc.epochs * sched.per_epoch / tc.grad_accum))
     warmup = tc.warmup_steps or int(tc.warmup_ratio * total)
 
@@ -206,7 +216,10 @@ def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
         "total_steps": total, "packing": packed, "truncated_examples": data.truncated,
         "dropped_long": data.dropped, **export, **facts,
     }
-    plan = _Plan(cfg, data, sched, total, warmup, pad_id, resolved, SFT())
+    if collate is not None:
+        preference_run.precompute_reference(backend, cfg, data.train + data.val, collate, quiet or not dist.is_main)
+    objective = objective_for(cfg) if pref else SFT()
+    plan = _Plan(cfg, data, sched, total, warmup, pad_id, resolved, objective)
     if resume is not None:
         run = resume
     elif dist.is_main:
@@ -255,6 +268,9 @@ class _Progress:
 
     def advance(self, stats: StepStats, tokens_per_s: float) -> None:
         post = {"loss": f"{stats.loss:.4f}", "tok/s": f"{tokens_per_s:.0f}"}
+        for key, short in (("rewards/accuracies", "acc"), ("rewards/margins", "margin")):
+            if key in stats.metrics:
+                post[short] = f"{stats.metrics[key]:.3f}"
         if self.last_val is not None:
             post["val"] = f"{self.last_val:.4f}"
         self.bar.set_postfix(post)
@@ -283,7 +299,7 @@ def _run_loop(run: Path, plan: _Plan, backend: Backend, resumed: bool, quiet: bo
             done = step + 1
             record, stats, dt = _step(run, plan, backend, step, stop, progress)
             if val_batches and (done % tc.eval_every == 0 or done == plan.total):
-                s, n = backend.eval_loss(val_batches, plan.objective)
+                s, n = backend.eval_loss(reference.complete(backend, val_batches, plan.objective), plan.objective)
                 progress.last_val = record["val_loss"] = round(s / max(n, 1), 6)
             if main and (done % tc.log_every == 0 or done == plan.total or "val_loss" in record):
                 metrics.write(record)
@@ -327,8 +343,9 @@ def _validation_batches(plan: _Plan) -> list[Batch]:
     from qlocal.data.batching import collate, epoch_batches
 
     val = plan.data.val
-    lengths = [len(e.input_ids) for e in val]
-    return [collate(distributed.shard([val[j] for j in b], plan.sched.dist), plan.pad_id)
+    lengths = [preference_run.length(e) for e in val]
+    batch = plan.sched.collate_fn or (lambda items: collate(items, plan.pad_id))
+    return [batch(distributed.shard([val[j] for j in b], plan.sched.dist))
             for b in epoch_batches(lengths, plan.sched.bs, 0, 0)]
 
 
@@ -344,7 +361,9 @@ def _step(run: Path, plan: _Plan, backend: Backend, step: int, stop: _StopFlag,
     micro, epoch_pos = plan.sched.micro_batches(step)
     lr = lr_at(step, plan.total, tc.lr, tc.lr_schedule, plan.warmup)
     t0 = time.perf_counter()
-    stats = backend.train_step(micro, lr, plan.objective)
+    # Reference scores (base = adapter off) and KTO's KL estimate: part of the step's cost.
+    stats = backend.train_step(reference.complete(backend, micro, plan.objective), lr, plan.objective)
+    stats.metrics = summarize(plan.objective, stats.metrics)
     dt = max(time.perf_counter() - t0, 1e-9)
     _check_finite(run, stats, step + 1, tc.lr, progress)
     tokens, trained, stop_votes = distributed.all_sum([
