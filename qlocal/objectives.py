@@ -17,8 +17,8 @@ would read no better and could disagree.
 Preference objectives (DPO, ORPO, KTO, SimPO) fit the same contract: a batch shape of their own
 (chosen/rejected rows, or a per-row label), per-row fields that reach `loss` in `rows` (any batch
 key that is not a token field, first axis = batch row), and per-sequence scores from
-`(logp * mask).sum(axis=-1)`. Their reference log-probs (the base with the adapter off) are not
-computed by any backend yet.
+`(logp * mask).sum(axis=-1)`: qlocal.preference_losses. Their reference log-probs (the base with
+the adapter off) are row fields that qlocal.reference fills before the step.
 """
 
 from __future__ import annotations
