@@ -214,6 +214,8 @@ def test_method_and_preference_keys(tmp_path: Path) -> None:
     ]:
         with pytest.raises(UserError, match=msg):
             config_mod.build(None, None, sets)
+    sample = config_mod.build(str(Path(__file__).resolve().parent.parent / "configs" / "dpo_sample.yaml"))
+    assert sample.train.method == "dpo" and sample.data.path == "data/prefs_sample.jsonl"
     saved = config_mod.Config()
     saved.train.method = "kto"
     assert config_mod.from_dict(saved.to_dict(), "config.yaml").train.method == "kto"
