@@ -180,45 +180,53 @@ def _sampling_options(f: Any) -> Any:
 @_opt("--system", help="System prompt.")
 @_opt("--input-file", type=click.Path(dir_okay=False, exists=True), help="JSONL of {prompt} or {messages} records.")
 @_opt("--output", type=click.Path(dir_okay=False), help="Where --input-file answers go (JSONL).")
+@_opt("--tools", "tools_file", type=click.Path(dir_okay=False), help="JSON list of function schemas the model may call (records' own `tools` win); calls go to a `tool_calls` field.")
 @_sampling_options
 def generate(target: str, prompt: str | None, system: str | None, input_file: str | None, output: str | None,
-             max_tokens: int, temperature: float, top_p: float, backend: str, chat_template: str | None) -> None:
+             tools_file: str | None, max_tokens: int, temperature: float, top_p: float, backend: str,
+             chat_template: str | None) -> None:
     """Answer a prompt (or a file of prompts) with a run, an export folder, a GGUF or an HF model."""
     from qlocal.infer import Sampling, generate_file, open_generator
+    from qlocal.tool_chat import assistant_turn, load_tools, tool_tag
 
     if (prompt is None) == (input_file is None):
         raise UserError("give exactly one of --prompt TEXT or --input-file in.jsonl (with --output out.jsonl)")
     if input_file and not output:
         raise UserError("--input-file needs --output out.jsonl")
+    tools = load_tools(tools_file) if tools_file else None  # a bad file fails before the model loads
     sampling = Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
     gen = open_generator(target, backend, chat_template)
     if input_file:
-        n = generate_file(gen, Path(input_file), Path(output or ""), sampling)
+        n = generate_file(gen, Path(input_file), Path(output or ""), sampling, tools)
         click.echo(f"wrote {n} answers to {output}", err=True)
         return
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt or ""}]
-    for piece in gen.chat(messages, sampling):
-        click.echo(piece, nl=False)
-    click.echo()
+    msg = assistant_turn(gen, messages, sampling, tools, tool_tag(gen, tools, "--tools"), sys.stdout)
+    if not msg.get("tool_calls"):
+        click.echo()
 
 
 @cli.command()
 @click.argument("target")
 @_opt("--system", help="System prompt (kept across /reset).")
+@_opt("--tools", "tools_file", type=click.Path(dir_okay=False), help="JSON list of function schemas the model may call; each call is shown and you type its result.")
 @_sampling_options
-def chat(target: str, system: str | None, max_tokens: int, temperature: float, top_p: float, backend: str,
-         chat_template: str | None) -> None:
+def chat(target: str, system: str | None, tools_file: str | None, max_tokens: int, temperature: float, top_p: float,
+         backend: str, chat_template: str | None) -> None:
     """Chat with a run, an export folder, a GGUF or an HF model; replies stream as they are generated.
 
     \b
     One message per line. /reset clears the conversation, /exit (or Ctrl-D) quits.
       qlocal chat outputs/<run>
       qlocal chat export/<run> --system "Answer briefly." --temperature 0.7
+      qlocal chat export/<run> --tools tools.json     (a call prints as [tool call] NAME {ARGS}; type its result)
     """
     from qlocal.infer import Sampling, chat_loop, open_generator
+    from qlocal.tool_chat import load_tools
 
+    tools = load_tools(tools_file) if tools_file else None  # a bad file fails before the model loads
     gen = open_generator(target, backend, chat_template)
-    chat_loop(gen, Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p), system)
+    chat_loop(gen, Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p), system, tools=tools)
 
 
 @cli.command("eval")

@@ -22,8 +22,11 @@ from qlocal.hf import load_tokenizer
 
 
 class Generator(Protocol):
-    def chat(self, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[str]:
-        """Stream the assistant reply to `messages` piece by piece."""
+    template: str | None
+    """The Jinja chat template it renders with (the run's, or the GGUF's)."""
+
+    def chat(self, messages: list[dict[str, Any]], sampling: Sampling, tools: list[dict] | None = None) -> Iterator[str]:
+        """Stream the assistant reply to `messages` (with `tools` rendered by the template) piece by piece."""
         ...
 
 
@@ -39,11 +42,13 @@ def stop_token_ids(tokenizer: Any, template: str) -> list[int]:
     return sorted(ids)
 
 
-def prompt_ids(tokenizer: Any, template: str, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of `messages` + the assistant header, tokenised as training renders examples."""
+def prompt_ids(tokenizer: Any, template: str, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> list[int]:
+    """Token ids of `messages` (+ `tools`) + the assistant header, tokenised as training renders examples."""
     from qlocal.data.render import adds_bos
 
-    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+    extra = {"tools": tools} if tools else {}
+    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True,
+                                         **extra)
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if adds_bos(tokenizer) and (not ids or ids[0] != tokenizer.bos_token_id):
         ids = [tokenizer.bos_token_id] + ids
@@ -94,11 +99,11 @@ def resolve_hf_source(target: str, chat_template: str | None = None) -> HFSource
     return HFSource(Path(target).name, model.path, template)
 
 
-def chat_stream(backend: Backend, tokenizer: Any, template: str, messages: list[dict[str, str]],
-                sampling: Sampling) -> Iterator[str]:
+def chat_stream(backend: Backend, tokenizer: Any, template: str, messages: list[dict[str, Any]],
+                sampling: Sampling, tools: list[dict] | None = None) -> Iterator[str]:
     """Stream the assistant reply to `messages` from a backend holding a model (+ adapter)."""
-    return backend.stream(prompt_ids(tokenizer, template, messages), tokenizer, stop_token_ids(tokenizer, template),
-                          sampling)
+    return backend.stream(prompt_ids(tokenizer, template, messages, tools), tokenizer,
+                          stop_token_ids(tokenizer, template), sampling)
 
 
 def open_backend(requested: str | None) -> Backend:
@@ -118,8 +123,8 @@ class BackendGenerator:
         self.template = src.template
         backend.load_for_inference(src.base_path, src.adapter, cfg)
 
-    def chat(self, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[str]:
-        return chat_stream(self.backend, self.tokenizer, self.template, messages, sampling)
+    def chat(self, messages: list[dict[str, Any]], sampling: Sampling, tools: list[dict] | None = None) -> Iterator[str]:
+        return chat_stream(self.backend, self.tokenizer, self.template, messages, sampling, tools)
 
 
 def find_gguf(target: Path) -> tuple[Path, Path | None] | None:
@@ -169,13 +174,16 @@ class GGUFGenerator:
         self.llm = load_llama(path, **kw)  # a file llama.cpp refuses is a one-line UserError
         self.path = path
         # The GGUF's own template (what export wrote: the run's), never a guessed built-in format.
-        if "tokenizer.chat_template" in self.llm.metadata:
+        self.template = self.llm.metadata.get("tokenizer.chat_template")
+        if self.template:
             self.llm.chat_format = "chat_template.default"
 
-    def chat(self, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[str]:
+    def chat(self, messages: list[dict[str, Any]], sampling: Sampling, tools: list[dict] | None = None) -> Iterator[str]:
+        # tools reach the template (llama-cpp-python passes them through); calls come back as text,
+        # which qlocal.tool_chat splits with the template's tag
         stream = self.llm.create_chat_completion(
             messages=messages, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
-            top_p=sampling.top_p, stream=True, seed=0)
+            top_p=sampling.top_p, stream=True, seed=0, tools=tools)
         try:
             for chunk in stream:
                 piece = chunk["choices"][0]["delta"].get("content")
@@ -205,37 +213,86 @@ def open_generator(target: str, backend: str | None = None, chat_template: str |
     return BackendGenerator(src, open_backend(backend))
 
 
-def generate_file(gen: Generator, input_file: Path, output: Path, sampling: Sampling) -> int:
-    """Batch inference: each input line is {"prompt": ...} or {"messages": [...]}; writes {"response"} added."""
-    rows = []
+def _records(input_file: Path) -> Iterator[tuple[str, dict, list[dict]]]:
+    """(where, record, messages) of each line of a generate input file."""
+    from qlocal.tool_calls import template_message
+
     for n, line in enumerate(input_file.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
+        where = f"{input_file}:{n}"
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UserError(f"{input_file}:{n}: not valid JSON ({e.msg})") from None
+            raise UserError(f"{where}: not valid JSON ({e.msg})") from None
         if isinstance(rec, dict) and isinstance(rec.get("messages"), list):
-            messages = rec["messages"]
+            try:
+                messages = [template_message(m, f"messages[{i}]") for i, m in enumerate(rec["messages"])]
+            except ValueError as e:
+                raise UserError(f"{where}: {e}") from None
         elif isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
             messages = [{"role": "user", "content": rec["prompt"]}]
         else:
-            raise UserError(f"{input_file}:{n}: expected {{\"prompt\": ...}} or {{\"messages\": [...]}}")
-        rows.append({**rec, "response": "".join(gen.chat(messages, sampling))})
+            raise UserError(f"{where}: expected {{\"prompt\": ...}} or {{\"messages\": [...]}}")
+        yield where, rec, messages
+
+
+def generate_file(gen: Generator, input_file: Path, output: Path, sampling: Sampling,
+                  tools: list[dict] | None = None) -> int:
+    """Batch inference: each input line is {"prompt": ...} or {"messages": [...]}; writes {"response"} added.
+
+    With tools (a record's own `tools`, else `tools`, the --tools file) the template renders them and
+    each row also gets `tool_calls`: the calls the answer makes ([] for none), `response` the rest.
+    """
+    from qlocal.tool_calls import check_tools
+    from qlocal.tool_chat import assistant_turn, tool_tag
+
+    rows = []
+    for where, rec, messages in _records(input_file):
+        try:
+            own = check_tools(rec.get("tools"))
+        except ValueError as e:
+            raise UserError(f"{where}: {e}") from None
+        schemas = own or tools
+        if not schemas:
+            rows.append({**rec, "response": "".join(gen.chat(messages, sampling))})
+            continue
+        msg = assistant_turn(gen, messages, sampling, schemas, tool_tag(gen, schemas, where))
+        rows.append({**rec, "response": msg["content"], "tool_calls": msg.get("tool_calls", [])})
     atomic.write_text(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return len(rows)
 
 
+def _results(calls: list[dict], stdin: TextIO, interactive: bool) -> list[dict] | None:
+    """One line per call from the user: the tool's result (None at end of input)."""
+    results = []
+    for call in calls:
+        if interactive:
+            print(f"result of {call['function']['name']}> ", end="", file=sys.stderr, flush=True)
+        line = stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            return None
+        results.append({"role": "tool", "tool_call_id": call["id"], "name": call["function"]["name"],
+                        "content": line.rstrip("\n")})
+    return results
+
+
 def chat_loop(gen: Generator, sampling: Sampling, system: str | None = None, stdin: TextIO | None = None,
-              out: TextIO | None = None) -> int:
+              out: TextIO | None = None, tools: list[dict] | None = None) -> int:
     """Interactive multi-turn chat: one user message per line; /reset clears the history, /exit
-    (or end of input) quits. Replies stream to `out`. Returns the number of turns answered."""
+    (or end of input) quits. Replies stream to `out`. With `tools`, each call the model makes is
+    shown ([tool call] name {arguments}) and the next line is its result, which the model then
+    answers. Returns the number of turns answered."""
+    from qlocal.tool_chat import assistant_turn, tool_tag
+
     stdin, out = stdin or sys.stdin, out or sys.stdout
     interactive = stdin.isatty()
+    tag = tool_tag(gen, tools, "--tools")
     base = [{"role": "system", "content": system}] if system else []
     history = list(base)
     if interactive:
-        print("type a message; /reset starts over, /exit quits", file=sys.stderr)
+        print("type a message; /reset starts over, /exit quits"
+              + ("; after a tool call, type its result" if tools else ""), file=sys.stderr)
     turns = 0
     while True:
         if interactive:
@@ -253,18 +310,22 @@ def chat_loop(gen: Generator, sampling: Sampling, system: str | None = None, std
         if not text.strip():
             continue
         history.append({"role": "user", "content": text})
-        reply = []
-        try:
-            for piece in gen.chat(history, sampling):
-                reply.append(piece)
-                out.write(piece)
+        mark = len(history)
+        while True:  # the model answers; each round of calls gets its results and the model goes on
+            try:
+                reply = assistant_turn(gen, history, sampling, tools, tag, out)
+            except UserError as e:  # e.g. context full: say so, keep the session
+                print(f"error: {e}", file=sys.stderr)
+                del history[mark - 1:]
+                break
+            history.append(reply)
+            if not reply.get("tool_calls"):
+                out.write("\n")
                 out.flush()
-        except UserError as e:  # e.g. context full: say so, keep the session
-            print(f"error: {e}", file=sys.stderr)
-            history.pop()
-            continue
-        out.write("\n")
-        out.flush()
-        history.append({"role": "assistant", "content": "".join(reply)})
-        turns += 1
+                turns += 1
+                break
+            results = _results(reply["tool_calls"], stdin, interactive)
+            if results is None:
+                return turns
+            history += results
     return turns

@@ -2,7 +2,9 @@
 
 Endpoints are llama-cpp-python's: /v1/chat/completions (streaming too), /v1/completions,
 /v1/models, /v1/embeddings. Chats are formatted with the GGUF's own chat template (the one the
-run trained with), never a format guessed from the model family.
+run trained with), never a format guessed from the model family. A chat completion with `tools`
+(or a history of calls and results) is answered by qlocal.serve_tools: OpenAI `tool_calls` parsed
+with the template's own call tag, streaming too.
 """
 
 from __future__ import annotations
@@ -49,7 +51,10 @@ def build_app(target: str, n_ctx: int = 4096, alias: str | None = None) -> tuple
         lora_path=str(lora) if lora else None, verbose=False,
         # The GGUF's template, registered by llama-cpp-python as "chat_template.default".
         chat_format="chat_template.default" if has_template else None)
-    return create_app(server_settings=ServerSettings(), model_settings=[settings]), name, gguf
+    from qlocal.serve_tools import ToolCallsMiddleware
+
+    app = create_app(server_settings=ServerSettings(), model_settings=[settings])
+    return ToolCallsMiddleware(app), name, gguf
 
 
 def serve(target: str, host: str = "127.0.0.1", port: int = 8000, n_ctx: int = 4096, alias: str | None = None) -> None:
