@@ -136,7 +136,7 @@ class ToolChat:
         ids, prefill = self.prompt(req)
         out = self._completion(req, ids, stream=False)
         text = prefill + out["choices"][0]["text"]
-        parsed = parse(text, self.tag if req.parse_calls else None, req.tools)
+        parsed = parse(text, self.tag if req.parse_calls else None, req.tools, keep_broken=True)
         message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
         finish = out["choices"][0]["finish_reason"]
         if parsed.calls:
@@ -155,7 +155,7 @@ class ToolChat:
         def chunk(delta: dict, finish: str | None = None) -> dict:
             return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
-        parser = StreamParser(self.tag if req.parse_calls else None, req.tools)
+        parser = StreamParser(self.tag if req.parse_calls else None, req.tools, keep_broken=True)
         n = 0
         yield chunk({"role": "assistant", "content": ""})
         finish = "stop"

@@ -154,24 +154,35 @@ def _calls_in(value: Any, names: set[str]) -> tuple[list[dict], list[str]]:
     return [], ["a JSON object without a function 'name'"]
 
 
-def parse(text: str, tag: str | None, tools: list[dict] | None = None, thinking: bool = False) -> Parsed:
+def parse(text: str, tag: str | None, tools: list[dict] | None = None, thinking: bool = False,
+          keep_broken: bool = False) -> Parsed:
     """Split `text` into content and tool calls opened by `tag` (None: no calls are looked for).
 
     `tools` (OpenAI schemas) lets `{tool_name: {args}}` count as a call; `thinking` splits a
     leading <think>...</think> block into `reasoning` first (Ollama runs its thinking parser first).
+    `keep_broken`: an output that opens a call but holds none that parses stays content whole (what
+    a person reading chat or a client should see), where Ollama drops it (what metrics count).
     """
     reasoning = None
     if thinking:
         reasoning, text = split_think(text)
+    out = _split(text, tag, tools)
+    out.reasoning = reasoning
+    if keep_broken and out.tagged and not out.calls:
+        out.content = text
+    return out
+
+
+def _split(text: str, tag: str | None, tools: list[dict] | None) -> Parsed:
     if not tag:
-        return Parsed(text, reasoning=reasoning)
+        return Parsed(text)
     names = {t["function"]["name"] for t in tools or [] if isinstance(t.get("function"), dict)}
     braces = tag in ("{", "[")
     at = text.find(tag)
     if at < 0 or (braces and text[:at].strip()):
-        return Parsed(text, reasoning=reasoning)
+        return Parsed(text)
     content, pos = text[:at], at if braces else at + len(tag)
-    out = Parsed(content, tagged=True, reasoning=reasoning)
+    out = Parsed(content, tagged=True)
     sep = re.compile(r"[\s,;]*" if braces else r"[\s,]*")
     while True:
         pos = sep.match(text, pos).end()
@@ -240,8 +251,8 @@ class StreamParser:
     """`parse` over a stream of pieces: content as soon as it cannot be the start of a call, each
     call once its JSON is complete. What `feed` and `finish` hand out, joined, is `parse` of the whole."""
 
-    def __init__(self, tag: str | None, tools: list[dict] | None = None) -> None:
-        self.tag, self.tools = tag, tools
+    def __init__(self, tag: str | None, tools: list[dict] | None = None, keep_broken: bool = False) -> None:
+        self.tag, self.tools, self.keep_broken = tag, tools, keep_broken
         self.text = ""
         self._sent = 0  # characters of content handed out
         self._calls = 0
@@ -256,7 +267,7 @@ class StreamParser:
         return self._step(final=True)
 
     def _step(self, final: bool) -> tuple[str, list[dict]]:
-        out = parse(self.text, self.tag, self.tools)
+        out = parse(self.text, self.tag, self.tools, keep_broken=self.keep_broken)
         if final:
             safe = len(out.content)
         elif out.tagged:

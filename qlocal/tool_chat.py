@@ -55,7 +55,7 @@ def assistant_turn(gen: Any, messages: list[dict], sampling: Any, tools: list[di
     """Generate one assistant message for `messages`: content streamed to `out` as it comes (call
     text held back), calls each printed once complete. Returns the message in the internal form
     (content, and tool_calls with ids when there are any)."""
-    parser = StreamParser(tag, tools)
+    parser = StreamParser(tag, tools, keep_broken=True)  # a call that does not parse is shown as written
     content: list[str] = []
     calls: list[dict] = []
 

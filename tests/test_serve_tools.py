@@ -32,6 +32,7 @@ OUTPUTS = [
     ("<tool_call>", 'Let me look.\n<tool_call>{"name": "a", "arguments": {}}</tool_call>\n<tool_call>{"name": "b", "arguments": {"x": [1, {"y": "}"}]}}</tool_call>'),
     ("<tool_call>", "No call here, only <tool text."),
     ("<tool_call>", "Ends on a partial tag <tool_ca"),
+    ("<tool_call>", 'Broken: <tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>'),
     ("{", '  {"name": "get_weather", "parameters": {"city": "Rome"}}'),
     ("{", 'Prose {"name": "get_weather", "parameters": {}}'),
     ("[TOOL_CALLS][", '[TOOL_CALLS][{"name": "a", "arguments": {}, "id": "abcdefghi"}, {"name": "b", "arguments": {"k": 1}}]'),
@@ -44,11 +45,12 @@ def _pieces(text: str, size: int) -> Iterator[str]:
         yield text[i:i + size]
 
 
+@pytest.mark.parametrize("keep_broken", [False, True])
 @pytest.mark.parametrize("size", [1, 3, 7, 1000])
 @pytest.mark.parametrize("tag,text", OUTPUTS)
-def test_stream_parser_hands_out_what_parse_finds(tag: str | None, text: str, size: int) -> None:
-    want = parse(text, tag)
-    parser = StreamParser(tag)
+def test_stream_parser_hands_out_what_parse_finds(tag: str | None, text: str, size: int, keep_broken: bool) -> None:
+    want = parse(text, tag, keep_broken=keep_broken)
+    parser = StreamParser(tag, keep_broken=keep_broken)
     content, calls = "", []
     for piece in _pieces(text, size):
         c, done = parser.feed(piece)
@@ -210,6 +212,10 @@ def test_tool_result_round_trip_and_tool_choice(server: str) -> None:
                                            tool_choice={"type": "function", "function": {"name": "get_weather"}},
                                            temperature=0, max_tokens=64)
     assert named.choices[0].message.tool_calls[0].function.name == "get_weather"
+    required = client.chat.completions.create(model="weather", messages=_ask(QUESTIONS[5]), tools=[WEATHER],
+                                              tool_choice="required", temperature=0, max_tokens=64)
+    assert required.choices[0].finish_reason == "tool_calls"
+    assert json.loads(required.choices[0].message.tool_calls[0].function.arguments) == CALL["arguments"]
     # without tools the request is llama-cpp-python's, as before
     plain = client.chat.completions.create(model="weather", messages=_ask("Hello"), temperature=0, max_tokens=8)
     assert plain.choices[0].message.tool_calls is None

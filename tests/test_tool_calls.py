@@ -111,8 +111,11 @@ def test_argument_spellings() -> None:
 
 
 def test_broken_calls_are_errors_not_calls() -> None:
-    bad = parse('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}\n</tool_call>', "<tool_call>")
-    assert bad.tagged and bad.calls == [] and "invalid JSON" in bad.errors[0]
+    broken = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}\n</tool_call>'
+    bad = parse(broken, "<tool_call>")
+    assert bad.tagged and bad.calls == [] and "invalid JSON" in bad.errors[0] and bad.content == ""  # as Ollama
+    shown = parse("Sure. " + broken, "<tool_call>", keep_broken=True)
+    assert shown.content == "Sure. " + broken and shown.errors == bad.errors
     # a broken call does not hide the next good one
     two = '<tool_call>{"name": "x", </tool_call>\n<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
     out = parse(two, "<tool_call>")
