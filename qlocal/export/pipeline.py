@@ -127,6 +127,7 @@ def _build(info: Any, opts: ExportOptions, quants: list[str], tmp: Path, echo: C
     src = info.base_path if opts.adapter_only else tmp / "fused"
     prefix = "base" if opts.adapter_only else "model"
     pre = _choose_pretokenizer(src, opts.allow_tokenizer_mismatch, echo)
+    release()  # the tokenizers it loaded
     summary["tokenizer"] = pre.to_dict()
     # A fused GGUF is encoded from the streamed fp32 merge, not from fused/'s rounded copy of it.
     tensors = None if opts.adapter_only else merged_tensors(info.base_path, info.adapter_dir)
