@@ -1,80 +1,180 @@
-"""Export benchmark: GGUF conversion time and peak RSS against model size.
+"""Export benchmark: peak RSS of the whole `qlocal export` against its memory bound.
 
-    python bench/export_bench.py                 # tiny random model (+ Gemma 3 270M if cached under models/)
-    python bench/export_bench.py --hf DIR ...    # any HF folders
+    python bench/export_bench.py --llama-cpp DIR              # every case below, --quant q8_0
+    python bench/export_bench.py --cases gemma-lora,qwen05b-peft --models-dir /path/to/models
 
-Each conversion runs in a fresh subprocess so its peak RSS (ru_maxrss) is its own. The baseline
-measured beside it each run is the cost of just importing the converter and reading the model's
-safetensors headers, so "RSS over baseline" is what streaming the tensors really costs; the ratio
-"extra RSS / model size" should stay well below 1 (the converter holds one chunk or tensor at a time).
+Cases (each a fresh run folder, then `qlocal export RUN --quant q8_0` in its own process):
+  gemma-lora    Gemma 3 270M (the built-in alias, dequantised from the PyPI GGUF package, bf16)
+                after a 1-step `qlocal train --backend torch` LoRA
+  gemma-qlora   the same with `--quantize 4bit` (QLoRA; merged into the 16-bit base)
+  gemma-mlx     the same trained with `--backend mlx`
+  qwen05b-peft  a Qwen2.5-0.5B-shaped model with random weights (hidden 896, 24 layers, 14 heads,
+                2 kv heads, intermediate 4864, vocab 151936, tied embeddings, bf16 safetensors)
+                with a random-B PEFT LoRA on the seven projections
+
+Peak RSS is the export process's own (os.wait4's ru_maxrss: the process and anything it waited
+for). The bound is 0.5 x the model's 16-bit size + 1 GiB + the largest GGUF verified (llama.cpp
+maps the file it evaluates, so its pages count). Beside it, as a reference point, llama.cpp's own
+convert_hf_to_gguf.py converts the same fused folder to the same type (the converter alone, in its
+own process), when --llama-cpp names a folder holding it (convert_hf_to_gguf.py, conversion/ and,
+if the installed gguf is older than the converter, its gguf-py/): e.g. vendor/llama.cpp of the
+llama-cpp-python sdist matching the installed wheel (`pip download llama-cpp-python==<version>
+--no-deps --no-binary :all:`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
-import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-CHILD = r"""
-import json, sys, time
-from pathlib import Path
-sys.path.insert(0, {repo!r})
-from qlocal.memory import peak_rss_mb
-from qlocal.export.gguf import convert_hf_to_gguf, index_safetensors
-hf, out, outtype = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-t = time.perf_counter()
-if outtype == "baseline":
-    index_safetensors(hf)
-else:
-    convert_hf_to_gguf(hf, out, outtype=outtype)
-print(json.dumps({{"seconds": time.perf_counter() - t,
-                  "peak_rss_mb": peak_rss_mb()}}))
-"""
+CASES = ("gemma-lora", "gemma-qlora", "gemma-mlx", "qwen05b-peft")
+MIB = 2**20
+QWEN05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+               intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
+               rope_theta=1_000_000.0, rms_norm_eps=1e-6, hidden_act="silu")
 
 
-def _measure(hf: Path, out: Path, outtype: str) -> dict[str, float]:
-    code = CHILD.format(repo=str(REPO))
-    done = subprocess.run([sys.executable, "-c", code, str(hf), str(out), outtype], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"{hf} {outtype}: {done.stderr.strip().splitlines()[-1]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def measure(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `cmd`; its peak RSS in MiB (ru_maxrss of the process and its waited-for children) and seconds."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    out = proc.stdout.read() if proc.stdout else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    rss = usage.ru_maxrss / (MIB if sys.platform == "darwin" else 1024)
+    return {"rc": proc.returncode, "peak_mib": rss, "seconds": time.perf_counter() - t, "output": out}
 
 
-def _size_mb(hf: Path) -> float:
-    return sum(p.stat().st_size for p in hf.glob("*.safetensors")) / 2**20
+def size16_mib(hf_dir: Path) -> float:
+    """The model's size at 16 bits per weight (whatever dtype its safetensors hold)."""
+    sys.path.insert(0, str(REPO))
+    import numpy as np
+
+    from qlocal.export.gguf import index_safetensors
+
+    return sum(2 * int(np.prod(t.shape, dtype=np.int64)) for t in index_safetensors(hf_dir).values()) / MIB
 
 
-def _tiny(tmp: Path) -> Path:
+def qwen05b(work: Path) -> Path:
+    """The random Qwen2.5-0.5B-shaped bf16 folder (built once under `work`), with the tiny Qwen2 tokenizer."""
+    out = work / "qwen2.5-0.5b-shaped"
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    import transformers as tf
+
     sys.path.insert(0, str(REPO / "tests"))
-    from conftest import make_tiny_model
+    from conftest import tokenizer_path
 
-    return make_tiny_model("qwen2", tmp / "tiny-qwen2")
+    tok = tf.AutoTokenizer.from_pretrained(tokenizer_path("qwen2"))
+    config = tf.Qwen2Config(**QWEN05B, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def make_case(case: str, work: Path, models_dir: Path) -> tuple[Path, Path]:
+    """(base folder, run folder) for `case`."""
+    run = work / "outputs" / case
+    if case == "qwen05b-peft":
+        base = qwen05b(work)
+        if not (run / "adapter").is_dir():
+            sys.path.insert(0, str(REPO / "tests"))
+            from export_helpers import make_run
+
+            shutil.rmtree(run, ignore_errors=True)
+            make_run(base, run, rank=8, alpha=16.0, b_std=0.02)
+        return base, run
+    sys.path.insert(0, str(REPO))
+    from qlocal.models import resolve_model
+
+    base = resolve_model("gemma-3-270m", models_dir=models_dir).path
+    if not (run / "adapter").is_dir():
+        extra = {"gemma-lora": ["-b", "torch"], "gemma-qlora": ["-b", "torch", "-q", "4bit"],
+                 "gemma-mlx": ["-b", "mlx"]}[case]
+        done = subprocess.run([sys.executable, "-m", "qlocal", "train", "-m", str(base),
+                               "-d", str(REPO / "data" / "alpaca_sample.jsonl"), "--iters", "1", "--batch-size", "2",
+                               "--max-seq-len", "128", "-o", str(run.parent), "--name", case, "--overwrite",
+                               "--quiet", *extra], cwd=REPO, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"{case}: training failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return base, run
+
+
+def llama_cpp_convert(llama_cpp: Path, hf_dir: Path, out: Path, outtype: str) -> dict[str, Any]:
+    """llama.cpp's convert_hf_to_gguf.py on `hf_dir` in its own process."""
+    # Its own gguf-py when one lies beside it (the converter puts it on sys.path itself), else the
+    # installed gguf package.
+    m = measure([sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile", str(out),
+                 "--outtype", outtype])
+    m["gguf"] = "its own gguf-py" if (llama_cpp / "gguf-py").is_dir() else "the installed gguf"
+    m["bytes"] = out.stat().st_size if out.is_file() else 0
+    out.unlink(missing_ok=True)
+    return m
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hf", nargs="*", type=Path, help="HF folders to convert (default: tiny + cached Gemma 270M)")
-    ap.add_argument("--outtypes", default="f16,q8_0")
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
+    ap.add_argument("--quant", default="q8_0")
+    ap.add_argument("--models-dir", type=Path, default=REPO / "models", help="where the Gemma alias is cached")
+    ap.add_argument("--llama-cpp", type=Path, help="folder holding llama.cpp's convert_hf_to_gguf.py")
+    ap.add_argument("--work", type=Path, default=REPO / "bench" / ".work", help="scratch folder (kept: bases, runs)")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
-        models = args.hf or [_tiny(tmp)] + [p for p in [REPO / "models" / "gemma-3-270m" / "hf"] if p.is_dir()]
-        print(f"{'model':<22} {'size MB':>8} {'type':<6} {'seconds':>8} {'MB/s':>7} {'peak RSS':>9} "
-              f"{'baseline':>9} {'extra/size':>10}")
-        for hf in models:
-            size = _size_mb(hf)
-            base = _measure(hf, tmp / "none.gguf", "baseline")
-            for outtype in args.outtypes.split(","):
-                m = _measure(hf, tmp / f"out-{outtype}.gguf", outtype)
-                extra = max(0.0, m["peak_rss_mb"] - base["peak_rss_mb"])
-                name = hf.name if hf.name != "hf" else hf.parent.name
-                print(f"{name:<22} {size:>8.1f} {outtype:<6} {m['seconds']:>8.2f} {size / m['seconds']:>7.0f} "
-                      f"{m['peak_rss_mb']:>8.0f}M {base['peak_rss_mb']:>8.0f}M {extra / size:>10.2f}")
-                (tmp / f"out-{outtype}.gguf").unlink(missing_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for case in args.cases.split(","):
+        base, run = make_case(case, args.work, args.models_dir)
+        out = args.work / "export" / case
+        shutil.rmtree(out, ignore_errors=True)
+        m = measure([sys.executable, "-m", "qlocal", "export", str(run), "--quant", args.quant, "--out", str(out)],
+                    dict(os.environ, HF_HUB_OFFLINE="1"))
+        if m["rc"] != 0:
+            raise SystemExit(f"{case}: qlocal export failed (exit {m['rc']}):\n{m['output'][-3000:]}")
+        summary = json.loads((out / "export.json").read_text(encoding="utf-8"))
+        verified = [f["bytes"] for f in summary["files"].values()] if summary.get("verify") else [0]
+        s16 = size16_mib(base)
+        gguf = max(verified) / MIB
+        bound = 0.5 * s16 + 1024 + gguf
+        row = {"case": case, "size16_mib": s16, "gguf_mib": gguf, "peak_mib": m["peak_mib"], "bound_mib": bound,
+               "passed": m["peak_mib"] <= bound, "seconds": m["seconds"], "verify": summary["verify"]["passed"],
+               "reference": summary["fuse"].get("reference"), "quant": args.quant}
+        if args.llama_cpp:
+            ref = llama_cpp_convert(args.llama_cpp, out / "fused", args.work / f"{case}-llamacpp.gguf", args.quant)
+            row["llama_cpp"] = {k: ref[k] for k in ("rc", "peak_mib", "seconds", "bytes", "gguf")}
+            if ref["rc"] != 0:
+                row["llama_cpp"]["error"] = ref["output"].strip().splitlines()[-1:]
+        rows.append(row)
+        _print(rows)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+
+
+def _print(rows: list[dict[str, Any]]) -> None:
+    print(f"\n| case | 16-bit size | {rows[0]['quant']} GGUF | export peak RSS | bound | result | export s | verify "
+          "| llama.cpp convert peak (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        lc = r.get("llama_cpp")
+        lc_txt = "not run" if lc is None else (f"{lc['peak_mib']:.0f} MiB ({lc['seconds']:.0f} s)" if lc["rc"] == 0
+                                               else f"failed: {lc.get('error')}")
+        print(f"| {r['case']} | {r['size16_mib']:.0f} MiB | {r['gguf_mib']:.0f} MiB | **{r['peak_mib']:.0f} MiB** | "
+              f"{r['bound_mib']:.0f} MiB | {'pass' if r['passed'] else 'FAIL'} ({r['peak_mib'] / r['bound_mib']:.2f}x) | "
+              f"{r['seconds']:.0f} | {'pass' if r['verify'] else 'FAIL'} | {lc_txt} |", flush=True)
 
 
 if __name__ == "__main__":
