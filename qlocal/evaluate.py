@@ -195,7 +195,8 @@ def generation_items(samples: list[Any]) -> list[tuple[Any, list[dict[str, str]]
 
 
 def _score(scorer: Any, examples: list[Any], items: list[Any], opts: EvalOptions, labels: list[str] | None,
-           what: str, quiet: bool, tool_prompts: list[Any] | None = None) -> tuple[dict[str, Any], list[str]]:
+           what: str, quiet: bool, tool_prompts: list[Any] | None = None,
+           max_len: int | None = None) -> tuple[dict[str, Any], list[str]]:
     from qlocal.metrics_text import text_metrics
 
     out: dict[str, Any] = {}
@@ -213,7 +214,7 @@ def _score(scorer: Any, examples: list[Any], items: list[Any], opts: EvalOptions
     if tool_prompts:  # calling turns of the data: did the model call the same tools, validly?
         from qlocal.tool_eval import eval_metrics
 
-        out.update(eval_metrics(scorer, tool_prompts))
+        out.update(eval_metrics(scorer, tool_prompts, max_len))
     return out, predictions
 
 
@@ -265,9 +266,10 @@ def evaluate(target: str, opts: EvalOptions, quiet: bool = False) -> dict[str, A
         if kind == "model":
             raise UserError(f"{target} is a base model already; --compare-base needs a run folder")
         scorer.set_base(True)
-        report["base"], base_preds = _score(scorer, examples, items, opts, labels, "base", quiet, tools)
+        report["base"], base_preds = _score(scorer, examples, items, opts, labels, "base", quiet, tools,
+                                            dc.max_seq_len)
         scorer.set_base(False)
-    report["metrics"], preds = _score(scorer, examples, items, opts, labels, kind, quiet, tools)
+    report["metrics"], preds = _score(scorer, examples, items, opts, labels, kind, quiet, tools, dc.max_seq_len)
     if opts.compare_base:
         # Scalars only: per_class and confusion_matrix are shown side by side, not subtracted.
         report["delta"] = {k: report["metrics"][k] - v for k, v in report["base"].items()

@@ -137,11 +137,16 @@ def score(prompts: list[ToolPrompt], outputs: list[str], tag: str | None) -> dic
 
 
 def answer(prompts: list[ToolPrompt], ids: list[list[int]], generate: Callable[[list[int]], str],
-           tag: str | None, source: str) -> dict[str, Any]:
+           tag: str | None, source: str, max_len: int | None = None) -> dict[str, Any]:
     """Generate an answer to each prompt (ids already rendered) and score them; `source` says where
-    the prompts came from, recorded with the metrics and a few answers."""
+    the prompts came from, recorded with the metrics and a few answers. Prompts longer than
+    `max_len` (data.max_seq_len: training cut such chats before the call) are left out, counted."""
+    keep = [k for k, i in enumerate(ids) if max_len is None or len(i) <= max_len]
+    left_out = len(ids) - len(keep)
+    prompts, ids = [prompts[k] for k in keep], [ids[k] for k in keep]
     outputs = [generate(i) for i in ids]
-    report = {"source": source, "max_tokens": MAX_TOKENS, **score(prompts, outputs, tag)}
+    report = {"source": source, "max_tokens": MAX_TOKENS, "left_out_longer_than_max_seq_len": left_out,
+              **score(prompts, outputs, tag)}
     report["examples"] = [{"where": p.where, "output": o[:400]} for p, o in list(zip(prompts, outputs))[:2]]
     return report
 
@@ -196,7 +201,7 @@ def run_prompts(cfg: Any, limit: int) -> tuple[list[ToolPrompt], str]:
 
 
 def gguf_tool_calls(path: Any, lora: Any, tokenizer: Any, template: str, prompts: list[ToolPrompt],
-                    source: str) -> dict[str, Any]:
+                    source: str, max_len: int | None = None) -> dict[str, Any]:
     """Answer `prompts` with a GGUF (+ GGUF LoRA) through llama.cpp, greedy, and score them; the
     prompts are tokenised by the export's HF tokenizer (the GGUF tokenises the same, verify checks)."""
     import os
@@ -205,13 +210,14 @@ def gguf_tool_calls(path: Any, lora: Any, tokenizer: Any, template: str, prompts
     from qlocal.tool_calls import template_tag
 
     ids = [prompt_ids(tokenizer, template, p) for p in prompts]
-    n_ctx = 64 * -(-(max(len(i) for i in ids) + MAX_TOKENS + 1) // 64)
+    longest = max((len(i) for i in ids if max_len is None or len(i) <= max_len), default=0)
+    n_ctx = 64 * -(-(longest + MAX_TOKENS + 1) // 64)
     kw: dict[str, Any] = {"n_ctx": n_ctx, "seed": 0, "n_threads": max(1, min(4, os.cpu_count() or 1))}
     if lora is not None:
         kw["lora_path"] = str(lora)
     llm = load_llama(path, **kw)
     try:
-        return answer(prompts, ids, llama_greedy(llm), template_tag(template), source)
+        return answer(prompts, ids, llama_greedy(llm), template_tag(template), source, max_len)
     finally:
         llm.close()
 
@@ -219,19 +225,21 @@ def gguf_tool_calls(path: Any, lora: Any, tokenizer: Any, template: str, prompts
 def summary_line(report: dict[str, Any]) -> str:
     """One line for the export log: valid calls out of prompts, and where the prompts came from."""
     n = report["prompts"]
+    if not n:
+        return f"no tool prompt fits data.max_seq_len ({report['left_out_longer_than_max_seq_len']} left out)"
     return (f"tool calls valid on {report['valid']}/{n} prompts ({report['valid_rate']:.0%}; valid JSON "
             f"{report['valid_json_rate']:.0%}, name {report['name_accuracy']:.0%}, arguments exact "
             f"{report['arguments_exact']:.0%}), {report['source']}")
 
 
-def eval_metrics(scorer: Any, prompts: list[ToolPrompt]) -> dict[str, Any]:
+def eval_metrics(scorer: Any, prompts: list[ToolPrompt], max_len: int | None = None) -> dict[str, Any]:
     """`qlocal eval`'s tool metrics for a scorer (a run on its backend, or a GGUF): the flat rates
     its table shows, and the full report under "tool_calls"."""
     from qlocal.tool_calls import template_tag
 
     ids = [prompt_ids(scorer.tokenizer, scorer.template, p) for p in prompts]
     rep = answer(prompts, ids, lambda i: scorer.greedy(i, MAX_TOKENS), template_tag(scorer.template),
-                 "calling turns of the eval data")
+                 "calling turns of the eval data", max_len)
     return {"tool_valid": rep["valid_rate"], "tool_valid_json": rep["valid_json_rate"],
             "tool_name_accuracy": rep["name_accuracy"], "tool_arguments_exact": rep["arguments_exact"],
             "tool_calls": rep}

@@ -176,7 +176,7 @@ def _build(info: Any, opts: ExportOptions, quants: list[str], tmp: Path, echo: C
     return summary
 
 
-def _tool_prompts(info: Any, echo: Callable[[str], None]) -> tuple[list[Any], str] | None:
+def _tool_prompts(info: Any, echo: Callable[[str], None]) -> tuple[list[Any], str, int] | None:
     """The tool prompts verify answers with each GGUF (qlocal.tool_eval.run_prompts), for a run whose
     template renders tool calls; None for one that does not."""
     from qlocal import rundir
@@ -185,13 +185,14 @@ def _tool_prompts(info: Any, echo: Callable[[str], None]) -> tuple[list[Any], st
 
     if template_tag(info.template) is None:
         return None
+    cfg = rundir.load_config(info.run_dir)[0]
     try:
-        prompts, source = run_prompts(rundir.load_config(info.run_dir)[0], PREFLIGHT_PROMPTS)
+        prompts, source = run_prompts(cfg, PREFLIGHT_PROMPTS)
     except UserError as e:  # the data moved or needs the network: the files are still verified
         prompts, source = [], str(e)
     if not prompts:
         echo(f"note: no tool-call preflight: {source}")
-    return prompts, source
+    return prompts, source, cfg.data.max_seq_len
 
 
 def _choose_pretokenizer(src: Path, allow_mismatch: bool, echo: Callable[[str], None]) -> Any:

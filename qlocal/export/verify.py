@@ -310,7 +310,7 @@ def _nmse_only(ref: HFReference, path: Path) -> float:
 
 def verify_all(hf_dir: Path, files: list[tuple[Path, str]], stops: list[str], out_json: Path,
                lora: Path | None = None, tokenizer: dict[str, Any] | None = None,
-               trained: tuple[Path, Path] | None = None, tool_prompts: tuple[list[Any], str] | None = None,
+               trained: tuple[Path, Path] | None = None, tool_prompts: tuple[list[Any], str, int] | None = None,
                ) -> list[FileCheck]:
     """Verify each (gguf path, quant); write verify.json atomically. A `lora` applies to every file.
 
@@ -319,7 +319,8 @@ def verify_all(hf_dir: Path, files: list[tuple[Path, str]], stops: list[str], ou
 
     `tokenizer` is the export's pre-tokenizer check (PreTokenizerCheck.to_dict()), recorded in
     verify.json; when it allowed a mismatch, differing tokenisation does not fail a file.
-    `tool_prompts` = (qlocal.tool_eval prompts, where they came from): each file answers them too."""
+    `tool_prompts` = (qlocal.tool_eval prompts, where they came from, data.max_seq_len): each file
+    answers them too."""
     ref = HFReference(hf_dir, trained)
     allow = bool(tokenizer and tokenizer.get("allowed_mismatch"))
     checks = [verify_gguf(ref, p, q, stops, lora, allow) for p, q in files]
