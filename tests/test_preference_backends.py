@@ -167,3 +167,36 @@ def _merge(batches: list[dict[str, np.ndarray]], paired: bool) -> dict[str, np.n
         tail = [p[~m] for p, m in zip(parts, first)]
         out[k] = np.concatenate(head + tail)
     return out
+
+
+@pytest.mark.parametrize("name", ["torch", "mlx"])
+def test_qlora_reference_is_the_quantised_base(name: str, tiny_model_dir) -> None:
+    """QLoRA (torch: bitsandbytes NF4; MLX: affine 4-bit): the reference is the same quantised base
+    with the adapter off, no second copy: it equals a fresh quantised backend (B = 0), and a DPO
+    step on it trains only the adapter."""
+    if name == "torch":
+        pytest.importorskip("bitsandbytes")
+    model = tiny_model_dir("qwen2")
+
+    def quantised() -> Any:
+        if name == "torch":
+            from qlocal.backends.torch_backend import TorchBackend
+
+            b: Any = TorchBackend()
+        else:
+            from qlocal.backends.mlx_backend import MLXBackend
+
+            b = MLXBackend()
+        b.setup(model, _cfg(name, model, **{"train.quantize": "4bit"}))
+        return b
+
+    b, fresh = quantised(), quantised()
+    batch = pair_batch(seed=7)
+    objective = DPO(beta=0.3)
+    for _ in range(3):  # move the adapter off its zero start
+        b.train_step(reference.complete(b, [batch], objective), 5e-3, objective)
+    (done,) = reference.complete(b, [batch], objective)
+    np.testing.assert_allclose(done["ref_logp"], fresh.sequence_logprobs(batch), atol=1e-4)
+    assert np.abs(b.sequence_logprobs(batch) - done["ref_logp"]).max() > 1e-3  # the policy did move
+    stats = b.train_step(reference.complete(b, [batch], objective), 5e-3, objective)
+    assert stats.metrics["rewards/margins"] > 0 and stats.loss < np.log(2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Any, Iterator
@@ -112,6 +113,26 @@ def chunked_target_logprobs(h: Any, targets: Any, head: Any, softcap: float | No
         hc, tc = h[i:i + chunk], targets[i:i + chunk]
         parts.append(checkpoint(piece, hc, tc, use_reentrant=False) if torch.is_grad_enabled() else piece(hc, tc))
     return torch.cat(parts)
+
+
+@contextlib.contextmanager
+def _no_dropout(model: Any) -> Iterator[None]:
+    """Eval mode for a pass without gradients, except bitsandbytes 4-bit layers: on CPU their
+    eval-mode forward repacks the weights for inference for good, and training on them then fails."""
+    was_training = model.training
+    model.eval()
+    try:
+        import bitsandbytes as bnb
+
+        for m in model.modules():
+            if isinstance(m, bnb.nn.Linear4bit):
+                m.train(was_training)
+    except ImportError:
+        pass
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def _logprob_module(peft_model: Any, chunk: int) -> Any:
@@ -327,14 +348,12 @@ class TorchBackend:
         torch = _import_torch()
         from qlocal import distributed
 
-        self.model.eval()
         total, count = 0.0, 0
-        with torch.no_grad():
+        with torch.no_grad(), _no_dropout(self.model):
             for batch in batches:
                 loss, _ = self._summed_loss(batch, objective)
                 total += float(loss)
                 count += objective.count(batch)
-        self.model.train()
         total, count_f = distributed.all_sum([total, float(count)])
         return total, int(count_f)
 
@@ -342,14 +361,9 @@ class TorchBackend:
         torch = _import_torch()
         # DDP's wrapper would broadcast buffers (a collective); FSDP's must run to gather the shards.
         fn = self.logprob_fn if self.fsdp else getattr(self.logprob_fn, "module", self.logprob_fn)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                t = self._tensors({k: v for k, v in batch.items() if k in TOKEN_FIELDS})
-                scores = (fn(t) * t["loss_mask"][:, 1:]).sum(-1)
-        finally:
-            self.model.train(was_training)
+        with torch.no_grad(), _no_dropout(self.model):
+            t = self._tensors({k: v for k, v in batch.items() if k in TOKEN_FIELDS})
+            scores = (fn(t) * t["loss_mask"][:, 1:]).sum(-1)
         return scores.float().cpu().numpy()
 
     def gather_state(self) -> None:
