@@ -130,7 +130,8 @@ class TrainConfig:
     """Recompute activations in the backward pass to save memory."""
     packing: bool = True
     """Padding-free batches: a micro-batch's examples concatenated with per-example positions and
-    attention (torch backend; MLX uses length-bucketed padded batches)."""
+    attention (both backends; on MLX a model whose attention fails its packing check gets one
+    example per row)."""
     fused_kernels: bool = True
     """On CUDA: Liger kernels (RMSNorm, SwiGLU, RoPE) when liger-kernel is installed, and
     FlashAttention-2 varlen attention for packed batches when flash-attn is installed."""

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from qlocal import adapters
-from qlocal.backends import mlx_infer
+from qlocal.backends import mlx_infer, mlx_loss, mlx_packing
 from qlocal.backends.base import NEVER_ADAPT, Batch, Sampling, StepStats
 from qlocal.backends.mlx_infer import import_mlx as _mlx
 from qlocal.backends.mlx_infer import load_mlx_model
@@ -29,7 +29,7 @@ from qlocal.errors import UserError
 from qlocal.memory import peak_rss_mb
 from qlocal.objectives import SFT, Objective, row_fields
 
-PAD_MULTIPLE = 16  # sequence widths are rounded up so mx.compile sees few distinct shapes
+PAD_MULTIPLE = mlx_packing.PAD_MULTIPLE  # widths are rounded up so mx.compile sees few distinct shapes
 _STATE_FILE = "mlx_optimizer.safetensors"
 
 
@@ -92,10 +92,16 @@ def _checkpoint_blocks(model: Any) -> None:
         block.__class__ = type(cls.__name__, (cls,), {"__call__": call, "_qlocal_checkpointed": True})
 
 
-def _target_logprobs(model: Any, ids: Any) -> Any:
+def _target_logprobs(model: Any, ids: Any, aux: dict[str, Any] | None = None, plan: Any = None) -> Any:
     """The one place this backend computes target log-probs: (B, T-1) float32, logp[:, t] =
-    log p(ids[:, t+1] | ids[:, :t+1]) at every position; the objective masks them (objectives.py)."""
+    log p(ids[:, t+1] | ids[:, :t+1]); the objective masks them (objectives.py).
+
+    With `aux` (from `_arrays`) and the model's `plan`, only the target positions are scored, the
+    head in checkpointed chunks, on packed rows where aux holds positions (mlx_loss); 0 elsewhere.
+    Without, every position, through the model's own call."""
     mx, nn, _ = _mlx()
+    if aux is not None:
+        return mlx_loss.target_logprobs(model, ids, aux, plan)
     logits = model(ids[:, :-1]).astype(mx.float32)
     return -nn.losses.cross_entropy(logits, ids[:, 1:], reduction="none")
 
@@ -104,7 +110,7 @@ class MLXBackend:
     """Trains a LoRA adapter on an mlx-lm model; writes and reads PEFT adapters."""
 
     name = "mlx"
-    supports_packing = False  # mlx-lm's models take no position_ids: rows are padded, length-bucketed
+    supports_packing = True  # packed rows through a mask-and-positions cache (mlx_packing)
 
     def __init__(self) -> None:
         self.model: Any = None
@@ -113,6 +119,8 @@ class MLXBackend:
         self.world = 1
         self._lora_scales: dict[str, float] | None = None
         """The LoRA scales while the adapter is switched off; None while it is on."""
+        self._plan: Any = None
+        """mlx_loss.Plan of the loaded model: head split, packing, loss chunk."""
 
     def init_distributed(self) -> Dist:
         from qlocal import distributed
@@ -133,6 +141,7 @@ class MLXBackend:
             ids = add_special_tokens(load_tokenizer(model_path, cfg.model.trust_remote_code), list(lc.new_tokens))
             token_rows = mlx_tokens.token_indices(self.model, ids)
             mlx_tokens.attach_token_rows(self.model, token_rows)
+        self._plan = mlx_loss.plan_for(self.model, tc.loss_chunk)
         if tc.grad_checkpointing:
             _checkpoint_blocks(self.model)
         self.model.train()
@@ -171,8 +180,10 @@ class MLXBackend:
         model, opt, max_norm, world = self.model, self.optimizer, self.max_grad_norm, self.world
         state = [model.state, opt.state, mx.random.state]
 
-        def scaled(m: Any, ids: Any, w: Any, rows: Any, inv_total: Any) -> tuple[Any, dict[str, Any]]:
-            loss, metrics = objective.loss(_target_logprobs(m, ids), w, rows, mx)
+        plan = self._plan
+
+        def scaled(m: Any, ids: Any, w: Any, rows: Any, aux: Any, inv_total: Any) -> tuple[Any, dict[str, Any]]:
+            loss, metrics = objective.loss(_target_logprobs(m, ids, aux, plan), w, rows, mx)
             return loss * inv_total, {k: v * inv_total for k, v in metrics.items()}
 
         value_and_grad = nn.value_and_grad(model, scaled)
@@ -188,31 +199,32 @@ class MLXBackend:
             opt.update(model, grads)
             return norm
 
-        def step(ids: Any, w: Any, rows: Any, inv_total: Any) -> tuple[Any, Any, Any]:
-            (loss, metrics), grads = value_and_grad(model, ids, w, rows, inv_total)
+        def step(ids: Any, w: Any, rows: Any, aux: Any, inv_total: Any) -> tuple[Any, Any, Any]:
+            (loss, metrics), grads = value_and_grad(model, ids, w, rows, aux, inv_total)
             return loss, metrics, apply(grads)
 
-        def grad(ids: Any, w: Any, rows: Any, inv_total: Any) -> Any:
-            return value_and_grad(model, ids, w, rows, inv_total)
+        def grad(ids: Any, w: Any, rows: Any, aux: Any, inv_total: Any) -> Any:
+            return value_and_grad(model, ids, w, rows, aux, inv_total)
 
         compile_ = partial(mx.compile, inputs=state, outputs=state)
         fns = (compile_(grad), compile_(apply), compile_(step))
         self._fns = (objective, fns)
         return fns
 
-    def _arrays(self, batch: Batch) -> tuple[Any, Any, dict[str, Any]]:
-        """(ids int32, target weights float32, per-row fields) with the width rounded up; the
-        extra is masked out."""
+    def _arrays(self, batch: Batch) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
+        """(ids int32, target weights float32, per-row fields, aux) for the step: padded rows
+        right-padded to a multiple of 16 (the extra is masked out), packed batches laid out in rows
+        of one width (mlx_packing.layout); aux names the target positions (count bucketed)."""
         mx, _, _ = _mlx()
-        ids, mask = batch["input_ids"], batch["loss_mask"]
-        b, t = ids.shape
-        width = -(-t // PAD_MULTIPLE) * PAD_MULTIPLE
-        # Right padding never changes earlier positions under a causal mask, and carries no loss.
-        pad_ids = np.zeros((b, width), np.int32)
-        pad_ids[:, :t] = ids
-        w = np.zeros((b, width - 1), np.float32)
-        w[:, : t - 1] = mask[:, 1:]
-        return mx.array(pad_ids), mx.array(w), {k: mx.array(v) for k, v in row_fields(batch).items()}
+        if self._plan is None:
+            self._plan = mlx_loss.plan_for(self.model, 1024)
+        arrays = mlx_packing.layout(batch, self._plan.pack)
+        sel, valid = mlx_loss.target_rows(arrays["w"])
+        aux = {"sel": mx.array(sel), "valid": mx.array(valid)}
+        if "pos" in arrays:
+            aux.update(pos=mx.array(arrays["pos"]), seg=mx.array(arrays["seg"]))
+        rows = {k: mx.array(v) for k, v in row_fields(batch).items()}
+        return mx.array(arrays["ids"]), mx.array(arrays["w"]), rows, aux
 
     def train_step(self, micro_batches: list[Batch], lr: float, objective: Objective = SFT()) -> StepStats:
         mx, _, _ = _mlx()
@@ -252,8 +264,8 @@ class MLXBackend:
         self.model.eval()
         total, count = 0.0, 0
         for batch in batches:
-            ids, w, rows = self._arrays(batch)
-            loss, _ = objective.loss(_target_logprobs(self.model, ids), w, rows, mx)
+            ids, w, rows, aux = self._arrays(batch)
+            loss, _ = objective.loss(_target_logprobs(self.model, ids, aux, self._plan), w, rows, mx)
             total += float(loss)
             count += objective.count(batch)
         self.model.train()
@@ -270,8 +282,8 @@ class MLXBackend:
         was_training = self.model.training
         self.model.eval()
         try:
-            ids, w, _ = self._arrays({k: v for k, v in batch.items() if k in ("input_ids", "loss_mask")})
-            scores = (mx.stop_gradient(_target_logprobs(self.model, ids)) * w).sum(axis=-1)
+            ids, w, _, aux = self._arrays({k: v for k, v in batch.items() if k in ("input_ids", "loss_mask")})
+            scores = (mx.stop_gradient(_target_logprobs(self.model, ids, aux, self._plan)) * w).sum(axis=-1)
             mx.eval(scores)
         finally:
             self.model.train(was_training)
@@ -284,6 +296,7 @@ class MLXBackend:
         self._lora_scales = None
         if adapter is not None:
             mlx_infer.load_peft_adapter_into_mlx(self.model, adapter)
+        self._plan = mlx_loss.plan_for(self.model, cfg.train.loss_chunk)
 
     def load_adapter(self, path: Path) -> None:
         self.set_adapter_enabled(True)  # the adapter's own scales replace the saved ones
