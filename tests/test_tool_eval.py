@@ -165,3 +165,16 @@ def test_prompt_ids_follow_the_bos_rule_of_training() -> None:
                          tools=p.tools, where="t"), tok, tpl)
     assert full.input_ids[: len(ids)] == ids and ids[0] == tok.bos_token_id
     assert sum(full.loss_mask[: len(ids)]) == 0 and sum(full.loss_mask[len(ids):]) > 0
+
+
+def test_export_probes_render_with_a_template_that_needs_tools() -> None:
+    # Hermes 3's tool_use template (configs/tools_sample.yaml) loops over `tools` unguarded: fuse and
+    # verify render their plain probe chats with an empty tool list instead of failing the export.
+    from qlocal.export.fuse import PROBE_CONVERSATIONS, render_chat
+    from qlocal.hf import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_path("gemma3"))
+    tpl = (REPO / "configs/hermes_tools.jinja").read_text()
+    for conv in PROBE_CONVERSATIONS:
+        text = render_chat(tok, tpl, conv)
+        assert text.endswith("<|im_start|>assistant\n") and conv[-1]["content"] in text

@@ -99,9 +99,14 @@ def probe_ids(tokenizer: Any, template: str) -> list[list[int]]:
 
 
 def render_chat(tokenizer: Any, template: str, messages: list[dict[str, str]]) -> str:
-    """Render `messages` with the run's template and a generation prompt, as text."""
-    return tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
-                                         tokenize=False)
+    """Render `messages` with the run's template and a generation prompt, as text. A template that
+    only renders with tools (Hermes 3's tool_use loops over `tools` unguarded) gets an empty list."""
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                             tokenize=False)
+    except TypeError:  # jinja: 'NoneType' object is not iterable
+        return tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                             tokenize=False, tools=[])
 
 
 def base_dtype_name(base_path: Path) -> str:
