@@ -62,13 +62,14 @@ def test_dpo_run_records_rewards_and_plots_them(backend: str, tiny_model_dir, tm
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["dpo", "kto"])
-def test_precomputed_reference_trains_as_the_per_step_one(method: str, tiny_model_dir, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method,backend", [("dpo", "torch"), ("kto", "torch"), ("kto", "mlx")])
+def test_precomputed_reference_trains_as_the_per_step_one(method: str, backend: str, tiny_model_dir,
+                                                          tmp_path: Path) -> None:
     from qlocal.train import train
 
-    _skip_unless("torch")
+    _skip_unless(backend)
     model = tiny_model_dir("qwen2")
-    runs = [train(_cfg("torch", model, tmp_path, f"{method}-{pre}", **{"train.method": method,
+    runs = [train(_cfg(backend, model, tmp_path, f"{method}-{pre}", **{"train.method": method,
                                                                         "train.precompute_ref": pre}), quiet=True)
             for pre in (False, True)]
     live, pre = (_rows(r) for r in runs)
