@@ -50,13 +50,26 @@ def prompts_from_samples(samples: list[Any], limit: int | None = None) -> list[T
     """One prompt per calling assistant turn of each chat that declares tools, in file order."""
     out: list[ToolPrompt] = []
     for s in samples:
-        if getattr(s, "kind", None) != "chat" or not s.tools:
+        messages = _chat_of(s)
+        if messages is None or not s.tools:
             continue
-        for i, m in enumerate(s.messages):
+        for i, m in enumerate(messages):
             if m["role"] == "assistant" and m.get("tool_calls"):
-                where = s.where if i == _first_call(s.messages) else f"{s.where} (turn {i + 1})"
-                out.append(ToolPrompt(where, s.messages[:i], s.tools, m["tool_calls"], bool(m.get("reasoning_content"))))
+                where = s.where if i == _first_call(messages) else f"{s.where} (turn {i + 1})"
+                out.append(ToolPrompt(where, messages[:i], s.tools, m["tool_calls"], bool(m.get("reasoning_content"))))
     return out[:limit] if limit is not None else out
+
+
+def _chat_of(s: Any) -> list[dict[str, Any]] | None:
+    """The conversation a sample holds up as right: an SFT chat's messages, a pair's prompt + chosen
+    answer, a desirable KTO answer; None for anything else (an undesirable answer is no reference)."""
+    if getattr(s, "kind", None) == "chat":
+        return s.messages
+    if hasattr(s, "chosen"):
+        return [*s.prompt, *s.chosen]
+    if getattr(s, "label", False) is True:
+        return [*s.prompt, *s.completion]
+    return None
 
 
 def _first_call(messages: list[dict[str, Any]]) -> int:
@@ -175,9 +188,7 @@ def run_prompts(cfg: Any, limit: int) -> tuple[list[ToolPrompt], str]:
     (qlocal.data.split), else its training data's tool schemas; ([], reason) when it has none."""
     from pathlib import Path
 
-    from qlocal.data.formats import load_samples
-    from qlocal.data.mapping import mapping_from_config
-    from qlocal.data.split import held_out_samples
+    from qlocal.data.split import held_out_samples, run_samples
 
     from qlocal.hf import looks_like_hub_id
 
@@ -188,8 +199,7 @@ def run_prompts(cfg: Any, limit: int) -> tuple[list[ToolPrompt], str]:
     prompts = prompts_from_samples(held_out_samples(cfg), limit)
     if prompts:
         return prompts, "held-out validation chats"
-    samples, _ = load_samples(dc.path, dc.format, dc.split, skip_bad_lines=dc.skip_bad_lines,
-                              mapping=mapping_from_config(dc), tools=dc.tools)
+    samples = run_samples(cfg, dc.path)
     tools: list[dict] = []
     for s in samples:
         for t in getattr(s, "tools", None) or []:

@@ -27,17 +27,26 @@ def split_validation(samples: list[Any], val_split: float, seed: int) -> tuple[l
 
 def held_out_samples(cfg: Any) -> list[Any]:
     """The run's validation samples (data.val_path, or the data.val_split share of data.path), as
-    training chose them; empty when the run held none out."""
+    training chose them; empty when the run held none out. A preference run's are its pairs (or KTO
+    answers), split exactly as qlocal.preference_run splits them."""
+    dc = cfg.data
+    if dc.val_path:
+        return run_samples(cfg, dc.val_path)
+    if dc.val_split <= 0:
+        return []
+    return split_validation(run_samples(cfg, dc.path), dc.val_split, cfg.train.seed)[1]
+
+
+def run_samples(cfg: Any, path: str) -> list[Any]:
+    """Every record of `path` as the run's training reads it: SFT samples, or for a preference
+    method (train.method) its PairSample / KTOSample records."""
     from qlocal.data.formats import load_samples
     from qlocal.data.mapping import mapping_from_config
 
-    dc = cfg.data
-    mapping = mapping_from_config(dc)
-    if dc.val_path:
-        return load_samples(dc.val_path, dc.format, dc.split, skip_bad_lines=dc.skip_bad_lines, mapping=mapping,
-                            tools=dc.tools)[0]
-    if dc.val_split <= 0:
-        return []
-    samples, _ = load_samples(dc.path, dc.format, dc.split, skip_bad_lines=dc.skip_bad_lines, mapping=mapping,
-                              tools=dc.tools)
-    return split_validation(samples, dc.val_split, cfg.train.seed)[1]
+    dc, method = cfg.data, getattr(cfg.train, "method", "sft")
+    if method != "sft":
+        from qlocal.data.pref_formats import load_preference
+
+        return load_preference(path, method, dc)[0]
+    return load_samples(path, dc.format, dc.split, skip_bad_lines=dc.skip_bad_lines, mapping=mapping_from_config(dc),
+                        tools=dc.tools)[0]
