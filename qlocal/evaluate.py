@@ -231,7 +231,7 @@ def evaluate(target: str, opts: EvalOptions, quiet: bool = False) -> dict[str, A
     mapping = mapping_from_config(dc)
     # The format is detected per file: the test file may be shaped differently from the training one.
     samples, stats = load_samples(opts.data, "auto", opts.split, skip_bad_lines=dc.skip_bad_lines, mapping=mapping,
-                                  tools=getattr(dc, "tools", None))
+                                  tools=getattr(dc, "tools", None), for_eval=True)
     examples, truncated, dropped = [], 0, 0
     drop_long = getattr(dc, "drop_long", False)  # as training treats examples longer than max_seq_len
     if scorer.tokenizer is not None:

@@ -334,3 +334,18 @@ def test_mlx_loss_equals_torch(run: Path, test_file: Path, tmp_path_factory) -> 
     assert mlx["backend"] == "mlx" and torch_["backend"] == "torch"
     assert mlx["metrics"]["loss"] == pytest.approx(torch_["metrics"]["loss"], rel=1e-4)
     assert mlx["base"]["loss"] == pytest.approx(torch_["base"]["loss"], rel=1e-4)
+
+
+@torch_needed
+def test_eval_on_preference_pairs_says_what_eval_reads(run: Path) -> None:
+    # After a DPO run, "train it with --method dpo" (training's wording) would send the user in a circle.
+    from qlocal.data.formats import load_samples
+    from qlocal.evaluate import EvalOptions, evaluate
+
+    pairs = str(REPO / "data/prefs_sample.jsonl")
+    with pytest.raises(UserError, match=r"prefs_sample.jsonl:1: .*qlocal eval scores one answer per record: "
+                                        r"give it \{prompt, completion\} records") as err:
+        evaluate(str(run), EvalOptions(data=pairs, generate=False), quiet=True)
+    assert "--method" not in str(err.value)
+    with pytest.raises(UserError, match="train it with --method dpo"):
+        load_samples(pairs)

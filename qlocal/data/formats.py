@@ -340,12 +340,14 @@ def normalise(record: dict, fmt: str, where: str) -> Sample:
 
 
 def load_samples(path: str, fmt: str = "auto", split: str = "train", skip_bad_lines: bool = False,
-                 mapping: Any = None, tools: str | None = None) -> tuple[list[Sample], dict[str, Any]]:
+                 mapping: Any = None, tools: str | None = None,
+                 for_eval: bool = False) -> tuple[list[Sample], dict[str, Any]]:
     """Load, detect and normalise every record of `path`.
 
     With fmt="auto" all records must share one format. `mapping` (a qlocal.data.mapping.Mapping)
     maps other dataset shapes first; records it turns into chats count as format "mapped".
     `tools` (data.tools) names a JSON file of function schemas for chats that carry none of their own.
+    `for_eval` words the preference-pair error for `qlocal eval` (which scores one answer per record).
     Returns (samples, stats) where stats is
     {"format": name, "counts": {name: n}, "skipped": n, "skipped_where": [first few locations]}.
     """
@@ -365,6 +367,9 @@ def load_samples(path: str, fmt: str = "auto", split: str = "train", skip_bad_li
                 continue
             this = fmt if fmt != "auto" else detect_format(rec)
             if this is None and ("chosen" in rec or "rejected" in rec):
+                if for_eval:  # "train it with --method dpo" would mislead after a DPO run
+                    raise UserError(f"{where}: a preference pair (chosen/rejected); qlocal eval scores one answer per "
+                                    "record: give it {prompt, completion} records (e.g. each prompt with its chosen answer)")
                 raise UserError(f"{where}: a preference pair (chosen/rejected); SFT reads one answer per record: "
                                 "train it with --method dpo (or orpo, simpo, kto)")
             if fmt == "auto" and this == "completion" and isinstance(rec.get("label"), bool):
