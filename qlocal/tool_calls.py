@@ -25,7 +25,7 @@ import string
 from dataclasses import dataclass, field
 from typing import Any
 
-from qlocal.data.tools import split_think
+from qlocal.data.tools import complete_function, split_think
 
 _DECODER = json.JSONDecoder()
 _ID_CHARS = string.ascii_letters + string.digits
@@ -61,9 +61,9 @@ def check_tools(value: Any) -> list[dict] | None:
         fn = t.get("function", t) if isinstance(t, dict) and t.get("type", "function") == "function" else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise ValueError(f'tools[{i}] must be {{"type": "function", "function": {{"name", "parameters"}}}}')
-        if not isinstance(fn.get("parameters", {}), dict):
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
             raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
-        out.append({"type": "function", "function": fn})
+        out.append({"type": "function", "function": complete_function(fn)})
     return out
 
 

@@ -232,3 +232,17 @@ def test_bad_tool_requests_are_400(server: str) -> None:
     with pytest.raises(openai.BadRequestError, match="not in 'tools'"):
         client.chat.completions.create(model="weather", messages=_ask("hi"), tools=[WEATHER],
                                        tool_choice={"type": "function", "function": {"name": "get_time"}})
+
+
+def test_a_schema_without_description_renders_with_a_hermes_template() -> None:
+    """serve's tools path normalises schemas as the data path does: the Hermes template reads
+    `description`, so a request naming only the function renders instead of answering 400."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    hermes = (Path(__file__).resolve().parent.parent / "configs" / "hermes_tools.jinja").read_text(encoding="utf-8")
+    req = check_request({"messages": [{"role": "user", "content": "Ping?"}],
+                         "tools": [{"type": "function", "function": {"name": "ping"}}]})
+    assert req.tools == [{"type": "function", "function": {
+        "name": "ping", "description": "", "parameters": {"type": "object", "properties": {}}}}]
+    prompt = Jinja2ChatFormatter(hermes, eos_token="<|im_end|>", bos_token="")(messages=req.messages, tools=req.tools).prompt
+    assert "ping" in prompt and prompt.rstrip().endswith("<|im_start|>assistant")

@@ -294,3 +294,20 @@ def test_an_opening_assistant_turn_trains_only_itself(family: str) -> None:
                                                     {"role": "assistant", "content": "How can I help?"}])
     spans = trained_spans(render(sample, tok, template(family)), tok)
     assert [s.rstrip("\n") for s in spans] == [f"Hi there.{EOT[family].strip()}", f"How can I help?{EOT[family].strip()}"]
+
+
+def test_a_schema_without_description_or_parameters_renders_through_hermes() -> None:
+    """The Hermes template reads `description` and `parameters`: a bare {"name"} schema gets "" and an
+    empty object schema, so the record renders (it failed with "'dict object' has no attribute")."""
+    hermes = (DATA.parent / "configs" / "hermes_tools.jinja").read_text(encoding="utf-8")
+    rec = {"tools": [{"type": "function", "function": {"name": "ping"}}],
+           "messages": [{"role": "user", "content": "Ping?"},
+                        {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "ping", "arguments": {}}}]},
+                        {"role": "tool", "content": "pong"}, {"role": "assistant", "content": "Pong."}]}
+    sample = normalise(rec, "messages", "f:1")
+    assert sample.tools == [{"type": "function", "function": {
+        "name": "ping", "description": "", "parameters": {"type": "object", "properties": {}}}}]
+    tok = tokenizer("hermes")
+    tok.chat_template = hermes
+    shown = render_for_display(render(sample, tok, hermes), tok)
+    assert "ping" in shown.split("[[")[0] and '"name": "ping"' in shown

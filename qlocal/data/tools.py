@@ -87,11 +87,22 @@ def parse_tools(value: Any, where: str, loc: str = "tools") -> list[dict] | None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise UserError(f"{where}: '{loc}[{i}]' must be a function schema with a 'name' "
                             f"({{\"type\": \"function\", \"function\": {{\"name\", \"description\", \"parameters\"}}}}); {SKIP}")
-        if "parameters" in fn and not isinstance(fn["parameters"], dict):
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
             raise UserError(f"{where}: '{loc}[{i}].parameters' must be a JSON schema object; {SKIP}")
-        if "parameters" in fn:
+        if fn.get("parameters") is not None:
             fn = {**fn, "parameters": _sorted_properties(fn["parameters"])}
-        out.append({"type": "function", "function": fn})
+        out.append({"type": "function", "function": complete_function(fn)})
+    return out
+
+
+def complete_function(fn: dict) -> dict:
+    """A function schema with `description` ("") and `parameters` (an empty object schema) filled in
+    when absent: real templates (Hermes, Llama 3.1) read both and fail on a schema that lacks them."""
+    out = dict(fn)
+    if out.get("description") is None:
+        out["description"] = ""
+    if out.get("parameters") is None:
+        out["parameters"] = {"type": "object", "properties": {}}
     return out
 
 
