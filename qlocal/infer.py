@@ -18,7 +18,7 @@ from qlocal import atomic
 from qlocal.backends.base import Backend, Sampling
 from qlocal.config import Config
 from qlocal.errors import UserError
-from qlocal.hf import load_tokenizer
+from qlocal.hf import load_tokenizer, quiet_bitsandbytes
 
 
 class Generator(Protocol):
@@ -110,6 +110,7 @@ def open_backend(requested: str | None) -> Backend:
     """The backend chat, generate and eval run on: the rule train uses (backends.select)."""
     from qlocal.backends.select import create_backend, select_backend
 
+    quiet_bitsandbytes()  # peft imports bitsandbytes when the model loads; its kernels warning is noise here
     return create_backend(select_backend(requested or "auto")[0])
 
 

@@ -349,3 +349,27 @@ def test_eval_on_preference_pairs_says_what_eval_reads(run: Path) -> None:
     assert "--method" not in str(err.value)
     with pytest.raises(UserError, match="train it with --method dpo"):
         load_samples(pairs)
+
+
+_BNB_LINE = "gemm_4bit_forward"
+
+
+@torch_needed
+@eval_needed
+def test_eval_and_generate_print_no_bitsandbytes_kernels_warning(run: Path, test_file: Path, qlocal_cli) -> None:
+    """peft imports bitsandbytes, which on AVX512-BF16 CPUs warns "Failed to load CPU gemm_4bit_forward
+    ... pip install kernels" at import: eval and generate (without --quiet) must not show it."""
+    import subprocess
+    import sys
+
+    if __import__("importlib").util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes is not installed: there is no warning to hide")
+    bare = subprocess.run([sys.executable, "-c", "import bitsandbytes"], capture_output=True, text=True)
+    if _BNB_LINE not in bare.stderr:
+        pytest.skip("bitsandbytes does not warn on this CPU (no AVX512-BF16, or `kernels` installed)")
+    res = qlocal_cli("eval", run, "--data", test_file, "--max-tokens", "2", "--limit", "1")
+    assert res.returncode == 0, res.stderr
+    assert _BNB_LINE not in res.stderr and "pip install kernels" not in res.stderr
+    res = qlocal_cli("generate", run, "--prompt", "Hi", "--max-tokens", "2")
+    assert res.returncode == 0, res.stderr
+    assert _BNB_LINE not in res.stderr and "pip install kernels" not in res.stderr

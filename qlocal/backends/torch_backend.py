@@ -187,12 +187,14 @@ class TorchBackend:
 
     def setup(self, model_path: Path, cfg: Config) -> dict[str, Any]:
         torch = _import_torch()
+        from qlocal.hf import quiet_bitsandbytes, quiet_transformers
+
+        quiet_bitsandbytes()  # before peft imports bitsandbytes, which warns at import
         try:
             import peft
             from transformers import AutoModelForCausalLM
         except ImportError:
             raise missing_extra("peft", "torch") from None
-        from qlocal.hf import quiet_transformers
 
         quiet_transformers()
         from qlocal import distributed
