@@ -186,7 +186,7 @@ def generate(target: str, prompt: str | None, system: str | None, input_file: st
              tools_file: str | None, max_tokens: int, temperature: float, top_p: float, backend: str,
              chat_template: str | None) -> None:
     """Answer a prompt (or a file of prompts) with a run, an export folder, a GGUF or an HF model."""
-    from qlocal.infer import Sampling, generate_file, open_generator
+    from qlocal.infer import ContextFull, Sampling, generate_file, open_generator
     from qlocal.tool_chat import assistant_turn, load_tools, tool_tag
 
     if (prompt is None) == (input_file is None):
@@ -201,7 +201,10 @@ def generate(target: str, prompt: str | None, system: str | None, input_file: st
         click.echo(f"wrote {n} answers to {output}", err=True)
         return
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt or ""}]
-    msg = assistant_turn(gen, messages, sampling, tools, tool_tag(gen, tools, "--tools"), sys.stdout)
+    try:
+        msg = assistant_turn(gen, messages, sampling, tools, tool_tag(gen, tools, "--tools"), sys.stdout)
+    except ContextFull as e:
+        raise e.for_generate("--prompt") from None
     if not msg.get("tool_calls"):
         click.echo()
 

@@ -161,6 +161,20 @@ def gguf_context_length(path: Path) -> int | None:
         return None
 
 
+class ContextFull(UserError):
+    """A conversation outgrew a GGUF's context window; the message advises chat, `for_generate` generate."""
+
+    def __init__(self, name: str, n_ctx: int) -> None:
+        self.name, self.n_ctx = name, n_ctx
+        super().__init__(f"{name}: the conversation no longer fits the context window (n_ctx={n_ctx}); "
+                         "shorten it (/reset in chat)")
+
+    def for_generate(self, where: str) -> UserError:
+        """The same fact for one generate prompt: `where` names the record (file:line) or --prompt."""
+        return UserError(f"{where}: the prompt and its answer do not fit {self.name}'s context window "
+                         f"(n_ctx={self.n_ctx}); shorten the prompt or lower --max-tokens")
+
+
 class GGUFGenerator:
     """llama-cpp-python with the chat template embedded in the GGUF."""
 
@@ -195,8 +209,7 @@ class GGUFGenerator:
             # or generation running past it.
             if "context window" not in str(e) and "could not broadcast" not in str(e):
                 raise
-            raise UserError(f"{self.path.name}: the conversation no longer fits the context window "
-                            f"(n_ctx={self.llm.n_ctx()}); shorten it (/reset in chat)") from None
+            raise ContextFull(self.path.name, self.llm.n_ctx()) from None
 
 
 def open_generator(target: str, backend: str | None = None, chat_template: str | None = None) -> Generator:
@@ -255,10 +268,13 @@ def generate_file(gen: Generator, input_file: Path, output: Path, sampling: Samp
         except ValueError as e:
             raise UserError(f"{where}: {e}") from None
         schemas = own or tools
-        if not schemas:
-            rows.append({**rec, "response": "".join(gen.chat(messages, sampling))})
-            continue
-        msg = assistant_turn(gen, messages, sampling, schemas, tool_tag(gen, schemas, where))
+        try:
+            if not schemas:
+                rows.append({**rec, "response": "".join(gen.chat(messages, sampling))})
+                continue
+            msg = assistant_turn(gen, messages, sampling, schemas, tool_tag(gen, schemas, where))
+        except ContextFull as e:
+            raise e.for_generate(where) from None
         rows.append({**rec, "response": msg["content"], "tool_calls": msg.get("tool_calls", [])})
     atomic.write_text(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return len(rows)

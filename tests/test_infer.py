@@ -210,3 +210,27 @@ def test_gguf_context_overflow_keeps_the_chat_going(export_dir: Path, capsys) ->
     assert turns == 1 and out.getvalue().endswith("\n")  # the long line failed, the short one was answered
     err = capsys.readouterr().err
     assert "no longer fits the context window (n_ctx=256)" in err and "Traceback" not in err
+
+
+def test_gguf_context_overflow_in_generate_names_the_record_and_the_fix(export_dir: Path, tmp_path: Path,
+                                                                        qlocal_cli) -> None:
+    """generate is not chat: the error names the input line (or --prompt) and says to shorten the
+    prompt or lower --max-tokens, never chat's /reset; nothing is written."""
+    from qlocal.errors import UserError
+    from qlocal.infer import GGUFGenerator, generate_file
+
+    gen = GGUFGenerator(export_dir / "model-f16.gguf", n_ctx=256)
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"prompt": "Hi"}) + "\n" + json.dumps({"prompt": "word " * 300}) + "\n")
+    with pytest.raises(UserError) as e:
+        generate_file(gen, src, out, Sampling(max_tokens=4))
+    msg = str(e.value)
+    assert msg.startswith(f"{src}:2: ") and "(n_ctx=256)" in msg and "shorten the prompt or lower --max-tokens" in msg
+    assert "/reset" not in msg and not out.exists()
+    from qlocal.infer import gguf_context_length
+
+    n_ctx = min(4096, gguf_context_length(export_dir / "model-f16.gguf") or 4096)  # what the CLI opens it with
+    res = qlocal_cli("generate", export_dir, "--prompt", "word " * (2 * n_ctx), "--max-tokens", "4")
+    assert res.returncode == 2 and "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert "--prompt: the prompt and its answer do not fit" in res.stderr
+    assert "/reset" not in res.stderr and "shorten the prompt or lower --max-tokens" in res.stderr
