@@ -139,6 +139,7 @@ def main() -> None:
     rows = []
     for case in args.cases.split(","):
         base, run = make_case(case, args.work, args.models_dir)
+        s16 = size16_mib(base)
         out = args.work / "export" / case
         shutil.rmtree(out, ignore_errors=True)
         m = measure([sys.executable, "-m", "qlocal", "export", str(run), "--quant", args.quant, "--out", str(out)],
@@ -147,7 +148,6 @@ def main() -> None:
             raise SystemExit(f"{case}: qlocal export failed (exit {m['rc']}):\n{m['output'][-3000:]}")
         summary = json.loads((out / "export.json").read_text(encoding="utf-8"))
         verified = [f["bytes"] for f in summary["files"].values()] if summary.get("verify") else [0]
-        s16 = size16_mib(base)
         gguf = max(verified) / MIB
         bound = 0.5 * s16 + 1024 + gguf
         row = {"case": case, "size16_mib": s16, "gguf_mib": gguf, "peak_mib": m["peak_mib"], "bound_mib": bound,
