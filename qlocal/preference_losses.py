@@ -43,6 +43,12 @@ def sequence_scores(logp: Any, mask: Any) -> tuple[Any, Any]:
     return (logp * mask).sum(axis=-1), mask.sum(axis=-1)
 
 
+def mean_scores(logp: Any, mask: Any, xp: Any) -> Any:
+    """Mean response log-prob per token per row (ORPO's and SimPO's length-normalised score)."""
+    total, length = sequence_scores(logp, mask)
+    return total / xp.maximum(length, xp.ones_like(length))
+
+
 def _halves(x: Any) -> tuple[Any, Any]:
     n = x.shape[0] // 2
     return x[:n], x[n:]
@@ -127,8 +133,7 @@ class ORPO:
         return _count_pairs(batch)
 
     def loss(self, logp: Any, mask: Any, rows: Mapping[str, Any], xp: Any) -> tuple[Any, dict[str, Any]]:
-        total, length = sequence_scores(logp, mask)
-        mean_c, mean_r = _halves(total / xp.maximum(length, xp.ones_like(length)))
+        mean_c, mean_r = _halves(mean_scores(logp, mask, xp))
         log_odds = (mean_c - mean_r) - (_log1mexp(mean_c, xp) - _log1mexp(mean_r, xp))
         ratio = _logsigmoid(log_odds, xp)
         nll = -mean_c
@@ -158,8 +163,7 @@ class SimPO:
         return _count_pairs(batch)
 
     def loss(self, logp: Any, mask: Any, rows: Mapping[str, Any], xp: Any) -> tuple[Any, dict[str, Any]]:
-        total, length = sequence_scores(logp, mask)
-        mean_c, mean_r = _halves(total / xp.maximum(length, xp.ones_like(length)))
+        mean_c, mean_r = _halves(mean_scores(logp, mask, xp))
         losses = _sigmoid_loss(self.beta * (mean_c - mean_r) - self.gamma, self.label_smoothing, xp)
         metrics = _pair_metrics(self.beta * mean_c, self.beta * mean_r, xp)
         return losses.sum(), {**metrics, "logps/chosen": mean_c.sum(), "logps/rejected": mean_r.sum()}
