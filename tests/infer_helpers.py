@@ -4,7 +4,16 @@ and a free TCP port. Built once per pytest process, whichever test module asks f
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -67,3 +76,39 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(export_dir: Path, log_path: Path, *args: str) -> Iterator[str]:
+    """`qlocal serve EXPORT_DIR` on a free loopback port, up once /v1/models answers; yields its /v1 URL.
+
+    Stopped with SIGINT (killed if it does not exit) and its log closed however the block ends.
+    """
+    from conftest import OFFLINE_ENV, REPO
+    from train_helpers import HANG_GUARD_S
+
+    port = free_port()
+    log = log_path.open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "qlocal", "serve", str(export_dir), "--port", str(port),
+                             "--host", "127.0.0.1", *args], env={**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(REPO)},
+                            stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + HANG_GUARD_S  # a hang guard: polling the port is the wait
+        while True:
+            assert proc.poll() is None, log_path.read_text()
+            try:
+                urllib.request.urlopen(f"{base}/models", timeout=5).read()
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                assert time.monotonic() < deadline, "server did not come up: " + log_path.read_text()
+                time.sleep(0.2)  # poll interval
+        yield base
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -18,9 +12,7 @@ pytest.importorskip("llama_cpp")
 pytest.importorskip("uvicorn", reason="needs llama-cpp-python[server] (qlocal[gguf])")
 pytest.importorskip("torch")
 
-from conftest import OFFLINE_ENV, REPO  # noqa: E402
-from infer_helpers import export_folder, free_port, lively_model, synthetic_run  # noqa: E402
-from train_helpers import HANG_GUARD_S  # noqa: E402
+from infer_helpers import export_folder, free_port, lively_model, served, synthetic_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -37,22 +29,8 @@ def _request(url: str, body: dict | None = None, timeout: float = 60) -> dict:
 
 
 def test_serve_answers_chat_completion(export_dir: Path, tmp_path: Path) -> None:
-    port = free_port()
-    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(REPO)}
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "qlocal", "serve", str(export_dir), "--port", str(port),
-                             "--host", "127.0.0.1", "--name", "tiny"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + HANG_GUARD_S  # a hang guard: polling the port is the wait
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                models = _request(f"{base}/models", timeout=5)
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                assert time.monotonic() < deadline, "server did not come up: " + (tmp_path / "serve.log").read_text()
-                time.sleep(0.2)  # poll interval
+    with served(export_dir, tmp_path / "serve.log", "--name", "tiny") as base:
+        models = _request(f"{base}/models", timeout=5)
         assert [m["id"] for m in models["data"]] == ["tiny"]
         out = _request(f"{base}/chat/completions", {
             "model": "tiny", "messages": [{"role": "user", "content": "Name a colour."}],
@@ -70,14 +48,6 @@ def test_serve_answers_chat_completion(export_dir: Path, tmp_path: Path) -> None
         tok = AutoTokenizer.from_pretrained(export_dir / "fused")
         ids = prompt_ids(tok, tok.chat_template, [{"role": "user", "content": "Name a colour."}])
         assert out["usage"]["prompt_tokens"] == len(ids)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def test_serve_errors_are_one_line(tmp_path: Path, qlocal_cli, export_dir: Path) -> None:

@@ -5,14 +5,7 @@ checks and the stream parser are tested without a model."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -112,39 +105,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     pytest.importorskip("uvicorn", reason="needs llama-cpp-python[server] (qlocal[gguf])")
     pytest.importorskip("torch")
     pytest.importorskip("openai", reason="the official client is in qlocal[dev]")
-    from conftest import OFFLINE_ENV, REPO
-    from infer_helpers import free_port
+    from infer_helpers import served
     from tool_model_helpers import tool_export
-    from train_helpers import HANG_GUARD_S
 
     root = tmp_path_factory.mktemp("serve_tools")
-    export_dir = tool_export(root)
-    port = free_port()
-    log_path = root / "serve.log"
-    log = log_path.open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "qlocal", "serve", str(export_dir), "--port", str(port),
-                             "--name", "weather"], env={**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(REPO)},
-                            stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + HANG_GUARD_S  # a hang guard: polling the port is the wait
-        while True:
-            assert proc.poll() is None, log_path.read_text()
-            try:
-                urllib.request.urlopen(f"{base}/models", timeout=5).read()
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                assert time.monotonic() < deadline, "server did not come up: " + log_path.read_text()
-                time.sleep(0.2)  # poll interval
+    with served(tool_export(root), root / "serve.log", "--name", "weather") as base:
         yield base
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def _client(base: str):  # type: ignore[no-untyped-def]
