@@ -13,7 +13,8 @@ pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from train_helpers import (  # noqa: E402
-    HANG_GUARD_S, assert_same_adapter, kill_at, metrics_rows, resume_to_end, run_single, subprocess_env,
+    HANG_GUARD_S, assert_preference_ranks_match_one, assert_same_adapter, kill_at, metrics_rows, resume_to_end, run_single,
+    subprocess_env,
 )
 
 pytestmark = pytest.mark.slow
@@ -59,12 +60,5 @@ def test_dpo_torchrun_two_ranks_match_one_process(tiny_model_dir, tmp_path: Path
                      *_args(model, tmp_path, "two", 2, "--grad-accum", "2")], env=env, cwd=tmp_path,
                     timeout=HANG_GUARD_S)
     assert ddp.returncode == 0, [ln for ln in ddp.stderr.splitlines() if "rror" in ln or "qlocal" in ln][:20]
-    one, two = metrics_rows(tmp_path / "one"), metrics_rows(tmp_path / "two")
-    assert [r["step"] for r in two] == list(range(1, ITERS + 1)), "one rank writes metrics, once per step"
     # No dropout: every step's loss and rewards (means over all pairs of both ranks) are one process's.
-    for a, b in zip(one, two):
-        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
-            assert a[key] == pytest.approx(b[key], abs=1e-4), (a["step"], key, a[key], b[key])
-    assert one[-1]["loss"] < one[0]["loss"]
-    assert two[ITERS // 2 - 1]["val_loss"] == pytest.approx(one[ITERS // 2 - 1]["val_loss"], abs=1e-4)
-    assert "world_size: 2" in (tmp_path / "two" / "config.yaml").read_text()
+    assert_preference_ranks_match_one(tmp_path / "one", tmp_path / "two", ITERS, val_step=ITERS // 2)

@@ -10,6 +10,7 @@
   reached_step(run)                            furthest step a run shows on disk (metrics or checkpoint)
   resume_to_end(run, iters)                    `qlocal train --resume` to the end; each step logged once
   assert_same_adapter(run_a, run_b)            the two runs saved the same LoRA tensors
+  assert_preference_ranks_match_one(one, two)  a 2-rank preference run's per-step loss/rewards equal one process's
 
 Every wait polls for a state on disk; the only clock is a hang guard that no normal run reaches.
 """
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data/alpaca_sample.jsonl"
@@ -214,6 +216,23 @@ def assert_two_ranks_match_one(one: Path, two: Path, iters: int, val_step: int |
     assert [r["step"] for r in b] == list(range(1, iters + 1)), "one rank writes metrics, once per step"
     if val_step is not None:
         assert "val_loss" in b[val_step - 1] and abs(a[val_step - 1]["val_loss"] - b[val_step - 1]["val_loss"]) < val_tol
+    assert "world_size: 2" in (two / "config.yaml").read_text()
+
+
+PREFERENCE_STEP_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+
+
+def assert_preference_ranks_match_one(one: Path, two: Path, iters: int, val_step: int) -> None:
+    """A 2-rank preference run `two` equals the one-process run `one`: every step's loss and rewards
+    (means over all pairs of both ranks) within 1e-4, one metrics line per step, falling loss, the
+    same validation loss at val_step, and world_size 2 recorded."""
+    a_rows, b_rows = metrics_rows(one), metrics_rows(two)
+    assert [r["step"] for r in b_rows] == list(range(1, iters + 1)), "one rank writes metrics, once per step"
+    for a, b in zip(a_rows, b_rows):
+        for key in PREFERENCE_STEP_KEYS:
+            assert a[key] == pytest.approx(b[key], abs=1e-4), (a["step"], key, a[key], b[key])
+    assert a_rows[-1]["loss"] < a_rows[0]["loss"]
+    assert b_rows[val_step - 1]["val_loss"] == pytest.approx(a_rows[val_step - 1]["val_loss"], abs=1e-4)
     assert "world_size: 2" in (two / "config.yaml").read_text()
 
 
