@@ -7,11 +7,13 @@ backends and exporters never care where it came from. Aliases are built once fro
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,10 +164,27 @@ def _resolve_alias(name: str, alias: Alias, models_dir: Path) -> ResolvedModel:
     if (hf_dir / SOURCE_FILE).is_file():  # written last, so its presence means a complete folder
         return ResolvedModel(hf_dir, "alias", name, alias.default_chat_template)
     root.mkdir(parents=True, exist_ok=True)
-    atomic.remove_stale_temps(root)  # what a killed assembly or conversion left
-    gguf_path, sha = _ensure_gguf(alias, root)
-    _convert_gguf(alias, gguf_path, sha, hf_dir)
+    with _exclusive(root / ".lock"):
+        # Two commands started together (a train beside a chat, parallel test workers) convert once:
+        # the second waits here and then finds the finished folder.
+        if not (hf_dir / SOURCE_FILE).is_file():
+            atomic.remove_stale_temps(root)  # what a killed assembly or conversion left
+            gguf_path, sha = _ensure_gguf(alias, root)
+            _convert_gguf(alias, gguf_path, sha, hf_dir)
     return ResolvedModel(hf_dir, "alias", name, alias.default_chat_template)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an advisory lock on `lock_path` (released by the OS if the process dies)."""
+    import fcntl
+
+    with open(lock_path, "a+b") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _import_package(alias: Alias):

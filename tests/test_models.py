@@ -96,8 +96,8 @@ def test_alias_checksum_mismatch_fails_clearly(tmp_path: Path, monkeypatch) -> N
     monkeypatch.setattr(models, "_expected_sha", lambda alias: "0" * 64)
     with pytest.raises(UserError, match="sha256.*SHA256SUMS says 0000.*force-reinstall"):
         resolve_model("gemma-3-270m", models_dir=tmp_path)
-    leftovers = list((tmp_path / "gemma-3-270m").iterdir())
-    assert leftovers == []  # nothing half-written at a final (or temp) path
+    leftovers = [p.name for p in (tmp_path / "gemma-3-270m").iterdir()]
+    assert leftovers == [".lock"]  # nothing half-written at a final (or temp) path; the empty lock stays
 
 
 def _forbid_conversion(m: pytest.MonkeyPatch) -> None:
@@ -164,3 +164,34 @@ def test_stale_temp_from_killed_conversion_is_removed(tmp_path: Path, monkeypatc
     with pytest.raises(UserError, match="stop"):
         resolve_model("gemma-3-270m", models_dir=tmp_path)
     assert not stale.exists() and not (root / "hf").exists()
+
+
+def test_alias_conversion_runs_once_under_concurrent_resolves(tmp_path: Path, monkeypatch) -> None:
+    """Two resolves at once (a train beside a chat, parallel test workers): one converts, one waits."""
+    import threading
+
+    from qlocal import models
+
+    calls: list[int] = []
+    entered = threading.Event()
+    release = threading.Event()
+
+    def fake_convert(alias, gguf_path, sha, hf_dir):
+        calls.append(1)
+        entered.set()
+        release.wait()
+        hf_dir.mkdir(parents=True)
+        (hf_dir / models.SOURCE_FILE).write_text("{}", encoding="utf-8")
+
+    monkeypatch.setattr(models, "_ensure_gguf", lambda alias, root: (root / "x.gguf", "0" * 64))
+    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    results: list[Path] = []
+    first = threading.Thread(target=lambda: results.append(resolve_model("gemma-3-270m", models_dir=tmp_path).path))
+    first.start()
+    entered.wait()
+    second = threading.Thread(target=lambda: results.append(resolve_model("gemma-3-270m", models_dir=tmp_path).path))
+    second.start()
+    release.set()
+    first.join()
+    second.join()
+    assert len(calls) == 1 and len(results) == 2 and results[0] == results[1]
