@@ -20,8 +20,13 @@ if [ "$(uname -s)" = "Linux" ] && [ "$(uname -m)" = "x86_64" ] && [[ ",$extras,"
   # llama-cpp-python compiles llama.cpp with -march=native, which uses AMX tile instructions on
   # CPUs that have them; a VM or sandbox that does not grant the tile state kills the process
   # (SIGILL) on the first Q8_0/K-quant matmul. Build for AVX2 instead, once, into a local folder
-  # (pip's own cache would hand back a native build made earlier).
+  # (pip's own cache would hand back a native build made earlier). The folder is per user, beside
+  # pip's cache, so a fresh clone on the same machine (CI) reuses it; a checkout's own
+  # .cache/wheels (carried to another machine) wins when it has one.
   wheels=".cache/wheels"
+  if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    wheels="${XDG_CACHE_HOME:-$HOME/.cache}/qlocal/wheels"
+  fi
   if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
     echo "building llama-cpp-python for AVX2 (about 7 minutes on 2 cores, once)" >&2
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
