@@ -311,6 +311,23 @@ def serve(target: str, port: int, host: str, n_ctx: int, alias: str | None) -> N
 
 
 @cli.command()
+@_opt("--host", default="127.0.0.1", show_default=True, help="Bind address; any non-loopback host requires a token.")
+@_opt("--port", type=int, default=7860, show_default=True)
+@_opt("--token", help="Token every request must carry. [default: none on 127.0.0.1, generated and printed otherwise]")
+@_opt("--root", type=click.Path(file_okay=False), default=".", show_default=True, help="Folder holding outputs/, export/, data/.")
+def studio(host: str, port: int, token: str | None, root: str) -> None:
+    """Local web UI: runs, live training charts, new runs, exports and chat (needs the studio extra).
+
+    \b
+      qlocal studio                  # http://127.0.0.1:7860/
+      qlocal studio --host 0.0.0.0   # other machines: prints a token to use
+    """
+    from qlocal.studio.server import run_studio
+
+    run_studio(Path(root), host=host, port=port, token=token, echo=click.echo)
+
+
+@cli.command()
 @_opt("--model", "-m", help="Also say whether this model (folder, hub id or alias) will export to GGUF.")
 def doctor(model: str | None) -> None:
     """Print the platform, accelerators, installed extras and which backend `auto` picks and why."""

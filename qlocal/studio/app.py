@@ -1,0 +1,87 @@
+"""create_app(root, token): the studio's FastAPI app (see qlocal/studio/__init__.py for how pages plug in)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qlocal.studio.jobs import JobRunner
+
+HERE = Path(__file__).resolve().parent
+# Pages other modules provide; each is included when its module exists and has `router`.
+OPTIONAL_ROUTERS = ("exports", "chat")
+
+
+@dataclass
+class Studio:
+    """What every route shares, at `request.app.state.studio`."""
+
+    root: Path
+    token: str | None
+    jobs: JobRunner
+    templates: Any  # starlette Jinja2Templates over qlocal/studio/templates/
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "outputs"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+
+def plotly_js() -> Path | None:
+    """plotly.min.js inside the installed plotly package (charts are served from there, not copied)."""
+    spec = importlib.util.find_spec("plotly")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "package_data" / "plotly.min.js"
+    return path if path.is_file() else None
+
+
+def create_app(root: Path, token: str | None) -> Any:
+    """The studio over `root`'s working folders; with a token, every request must carry it."""
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.responses import FileResponse, PlainTextResponse, RedirectResponse
+    from fastapi.staticfiles import StaticFiles
+    from fastapi.templating import Jinja2Templates
+
+    from qlocal.studio import newrun, pages
+    from qlocal.studio.security import Guard, PathRefused
+
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    app = FastAPI(title="qlocal studio", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.studio = Studio(root.resolve(), token, JobRunner(root), templates)
+
+    @app.exception_handler(PathRefused)
+    async def _refused(request: Request, exc: PathRefused) -> PlainTextResponse:
+        return PlainTextResponse(f"403: {exc}\n", status_code=403)
+
+    @app.get("/static/plotly.min.js", include_in_schema=False)
+    async def _plotly() -> FileResponse:
+        path = plotly_js()
+        if path is None:
+            raise HTTPException(404, "plotly is not installed: pip install 'qlocal[studio]'")
+        return FileResponse(path, media_type="text/javascript")
+
+    @app.get("/", include_in_schema=False)
+    async def _home() -> RedirectResponse:
+        return RedirectResponse("/runs", status_code=303)
+
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    app.include_router(pages.router)
+    app.include_router(newrun.router)
+    for name in OPTIONAL_ROUTERS:
+        if importlib.util.find_spec(f"qlocal.studio.{name}") is not None:
+            module = importlib.import_module(f"qlocal.studio.{name}")
+            if hasattr(module, "router"):
+                app.include_router(module.router)
+    app.add_middleware(Guard, token=token)
+    return app
