@@ -159,6 +159,10 @@ class TrainConfig:
     """With several ranks (torchrun / accelerate launch): ddp (each rank holds the whole model;
     LoRA and QLoRA) or fsdp (FSDP2: base weights sharded across ranks per decoder layer, for 16-bit
     LoRA of models too large for one GPU). Ignored in a single process and on MLX."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that get every metrics.jsonl line, the config and loss.png: any of
+    tensorboard (<run>/tensorboard), wandb (WANDB_MODE=offline honoured), mlflow (MLFLOW_TRACKING_URI,
+    else sqlite under the run folder); empty or none = no tracker. See qlocal.tracking."""
 
 
 @dataclass
@@ -205,6 +209,9 @@ class Config:
         return dataclasses.asdict(self)
 
 
+REPORT_TO = ("tensorboard", "wandb", "mlflow")
+"""The experiment trackers `train.report_to` may name (qlocal.tracking has one module each)."""
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "train.backend": ("auto", "torch", "mlx"),
     "train.quantize": ("none", "4bit", "8bit"),
@@ -213,6 +220,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.distributed": ("ddp", "fsdp"),
     "train.method": ("sft", "dpo", "orpo", "kto", "simpo"),
     "preference.loss_type": ("sigmoid", "ipo"),
+    "train.report_to": REPORT_TO,  # each item of the list
     "data.format": ("auto", "alpaca", "sharegpt", "messages", "completion", "text", "pairs", "pairs_implicit", "kto"),
 }
 
@@ -307,7 +315,13 @@ def apply(cfg: Config, updates: dict[str, Any], source: str) -> Config:
             raise UserError(f"{source}: unknown config key '{dotted}'{_suggest(key, list(types))}")
         coerced = _coerce(dotted, value, types[key], source)
         allowed = CHOICES.get(dotted)
-        if allowed and coerced not in allowed:
+        if allowed and isinstance(coerced, list):  # a list key: every item is one of the choices
+            coerced = list(dict.fromkeys(v for v in coerced if v.lower() != "none"))
+            bad = [v for v in coerced if v not in allowed]
+            if bad:
+                raise UserError(f"{source}: '{dotted}' takes {', '.join(allowed)} (comma-separated) or none, "
+                                f"got {bad[0]!r}")
+        elif allowed and coerced not in allowed:
             raise UserError(f"{source}: '{dotted}' must be one of {', '.join(allowed)}, got {coerced!r}")
         setattr(section, key, coerced)
     _check(cfg, source)
