@@ -23,6 +23,11 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = Path(__file__).resolve().parent / "assets"
 
+# Under pytest-xdist (scripts/test.sh runs one worker per core) each worker gets its share of the
+# cores: more threads than cores makes OpenMP's spinning workers slow each other down.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+_THREADS = str(max(1, min(2, (os.cpu_count() or 2) // _WORKERS)))
+
 # Set before anything imports torch/transformers/huggingface_hub: they read these at import time.
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -30,8 +35,8 @@ OFFLINE_ENV = {
     "HF_DATASETS_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "TOKENIZERS_PARALLELISM": "false",  # avoids fork warnings/deadlocks in subprocess tests
-    "OMP_NUM_THREADS": "2",
-    "MKL_NUM_THREADS": "2",
+    "OMP_NUM_THREADS": _THREADS,
+    "MKL_NUM_THREADS": _THREADS,
 }
 os.environ.update(OFFLINE_ENV)
 
@@ -62,10 +67,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                           "budget; implies --run-slow). Or set QLOCAL_LONG=1.")
 
 
+RANK_TEST_PREFIXES = ("test_distributed", "test_preference_distributed")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     long = config.getoption("--run-long") or os.environ.get("QLOCAL_LONG") == "1"
     slow = long or config.getoption("--run-slow") or os.environ.get("QLOCAL_SLOW") == "1"
     for item in items:
+        if Path(item.fspath).name.startswith(RANK_TEST_PREFIXES):
+            # Tests that launch 2 ranks share one xdist worker (--dist loadgroup): two of them at once
+            # would be 4 busy processes on a 2-core box, and their launchers would race for ports.
+            item.add_marker(pytest.mark.xdist_group("ranks"))
         if "long" in item.keywords and not long:
             item.add_marker(pytest.mark.skip(reason="long (tens of minutes on 2 cores): run with --run-long or QLOCAL_LONG=1"))
         elif "slow" in item.keywords and not slow:
@@ -79,7 +91,7 @@ def _offline_session() -> None:
     # OMP_NUM_THREADS above caps torch when it is imported later; only adjust an already-imported
     # torch here, so data-only test runs don't pay for importing it.
     if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(2)
+        sys.modules["torch"].set_num_threads(int(_THREADS))
 
 
 # ---------------------------------------------------------------- tokenizer assets
