@@ -134,7 +134,10 @@ class JobRunner:
             job_id = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid() % 1000:03d}{len(self._procs):03d}{os.urandom(2).hex()}"
             folder = self.dir / job_id
             folder.mkdir(parents=True)
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            # The job runs the same qlocal as this studio, whatever the cwd or install.
+            here = str(Path(__file__).resolve().parents[2])
+            env = {**os.environ, "PYTHONUNBUFFERED": "1",
+                   "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
             with (folder / "log.txt").open("wb") as log:
                 proc = subprocess.Popen([sys.executable, "-m", "qlocal", *args], cwd=self.root, stdout=log,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,

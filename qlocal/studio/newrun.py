@@ -118,9 +118,9 @@ def validate(form: dict[str, str], root: Path) -> tuple[list[str], dict[str, str
         from qlocal import rundir
 
         try:
-            rundir.check_available(Path("outputs") / name, overwrite=False)  # the CLI's message
-        except UserError as e:
-            errors["run.name"] = str(e)
+            rundir.check_available(root / "outputs" / name, overwrite=False)
+        except UserError as e:  # the CLI's message, run from root as the job would be
+            errors["run.name"] = str(e).replace(str(root / "outputs" / name), f"outputs/{name}")
     if not errors:
         try:
             config_mod.build(None, None, sets)  # what only the whole set can tell (method vs options)

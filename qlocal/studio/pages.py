@@ -84,8 +84,9 @@ async def metrics_json(request: Request, name: str, after: int = Query(0, ge=0))
 
 @router.get("/api/runs/{name}/events")
 async def metrics_events(request: Request, name: str) -> Any:
-    """Server-sent events: `metrics` (new records), `reset` (file rewritten: all records again),
-    `status` (status, progress and log tail when they change) and `end` once the run is no longer running."""
+    """Server-sent events: `metrics` (new records), `reset` (file rewritten: all records again) and
+    `status` (status, progress and log tail, whenever they change). It follows the run until the
+    client leaves; the page's script closes it once the run is no longer running."""
     from sse_starlette.sse import EventSourceResponse
 
     studio = studio_of(request)
@@ -114,9 +115,6 @@ async def _event_stream(request: Request, studio: Any, path: Path) -> AsyncItera
         if summary != last_status:
             yield {"event": "status", "data": json.dumps(summary)}
             last_status = summary
-        if summary["status"] != "running" and runs_mod.file_identity(metrics) == ident:
-            yield {"event": "end", "data": summary["status"]}
-            return
         await asyncio.sleep(POLL_S)
 
 

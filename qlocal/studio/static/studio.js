@@ -73,8 +73,11 @@ function initRunPage() {
   const es = new EventSource(base + "/events");
   es.addEventListener("metrics", e => draw(JSON.parse(e.data), false));
   es.addEventListener("reset", e => draw(JSON.parse(e.data), true));
-  es.addEventListener("status", e => showStatus(JSON.parse(e.data)));
-  es.addEventListener("end", () => es.close());
+  es.addEventListener("status", e => {
+    const s = JSON.parse(e.data);
+    showStatus(s);
+    if (s.status !== "running") es.close();  // nothing more will come; Resume reloads the page
+  });
   fetch(base + "/example").then(r => r.json()).then(ex => {
     const pre = document.getElementById("example");
     pre.textContent = "";

@@ -1,0 +1,191 @@
+"""qlocal studio over HTTP: the Runs table from run folders, metrics by polling and by server-sent
+events on a real uvicorn, the New-run form's messages equal to the CLI's."""
+
+from __future__ import annotations
+
+import json
+import re
+from html import unescape
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+import httpx  # noqa: E402
+from studio_helpers import live_studio, make_run, metric_row  # noqa: E402
+
+LOCAL = "http://127.0.0.1:7860"
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    for d in ("outputs", "export", "data", "models"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text('{"instruction": "hi", "output": "hello"}\n')
+    return tmp_path
+
+
+@pytest.fixture
+def client(root: Path):
+    from fastapi.testclient import TestClient
+
+    from qlocal.studio.app import create_app
+
+    with TestClient(create_app(root, None), base_url=LOCAL) as c:
+        yield c
+
+
+def test_runs_table_from_run_folders(root: Path, client) -> None:
+    make_run(root, "done", steps=10, total=10, checkpoints=(10,), adapter=True, model="org/alpha", method="dpo")
+    make_run(root, "halted", steps=4, total=10, checkpoints=(4,), backend="mlx")
+    make_run(root, "broken", steps=0, total=10)
+    rows = {r["name"]: r for r in client.get("/api/runs").json()}
+    assert {n: r["status"] for n, r in rows.items()} == {"done": "finished", "halted": "stopped", "broken": "failed"}
+    done = rows["done"]
+    assert (done["base_model"], done["method"], done["backend"], done["steps"], done["total_steps"]) == \
+        ("org/alpha", "dpo", "torch", 10, 10)
+    assert done["last_loss"] == pytest.approx(1.5) and done["last_val_loss"] == pytest.approx(1.6)
+    assert done["tokens_per_s"] == 800.0
+    assert rows["halted"]["backend"] == "mlx" and rows["halted"]["steps"] == 4
+    page = client.get("/runs")
+    assert page.status_code == 200
+    for name, status in (("done", "finished"), ("halted", "stopped"), ("broken", "failed")):
+        assert re.search(rf'data-run="{name}"[^>]*data-status="{status}"', page.text.replace("\n", " "))
+    # Every column the table sorts on is carried on each row for the script.
+    keys = re.findall(r'class="sortable[^"]*" data-key="([a-z_]+)"', page.text)
+    assert keys == ["name", "base_model", "method", "backend", "status", "steps", "last_loss", "last_val_loss",
+                    "tokens_per_s", "started"]
+    assert all(f"data-{k}=" in page.text for k in keys)
+
+
+def test_run_page_shows_config_evals_and_exports(root: Path, client) -> None:
+    run = make_run(root, "done", steps=10, total=10, checkpoints=(10,), adapter=True)
+    (run / "eval-test.json").write_text(json.dumps({"metrics": {"loss": 1.25, "perplexity": 3.49}}))
+    exp = root / "export" / "done"
+    exp.mkdir()
+    (exp / "export.json").write_text(json.dumps({"run": str(run)}))
+    (exp / "Modelfile").write_text("FROM ./model-q8_0.gguf\nPARAMETER stop <|im_end|>\n")
+    (exp / "verify.json").write_text(json.dumps({"passed": False, "files": [
+        {"file": "model-q8_0.gguf", "tokenizer_match": True, "nmse": 1e-4, "nmse_limit": 1e-2, "greedy_agree": 1.0,
+         "stops_ok": True, "passed": False, "problems": ["greedy text differs"]}]}))
+    page = client.get("/runs/done")
+    assert page.status_code == 200
+    text = unescape(page.text)
+    assert "name: org/base-model" in text and "total_steps: 10" in text  # the resolved config.yaml
+    assert "eval-test.json" in text and "3.49" in text
+    assert "verify: FAIL" in text and "FAIL: greedy text differs" in text and "PARAMETER stop <|im_end|>" in text
+    for key in ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s"):
+        assert f'id="chart-{key}"' in text
+
+
+def test_metrics_polling_gets_new_lines_and_a_reset(root: Path, client) -> None:
+    run = make_run(root, "r", steps=3, total=10, checkpoints=(3,))
+    first = client.get("/api/runs/r/metrics").json()
+    assert [r["step"] for r in first["rows"]] == [1, 2, 3] and first["next"] == 3 and not first["reset"]
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(metric_row(4, 1.7)) + "\n" + json.dumps(metric_row(5, 1.6))[:20])  # 5 half-written
+    more = client.get(f"/api/runs/r/metrics?after={first['next']}").json()
+    assert [r["step"] for r in more["rows"]] == [4] and more["next"] == 4
+    # A resume rewrites metrics.jsonl shorter (lines past its checkpoint dropped): everything again.
+    (run / "metrics.jsonl").write_text(json.dumps(metric_row(1, 2.0)) + "\n")
+    again = client.get(f"/api/runs/r/metrics?after={more['next']}").json()
+    assert again["reset"] and [r["step"] for r in again["rows"]] == [1]
+    # ETA: the steps left times the measured step time (tokens / tokens_per_s = 0.5 s).
+    assert client.get("/api/runs/r").json()["progress"] == {"step": 1, "total": 10, "fraction": 0.1, "eta_s": 4.5}
+
+
+def _events(lines, want: int) -> list[tuple[str, object]]:
+    """Read SSE lines until `want` metrics/reset events arrived: [(event, data)]."""
+    out, event = [], None
+    for line in lines:
+        if line.startswith("event:"):
+            event = line.split(":", 1)[1].strip()
+        elif line.startswith("data:") and event:
+            out.append((event, json.loads(line.split(":", 1)[1])))
+            if sum(e in ("metrics", "reset") for e, _ in out) >= want:
+                return out
+            event = None
+    return out
+
+
+def test_event_stream_delivers_new_metrics_lines(root: Path) -> None:
+    run = make_run(root, "live", steps=2, total=10, checkpoints=(2,))
+    with live_studio(root) as (url, _), httpx.Client(base_url=url, timeout=60) as http:
+        with http.stream("GET", "/api/runs/live/events") as resp:
+            assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+            lines = resp.iter_lines()
+            got = _events(lines, 1)
+            assert [r["step"] for e, rows in got if e == "metrics" for r in rows] == [1, 2]
+            with (run / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(metric_row(3, 1.8)) + "\n")
+            got = _events(lines, 1)
+            assert [(e, [r["step"] for r in rows]) for e, rows in got if e == "metrics"] == [("metrics", [3])]
+            (run / "metrics.jsonl").write_text(json.dumps(metric_row(1, 2.0)) + "\n")  # rewritten by a resume
+            got = _events(lines, 1)
+            assert [(e, [r["step"] for r in rows]) for e, rows in got if e in ("metrics", "reset")] == [("reset", [1])]
+
+
+def _cli_error(qlocal_cli, *sets: str) -> str:
+    res = qlocal_cli("train", *[a for s in sets for a in ("--set", s)])
+    assert res.returncode == 2, res.stderr
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ")
+    return line[len("error: "):]
+
+
+def _field_errors(html: str) -> dict[str, str]:
+    return {k: unescape(v) for k, v in re.findall(r'<div class="error" id="error-([^"]+)">([^<]*)</div>', html)}
+
+
+@pytest.mark.parametrize("key,value", [("lora.rank", "abc"), ("train.method", "sfft"), ("lora.dropout", "1.5"),
+                                       ("train.batch_size", "0"), ("train.lr", "fast"), ("data.format", "csvish")])
+def test_form_errors_are_the_cli_messages(root: Path, client, qlocal_cli, key: str, value: str) -> None:
+    form = {"model.name": "gemma-3-270m", "data.path": "data/train.jsonl", key: value}
+    resp = client.post("/new", data=form, headers={"origin": LOCAL})
+    assert resp.status_code == 400
+    errors = _field_errors(resp.text)
+    assert errors == {key: _cli_error(qlocal_cli, f"{key}={value}")}
+    assert f'value="{value}"' in resp.text or f'<option value="{value}" selected>' in resp.text  # kept for fixing
+
+
+def test_form_model_error_is_resolve_models_message(root: Path, client, qlocal_cli) -> None:
+    resp = client.post("/new", data={"model.name": "no-such-model", "data.path": "data/train.jsonl"},
+                       headers={"origin": LOCAL})
+    assert resp.status_code == 400
+    assert _field_errors(resp.text)["model.name"] == _cli_error(qlocal_cli, "model.name=no-such-model",
+                                                                "data.path=data/train.jsonl")
+
+
+def test_form_existing_run_name_is_the_cli_message(root: Path, client, qlocal_cli) -> None:
+    make_run(root, "taken", steps=1, total=2, checkpoints=(1,))
+    resp = client.post("/new", data={"model.name": "gemma-3-270m", "data.path": "data/train.jsonl", "run.name": "taken"},
+                       headers={"origin": LOCAL})
+    assert resp.status_code == 400
+    cli = qlocal_cli("train", "--set", "model.name=gemma-3-270m", "--set", "data.path=data/train.jsonl",
+                     "--set", "run.output_dir=outputs", "--set", "run.name=taken", cwd=root)
+    assert cli.returncode == 2
+    assert _field_errors(resp.text)["run.name"] == cli.stderr.strip().splitlines()[-1][len("error: "):]
+
+
+def test_form_argv_is_qlocal_train_with_the_validated_sets(root: Path) -> None:
+    from qlocal.studio.newrun import validate
+
+    args, errors, name = validate({"model.name": "gemma-3-270m", "data.path": "data/train.jsonl", "lora.rank": "16",
+                                   "train.iters": "", "run.name": "mine"}, root)
+    assert errors == {} and name == "mine"
+    assert args == ["train", "--set", "model.name=gemma-3-270m", "--set", f"data.path={(root / 'data/train.jsonl').resolve()}",
+                    "--set", "lora.rank=16", "--set", "run.output_dir=outputs", "--set", "run.name=mine"]
+
+
+def test_new_form_shows_every_field_with_its_default(client) -> None:
+    from qlocal.studio.newrun import FIELDS, defaults
+
+    page = client.get("/new").text
+    values = defaults()
+    assert values["lora.rank"] == "8" and values["train.method"] == "sft"
+    for key, _, choices in FIELDS:
+        assert f'name="{key}"' in page
+        if choices:
+            assert f'<option value="{values[key]}" selected>' in page
