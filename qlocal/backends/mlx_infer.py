@@ -173,6 +173,39 @@ def stream(model: Any, tokenizer: Any, prompt: list[int], stop_ids: list[int], s
     wrapper = TokenizerWrapper(tokenizer, eos_token_ids=stop_ids)
     # mlx-lm reads top_p 0 or 1 as "off"; temp 0 is greedy.
     sampler = make_sampler(temp=sampling.temperature, top_p=sampling.top_p if sampling.top_p < 1 else 0.0)
-    for resp in stream_generate(model, wrapper, prompt, max_tokens=sampling.max_tokens, sampler=sampler):
-        if resp.text:
-            yield resp.text
+    yield from text_deltas(_generated_ids(stream_generate(model, wrapper, prompt, max_tokens=sampling.max_tokens,
+                                                          sampler=sampler)),
+                           tokenizer, keep_special=sampling.keep_special)
+
+
+def _generated_ids(responses: Iterator[Any]) -> Iterator[int]:
+    """The token ids of mlx-lm's stream_generate responses.
+
+    Its last response repeats the final token: an end-of-turn one when it stopped (never shown),
+    the last generated one when max_tokens ran out (not yielded before).
+    """
+    for resp in responses:
+        if resp.finish_reason is None or resp.finish_reason == "length":
+            yield int(resp.token)
+
+
+def text_deltas(ids: Iterator[int], tokenizer: Any, keep_special: bool = False) -> Iterator[str]:
+    """Text pieces of a growing token sequence, decoded as the torch path's streamer decodes it.
+
+    Special tokens are dropped unless `keep_special` (mlx-lm's own detokenizer keeps them all), and a
+    piece is held back while it ends inside a multi-byte character.
+    """
+    seen: list[int] = []
+    shown = ""
+    for token in ids:
+        seen.append(token)
+        text = tokenizer.decode(seen, skip_special_tokens=not keep_special)
+        if text.endswith("\ufffd") or not text.startswith(shown):
+            continue
+        if len(text) > len(shown):
+            yield text[len(shown):]
+            shown = text
+    if seen:
+        text = tokenizer.decode(seen, skip_special_tokens=not keep_special)
+        if text.startswith(shown) and len(text) > len(shown):
+            yield text[len(shown):]
