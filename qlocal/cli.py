@@ -31,6 +31,7 @@ TRAIN_FLAGS: dict[str, str] = {
     "weight_decay": "train.weight_decay", "max_grad_norm": "train.max_grad_norm",
     "grad_checkpointing": "train.grad_checkpointing", "dtype": "train.dtype", "seed": "train.seed",
     "eval_every": "train.eval_every", "save_every": "train.save_every", "keep_last": "train.keep_last",
+    "report_to": "train.report_to",
     "output_dir": "run.output_dir", "name": "run.name", "overwrite": "run.overwrite",
 }
 
@@ -92,6 +93,7 @@ def _opt(*names: str, **kw: Any) -> Any:
 @_opt("--eval-every", type=int, help="Validate every N steps. [default: 50]")
 @_opt("--save-every", type=int, help="Checkpoint every N steps. [default: 100]")
 @_opt("--keep-last", type=int, help="Checkpoints kept. [default: 2]")
+@_opt("--report-to", metavar="TRACKERS", help="Also log to tensorboard, wandb and/or mlflow (comma-separated). [default: none]")
 @_opt("--output-dir", "-o", help="Folder for run folders. [default: outputs]")
 @_opt("--name", help="Run folder name. [default: <model>-<date>-<time>]")
 @_opt("--overwrite", is_flag=True, default=None, help="Replace an existing run folder of that name.")

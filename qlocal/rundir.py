@@ -100,19 +100,28 @@ def save_checkpoint(run: Path, step: int, state: dict[str, Any], backend: Backen
 
 
 class Metrics:
-    """Append-only metrics.jsonl; on resume, lines past the checkpoint's step are dropped."""
+    """Append-only metrics.jsonl; on resume, lines past the checkpoint's step are dropped.
+
+    on_write, when set, gets every record written (the run's experiment trackers, qlocal.tracking);
+    logged_through is the last step the file held before resume cut it back (0 when fresh).
+    """
 
     def __init__(self, path: Path, resume_step: int | None = None) -> None:
         self.path = path
+        self.on_write: Callable[[dict[str, Any]], None] | None = None
+        self.logged_through = 0
         if resume_step is not None and path.exists():
-            kept = [ln for ln in path.read_text(encoding="utf-8").splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            self.logged_through = max((json.loads(ln).get("step", 0) for ln in lines), default=0)
+            kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= resume_step]
             atomic.write_text(path, "".join(ln + "\n" for ln in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
+        if self.on_write is not None:
+            self.on_write(record)
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from qlocal import distributed, preference_run, reference, rundir
+from qlocal import distributed, preference_run, reference, rundir, tracking
 from qlocal import hf
 from qlocal.backends.base import Backend, Batch, StepStats
 from qlocal.config import Config
@@ -182,6 +182,7 @@ def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
     else:
         run = Path(cfg.run.output_dir) / (cfg.run.name or _default_run_name(cfg.model.name))
         rundir.check_available(run, cfg.run.overwrite)
+    tracking.check_available(cfg.train.report_to)  # a missing tracker library stops us before any loading
     backend_name, reason = select_backend(cfg.train.backend)
     model = resolve_model(cfg.model.name, cfg.model.revision, allow_pickle=cfg.model.allow_pickle)
     model_id = fingerprint(model.path)
@@ -282,12 +283,24 @@ class _Progress:
 
 def _run_loop(run: Path, plan: _Plan, backend: Backend, resumed: bool, quiet: bool) -> Path:
     """Optimizer steps from the resume point to the end, then the adapter; Ctrl-C saves and exits 130."""
-    tc = plan.cfg.train
     main = distributed.current().is_main
     start, elapsed_before = _resume_point(run, backend, resumed)
     if main:
         rundir.save_config_with_template(run, plan.cfg, plan.resolved, plan.data.template)
     metrics = rundir.Metrics(run / "metrics.jsonl", resume_step=start if resumed and main else None)
+    # Rank 0's trackers get every line metrics.jsonl gets (qlocal.tracking); closed with the run's outcome.
+    trackers = (tracking.start(run, plan.cfg, plan.resolved, start if resumed else None, metrics.logged_through)
+                if main else tracking.Trackers())
+    metrics.on_write = trackers.log
+    with trackers.session(run):
+        return _steps(run, plan, backend, metrics, start, elapsed_before, quiet)
+
+
+def _steps(run: Path, plan: _Plan, backend: Backend, metrics: rundir.Metrics, start: int, elapsed_before: float,
+           quiet: bool) -> Path:
+    """The steps from `start` to the end, then the adapter and loss.png."""
+    tc = plan.cfg.train
+    main = distributed.current().is_main
     if not quiet:
         _print_header(run, plan.cfg, plan.resolved, plan.data, start)
     val_batches = _validation_batches(plan)

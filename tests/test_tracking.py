@@ -1,0 +1,234 @@
+"""train.report_to: TensorBoard, MLflow and W&B get what metrics.jsonl gets, read back with each
+library's own reader (TensorBoard's EventAccumulator, MlflowClient, `wandb leet inspect` on the
+offline run file). Each run is stopped by Ctrl-C after step 4, its step-4 checkpoint removed (as a
+kill after step 4 leaves it: metrics and trackers one step past the last checkpoint), and resumed:
+every tracker must still show one run with each step once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qlocal import rundir
+from qlocal.errors import UserError
+
+pytest.importorskip("torch")
+
+from train_helpers import DATA, metrics_rows, train_cfg  # noqa: E402
+
+ITERS, STOP_AT = 6, 4
+TIMING = {"tokens_per_s", "trained_tokens_per_s", "peak_memory_mb"}  # differ between two runs of one step
+
+
+def _stopped_and_resumed(model: Path, out: Path, trackers: str) -> Path:
+    """Train ITERS steps with `trackers`, Ctrl-C after step STOP_AT, drop that checkpoint, resume."""
+    from qlocal.config import Config
+    from qlocal.train import train
+
+    cfg = train_cfg("torch", model, out, "run", iters=ITERS, batch_size=2, save_every=3,
+                    **{"train.report_to": trackers, "data.val_split": 0.2, "train.eval_every": 3,
+                       "data.max_seq_len": 128})
+    real_write = rundir.Metrics.write
+
+    def write_then_ctrl_c(self: rundir.Metrics, record: dict[str, Any]) -> None:
+        real_write(self, record)
+        if record["step"] == STOP_AT:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rundir.Metrics, "write", write_then_ctrl_c)
+        with pytest.raises(SystemExit) as stopped:
+            train(cfg, quiet=True)
+    assert stopped.value.code == 130
+    run = out / "run"
+    assert [s for s, _ in rundir.checkpoints(run)] == [3, STOP_AT]
+    shutil.rmtree(run / "checkpoints" / f"step-{STOP_AT:08d}")
+    assert train(Config(), resume=run, quiet=True) == run
+    rows = metrics_rows(run)
+    assert [r["step"] for r in rows] == list(range(1, ITERS + 1))
+    return run
+
+
+@pytest.fixture(scope="module")
+def tracker_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Offline trackers writing under a temp folder; nothing reaches the network or ~/."""
+    root = tmp_path_factory.mktemp("tracking_env")
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_PROJECT", "WANDB_ENTITY"):
+            mp.delenv(key, raising=False)
+        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        mp.setenv("WANDB_MODE", "offline")
+        mp.setenv("WANDB_DIR", str(root))
+        mp.setenv("WANDB_SILENT", "true")
+        mp.setenv("WANDB_CONFIG_DIR", str(root / "config"))
+        mp.setenv("WANDB_CACHE_DIR", str(root / "cache"))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def tb_mlflow_run(tiny_model_dir: Any, tmp_path_factory: pytest.TempPathFactory, tracker_env: Path) -> Path:
+    """One stopped-and-resumed run tracked by TensorBoard and MLflow, then `qlocal eval`ed."""
+    pytest.importorskip("tensorboardX")
+    pytest.importorskip("mlflow")
+    from qlocal.evaluate import EvalOptions, run_eval
+
+    run = _stopped_and_resumed(tiny_model_dir("qwen2"), tmp_path_factory.mktemp("tracked"), "tensorboard,mlflow")
+    held_out = run.parent / "held_out.jsonl"
+    held_out.write_text("".join(DATA.read_text(encoding="utf-8").splitlines(keepends=True)[:3]), encoding="utf-8")
+    run_eval(str(run), EvalOptions(data=str(held_out), generate=False), echo=lambda _: None, quiet=True)
+    assert (run / "eval-held_out.json").is_file()
+    return run
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    return [(r["step"], float(r[key])) for r in rows if key in r]
+
+
+def _keys(rows: list[dict[str, Any]]) -> set[str]:
+    return {k for r in rows for k, v in r.items() if k != "step" and isinstance(v, (int, float))}
+
+
+def _assert_matches_metrics(got: dict[str, list[tuple[int, float]]], rows: list[dict[str, Any]],
+                            resent: bool, rel: float) -> None:
+    """got[key] == metrics.jsonl's (step, value) per step; `resent`: STOP_AT holds the stopped
+    session's value (trackers that cannot drop a point), equal up to the resume's exactness."""
+    assert _keys(rows) <= got.keys()
+    for key in _keys(rows):
+        want = _series(rows, key)
+        assert [s for s, _ in got[key]] == [s for s, _ in want], f"{key}: each step once, in order"
+        for (step, g), (_, w) in zip(got[key], want):
+            if resent and step == STOP_AT:
+                if key not in TIMING:
+                    assert g == pytest.approx(w, rel=1e-4, abs=1e-5), f"{key} at the re-run step {step}"
+            else:
+                assert g == pytest.approx(w, rel=rel), f"{key} at step {step}"
+
+
+def test_tensorboard_holds_metrics_jsonl_once_per_step(tb_mlflow_run: Path) -> None:
+    """Read with TensorBoard's own EventAccumulator: the resumed session's purge_step dropped the
+    stopped session's step 4, so every step shows once with the value metrics.jsonl has."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    acc = EventAccumulator(str(tb_mlflow_run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    rows = metrics_rows(tb_mlflow_run)
+    got = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    _assert_matches_metrics(got, rows, resent=False, rel=1e-6)  # event files store float32
+    assert got["eval/held_out/loss"] == [(ITERS, pytest.approx(_eval_loss(tb_mlflow_run), rel=1e-6))]
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["lora.rank"].number_value == 8
+    assert start.hparams["train.report_to"].string_value == "['tensorboard', 'mlflow']"
+    assert start.hparams["resolved.total_steps"].number_value == ITERS
+    assert "loss.png" in acc.Tags()["images"]
+
+
+def _eval_loss(run: Path) -> float:
+    return json.loads((run / "eval-held_out.json").read_text(encoding="utf-8"))["metrics"]["loss"]
+
+
+def test_mlflow_holds_one_run_with_metrics_params_and_artifacts(tb_mlflow_run: Path) -> None:
+    """Read with MlflowClient from the run folder's own store: one run (the resume continued it),
+    finished, every metric per step, the config as params, config.yaml/loss.png/eval report."""
+    from mlflow.tracking import MlflowClient
+
+    state = json.loads((tb_mlflow_run / "tracking.json").read_text())["mlflow"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tb_mlflow_run / 'mlflow.db'}")
+    runs = client.search_runs([state["experiment_id"]])
+    assert [r.info.run_id for r in runs] == [state["run_id"]]
+    run = client.get_run(state["run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    rows = metrics_rows(tb_mlflow_run)
+    got = {key: sorted((m.step, m.value) for m in client.get_metric_history(state["run_id"], key))
+           for key in run.data.metrics}
+    _assert_matches_metrics(got, rows, resent=True, rel=1e-12)
+    assert got["eval/held_out/loss"] == [(ITERS, pytest.approx(_eval_loss(tb_mlflow_run), rel=1e-12))]
+    params = run.data.params
+    assert params["lora.rank"] == "8" and params["train.iters"] == str(ITERS)
+    assert params["resolved.backend"] == "torch" and params["train.report_to"] == "['tensorboard', 'mlflow']"
+    assert {a.path for a in client.list_artifacts(state["run_id"])} >= {"config.yaml", "loss.png", "eval-held_out.json"}
+
+
+@pytest.fixture(scope="module")
+def wandb_run(tiny_model_dir: Any, tmp_path_factory: pytest.TempPathFactory, tracker_env: Path) -> Path:
+    pytest.importorskip("wandb")
+    return _stopped_and_resumed(tiny_model_dir("qwen2"), tmp_path_factory.mktemp("wandb_tracked"), "wandb")
+
+
+def _inspect(run_file: Path) -> list[dict[str, Any]]:
+    """The records of an offline .wandb file, as W&B's own reader (`wandb leet inspect`) prints them."""
+    wandb_cli = Path(sys.executable).with_name("wandb")
+    out = subprocess.run([str(wandb_cli), "leet", "inspect", "--json", str(run_file)], capture_output=True,
+                         text=True, timeout=300, check=True).stdout
+    return [json.loads(ln) for ln in out.splitlines() if ln.strip()]
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_resumes_the_same_id_with_metrics_jsonl(wandb_run: Path, tracker_env: Path) -> None:
+    """Two offline sessions of one W&B run id (stopped at step 4: exit 130; resumed: exit 0); their
+    history rows are metrics.jsonl's steps, each once (the resumed one starts after step 4)."""
+    run_id = json.loads((wandb_run / "tracking.json").read_text())["wandb"]["id"]
+    sessions = sorted((tracker_env / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(sessions) == 2
+    rows = metrics_rows(wandb_run)
+    got: dict[str, list[tuple[int, float]]] = {}
+    exits, configs, files = [], [], set()
+    for session in sessions:
+        for rec in _inspect(session / f"run-{run_id}.wandb"):
+            if rec["type"] == "history":
+                step = rec["history"]["step"]["num"]
+                for k, v in rec["history"]["item"].items():
+                    if not k.startswith("_"):
+                        got.setdefault(k, []).append((int(step), float(v)))
+            elif rec["type"] == "exit":
+                exits.append(rec["exit"].get("exit_code", 0))
+            elif rec["type"] == "run":
+                configs.append(rec["run"].get("config", {}).get("update", {}))
+                assert rec["run"]["run_id"] == run_id and rec["run"]["project"] == "qlocal"
+            elif rec["type"] == "files":
+                files |= {f["path"] for f in rec["files"]["files"]}
+    assert exits == [130, 0]
+    _assert_matches_metrics(got, rows, resent=True, rel=1e-12)
+    assert configs[0]["lora.rank"] == 8 and configs[0]["resolved.backend"] == "torch"
+    assert {"config.yaml", "loss.png"} <= files
+
+
+def test_missing_tracker_library_is_one_line_before_training(tiny_model_dir: Any, tmp_path: Path) -> None:
+    """A named tracker whose library is absent stops the run before any model loads, naming the extra."""
+    from qlocal.train import train
+
+    cfg = train_cfg("torch", tiny_model_dir("qwen2"), tmp_path, "run", iters=2, **{"train.report_to": "tensorboard"})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "tensorboardX", None)  # what `import tensorboardX` finds when it is not installed
+        with pytest.raises(UserError) as err:
+            train(cfg, quiet=True)
+    msg = str(err.value)
+    assert "\n" not in msg and "train.report_to: tensorboard needs tensorboardX" in msg
+    assert "pip install 'qlocal[tensorboard]'" in msg
+    assert not (tmp_path / "run").exists()
+
+
+def test_report_to_on_the_command_line(tmp_path: Path) -> None:
+    """--report-to is train.report_to: an unknown tracker is one line naming the key and the allowed values."""
+    from conftest import run_qlocal
+
+    bad = run_qlocal("train", "--report-to", "tensorboard,comet", "--output-dir", tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == ("error: command line: 'train.report_to' takes tensorboard, wandb, mlflow "
+                                  "(comma-separated) or none, got 'comet'")
+    from qlocal import config as config_mod
+
+    assert config_mod.build(flags={"train.report_to": "wandb, mlflow"}).train.report_to == ["wandb", "mlflow"]
+    assert config_mod.build(flags={"train.report_to": "none"}).train.report_to == []
+    assert config_mod.Config().train.report_to == []
