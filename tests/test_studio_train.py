@@ -1,0 +1,113 @@
+"""A real tiny training driven through the studio's HTTP API on a real uvicorn: started from the
+New-run form, followed by server-sent events, stopped (SIGINT: exit 130 and a checkpoint),
+resumed, finished; its rendered example equals what `qlocal data check` shows."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+pytest.importorskip("torch")
+
+import httpx  # noqa: E402
+from studio_helpers import live_studio  # noqa: E402
+from train_helpers import DATA, HANG_GUARD_S, metrics_rows  # noqa: E402
+
+ITERS = 120
+
+
+def _poll(http: httpx.Client, url: str, done, what: str) -> dict:
+    """GET url until done(json) holds (a hung training is the only way to reach the guard)."""
+    guard = time.monotonic() + HANG_GUARD_S
+    while True:
+        doc = http.get(url).json()
+        if done(doc):
+            return doc
+        assert time.monotonic() < guard, f"never reached: {what}; last {doc}"
+        time.sleep(0.05)  # poll interval
+
+
+@pytest.mark.slow
+def test_train_stop_resume_finish_through_the_api(tiny_model_dir, tmp_path: Path) -> None:
+    root = tmp_path / "work"
+    for d in ("outputs", "export", "data"):
+        (root / d).mkdir(parents=True)
+    shutil.copytree(tiny_model_dir("qwen2"), root / "models" / "tiny")
+    shutil.copy(DATA, root / "data" / DATA.name)
+    form = {"model.name": "models/tiny", "data.path": f"data/{DATA.name}", "train.backend": "torch",
+            "train.iters": str(ITERS), "train.batch_size": "2", "data.max_seq_len": "128", "train.lr": "3e-3",
+            "train.save_every": "1000", "train.eval_every": "5", "data.val_split": "0.1", "lora.rank": "4",
+            "run.name": "tiny"}
+    with live_studio(root) as (url, app), httpx.Client(base_url=url, timeout=120) as http:
+        origin = {"origin": url}
+        resp = http.post("/new", data=form, headers=origin)
+        assert resp.status_code == 303 and resp.headers["location"] == "/runs/tiny", resp.text
+        job = app.state.studio.jobs.active_for("outputs/tiny")
+        assert job is not None and job.args[:1] == ["train"]
+
+        # Live metrics by server-sent events while it trains: step lines arrive one after another.
+        steps: list[int] = []
+        statuses: list[str] = []
+        with http.stream("GET", "/api/runs/tiny/events") as events:
+            event = None
+            for line in events.iter_lines():
+                if line.startswith("event:"):
+                    event = line.split(":", 1)[1].strip()
+                elif line.startswith("data:"):
+                    data = json.loads(line.split(":", 1)[1])
+                    if event == "metrics":
+                        steps += [r["step"] for r in data]
+                    elif event == "status":
+                        statuses.append(data["status"])
+                    if len(steps) >= 3:
+                        break
+        assert steps[:3] == [1, 2, 3] and "running" in statuses
+
+        run = _poll(http, "/api/runs/tiny", lambda d: d["status"] == "running" and d["steps"] >= 3, "step 3")
+        assert run["total_steps"] == ITERS and 0 < run["progress"]["fraction"] < 1 and run["progress"]["eta_s"] > 0
+        assert http.post("/runs/tiny/stop", headers=origin).status_code == 303
+        stopped = _poll(http, "/api/runs/tiny", lambda d: d["status"] != "running", "the stop")
+        assert stopped["status"] == "stopped" and stopped["returncode"] == 130, stopped
+        log = http.get(f"/api/jobs/{stopped['job']}").json()["log"]
+        assert "continue with: qlocal train --resume" in log and "Traceback" not in log
+        ckpts = sorted((root / "outputs/tiny/checkpoints").glob("step-*"))
+        assert len(ckpts) == 1 and int(ckpts[0].name[5:]) == stopped["steps"] < ITERS
+        assert not (root / "outputs/tiny/adapter").exists()
+
+        page = http.get("/runs/tiny").text
+        assert 'id="resume-button" ' in page and 'id="resume-button" hidden' not in page
+        assert http.post("/runs/tiny/resume", headers=origin).status_code == 303
+        done = _poll(http, "/api/runs/tiny", lambda d: d["status"] != "running", "the end")
+        assert done["status"] == "finished" and done["returncode"] == 0 and done["steps"] == ITERS, done
+        assert done["progress"]["fraction"] == 1.0 and done["progress"]["eta_s"] == 0
+        assert [r["step"] for r in metrics_rows(root / "outputs/tiny") if "loss" in r] == list(range(1, ITERS + 1))
+        assert (root / "outputs/tiny/adapter/adapter_config.json").is_file()
+        jobs = http.get("/api/jobs").json()
+        assert [(j["args"][1], j["status"], j["returncode"]) for j in jobs] == \
+            [("--resume", "finished", 0), ("--set", "stopped", 130)]
+
+        listed = {r["name"]: r for r in http.get("/api/runs").json()}
+        assert listed["tiny"]["status"] == "finished" and listed["tiny"]["backend"] == "torch"
+        assert http.post("/runs/tiny/stop", headers=origin).status_code == 409
+
+        example = http.get("/api/runs/tiny/example").json()
+        assert "error" not in example, example
+        assert any(t for t, trained in example["segments"] if trained) and any(not tr for _, tr in example["segments"])
+    _assert_example_matches_data_check(root, example)
+
+
+def _assert_example_matches_data_check(root: Path, example: dict) -> None:
+    """The page's example, trained spans wrapped in [[ ]], is the example `qlocal data check` prints."""
+    from conftest import run_qlocal
+
+    res = run_qlocal("data", "check", f"data/{DATA.name}", "--model", "models/tiny", "--max-seq-len", "128", cwd=root)
+    assert res.returncode == 0, res.stderr
+    shown = res.stdout.split("(trained spans in [[ ]]):\n", 1)[1]
+    page = "".join(f"[[{t}]]" if trained else t for t, trained in example["segments"])
+    assert shown.rstrip("\n") == page.rstrip("\n")
