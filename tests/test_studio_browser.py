@@ -179,7 +179,7 @@ def _start_run(page: Any, url: str, name: str, iters: int, lr: str) -> None:
     """Fill the New-run form for the tiny model and start it; lands on the run's page."""
     page.goto(url + "/new")
     fields = {"run.name": name, "model.name": "models/tiny", "data.path": "data/alpaca_sample.jsonl",
-              "data.max_seq_len": "64", "data.val_split": "0.1", "train.iters": str(iters),
+              "data.max_seq_len": "128", "data.val_split": "0.1", "train.iters": str(iters),
               "train.batch_size": "1", "train.eval_every": "4", "train.save_every": "1000",
               "train.lr": lr, "lora.rank": "4"}
     for key, value in fields.items():

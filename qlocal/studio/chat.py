@@ -19,7 +19,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse, StreamingResponse
@@ -129,11 +129,23 @@ class Loaded:
         self._load = load
         self._gen: Any = None
 
-    def generator(self) -> Any:
-        """The loaded generator (call on the worker thread only)."""
-        if self._gen is None:
+    def reply(self, messages: list[dict[str, str]], sampling: Any) -> Iterator[str]:
+        """Stream one reply (on the worker thread only), loading the model first if need be.
+
+        A load and its first reply hold a process-wide lock: transformers' loading patches module
+        construction process-wide (empty weights on the meta device) and imports its submodules
+        lazily, so two models loading (or first generating) at once on two threads break each other.
+        """
+        if self._gen is not None:
+            yield from self._gen.chat(messages, sampling)
+            return
+        with _load_lock:
             self._gen = self._load()
-        return self._gen
+            yield from self._gen.chat(messages, sampling)
+
+    @property
+    def ready(self) -> bool:
+        return self._gen is not None
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)  # the replies queued finish; the model goes with the last reference
@@ -141,6 +153,7 @@ class Loaded:
 
 _models: OrderedDict[tuple[str, str], Loaded] = OrderedDict()
 _models_lock = threading.Lock()
+_load_lock = threading.Lock()
 
 
 def loaded(t: Target, side: str) -> Loaded:
@@ -162,14 +175,13 @@ def _generate(model: Loaded, side: str, messages: list[dict[str, str]], sampling
     """One reply, on the model's worker thread: pieces, then done or error, through `put`."""
     t0 = time.perf_counter()
     try:
-        put({"side": side, "status": f"loading {model.label}…" if model._gen is None else model.label})
-        gen = model.generator()
-        put({"side": side, "status": model.label})
-        for piece in gen.chat(messages, sampling):
+        put({"side": side, "status": model.label if model.ready else f"loading {model.label}…"})
+        for piece in model.reply(messages, sampling):
             if cancel.is_set():
                 break
             if piece:
                 put({"side": side, "text": piece})
+        put({"side": side, "status": model.label})
         put({"side": side, "done": True, "seconds": round(time.perf_counter() - t0, 2)})
     except UserError as e:
         put({"side": side, "error": str(e)})
@@ -224,8 +236,17 @@ async def _stream(sides: list[tuple[str, Loaded, list[dict[str, str]]]], samplin
     def put(item: dict[str, Any]) -> None:
         loop.call_soon_threadsafe(queue.put_nowait, item)
 
+    def report(side: str) -> Callable[[Any], None]:
+        def done(fut: Any) -> None:  # _generate reports its own errors; this catches what escapes it
+            if not fut.cancelled() and fut.exception() is not None:
+                put({"side": side, "error": f"{type(fut.exception()).__name__}: {fut.exception()}"})
+        return done
+
     for side, model, messages in sides:
-        model.pool.submit(_generate, model, side, messages, sampling, put, cancel)
+        try:
+            model.pool.submit(_generate, model, side, messages, sampling, put, cancel).add_done_callback(report(side))
+        except RuntimeError:  # its pool shut down: another request unloaded it just now
+            put({"side": side, "error": f"{model.label} was unloaded for another model; send again"})
     pending = len(sides)
     try:
         while pending:
