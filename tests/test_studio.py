@@ -189,3 +189,32 @@ def test_new_form_shows_every_field_with_its_default(client) -> None:
         assert f'name="{key}"' in page
         if choices:
             assert f'<option value="{values[key]}" selected>' in page
+
+
+def test_a_job_that_fails_shows_as_failed_with_its_error(root: Path, client) -> None:
+    """A run whose `qlocal train` stops at a user error before making its folder: failed, with the
+    CLI's one-line error on its page (here: a hub model that offline mode cannot fetch)."""
+    resp = client.post("/new", data={"model.name": "org/not-cached", "data.path": "data/train.jsonl",
+                                     "run.name": "f1"}, headers={"origin": LOCAL}, follow_redirects=False)
+    assert resp.status_code == 303 and resp.headers["location"] == "/runs/f1"
+    (job,) = client.app.state.studio.jobs.for_run("outputs/f1")
+    assert job.args[0] == "train" and client.app.state.studio.jobs.wait(job.id) == 2
+    run = client.get("/api/runs/f1").json()
+    assert (run["status"], run["returncode"], run["resumable"]) == ("failed", 2, False)
+    assert [(r["name"], r["status"]) for r in client.get("/api/runs").json()] == [("f1", "failed")]
+    page = unescape(client.get("/runs/f1").text)
+    assert "error: org/not-cached: cannot download" in page and 'id="resume-button" hidden' in page
+    assert not (root / "outputs" / "f1").exists()
+
+
+def test_studio_command_help_and_lazy_imports(qlocal_cli) -> None:
+    res = qlocal_cli("studio", "--help")
+    assert res.returncode == 0
+    for opt in ("--host", "--port", "--token", "--root", "127.0.0.1", "7860"):
+        assert opt in res.stdout
+    import subprocess
+    import sys
+
+    probe = "import sys, qlocal.cli; print([m for m in ('fastapi', 'uvicorn', 'starlette', 'jinja2', 'plotly') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"

@@ -28,8 +28,7 @@ def run_path(studio: Any, name: str) -> Path:
     path = confine(studio.root, Path("outputs") / name, ("outputs",))
     if path.parent != studio.runs_dir.resolve():
         raise PathRefused(f"{name}: not a run folder directly inside outputs/")
-    busy = any(j.run == f"outputs/{name}" and j.alive() for j in studio.jobs.list())
-    if not (path / "config.yaml").is_file() and not busy:
+    if not (path / "config.yaml").is_file() and not studio.jobs.for_run(f"outputs/{name}"):
         raise HTTPException(404, f"no run {name!r} in outputs/")
     return path
 

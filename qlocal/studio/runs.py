@@ -45,13 +45,15 @@ class RunInfo:
     started: float = 0.0
     job: Job | None = None
     returncode: int | None = None
+    resumable: bool = False  # not running or finished, and a checkpoint to continue from
     config: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "base_model": self.base_model, "method": self.method, "backend": self.backend,
                 "status": self.status, "steps": self.steps, "total_steps": self.total_steps,
                 "last_loss": self.last_loss, "last_val_loss": self.last_val_loss, "tokens_per_s": self.tokens_per_s,
-                "started": self.started, "job": self.job.id if self.job else None, "returncode": self.returncode}
+                "started": self.started, "job": self.job.id if self.job else None, "returncode": self.returncode,
+                "resumable": self.resumable}
 
 
 def read_config(run: Path) -> dict[str, Any]:
@@ -133,6 +135,7 @@ def run_info(run: Path, runner: JobRunner, root: Path) -> RunInfo:
                    method=str((doc.get("train") or {}).get("method", "sft")),
                    backend=str(resolved.get("backend") or (doc.get("train") or {}).get("backend", "")),
                    returncode=job.returncode() if job else None)
+    info.resumable = status in ("stopped", "failed") and _last_checkpoint(run) is not None
     info.started = min([j.started for j in jobs] or [_mtime(run)])
     for r in rows:
         info.steps = max(info.steps, int(r.get("step", 0)))
@@ -153,20 +156,22 @@ def _mtime(p: Path) -> float:
 
 
 def list_runs(runs_dir: Path, runner: JobRunner, root: Path) -> list[RunInfo]:
-    """Every run folder (one with config.yaml) under outputs/, newest first, plus runs a studio job
-    is starting that have not written config.yaml yet."""
+    """Every run folder (one with config.yaml) under outputs/, newest first, plus runs of studio
+    jobs that have no config.yaml (yet, while starting; or ever, when the job failed first: its log
+    on the run page says why)."""
     found: dict[str, RunInfo] = {}
     if runs_dir.is_dir():
         for p in sorted(runs_dir.iterdir()):
             if p.is_dir() and not p.name.startswith(".") and (p / "config.yaml").is_file():
                 found[p.name] = run_info(p, runner, root)
-    for job in runner.list():
-        if job.kind == "train" and job.run and job.alive():
+    for job in runner.list():  # newest first: the latest job of a run decides
+        if job.kind == "train" and job.run:
             p = root / job.run
             if p.parent == runs_dir and p.name not in found:
-                found[p.name] = RunInfo(name=p.name, path=p, status="running", job=job, started=job.started,
+                found[p.name] = RunInfo(name=p.name, path=p, status=job.status(), job=job, started=job.started,
                                         base_model=_set_value(job.args, "model.name"), backend="",
-                                        method=_set_value(job.args, "train.method") or "sft")
+                                        method=_set_value(job.args, "train.method") or "sft",
+                                        returncode=job.returncode())
     return sorted(found.values(), key=lambda r: r.started, reverse=True)
 
 

@@ -62,7 +62,7 @@ function initRunPage() {
     const badge = document.getElementById("run-status");
     badge.textContent = s.status; badge.className = "status " + s.status; box.dataset.status = s.status;
     document.getElementById("stop-button").hidden = s.status !== "running";
-    document.getElementById("resume-button").hidden = s.status !== "stopped";
+    document.getElementById("resume-button").hidden = !s.resumable;
     const p = s.progress || {};
     document.getElementById("progress-bar").style.width = (100 * (p.fraction || 0)).toFixed(1) + "%";
     let text = p.total ? `step ${p.step} / ${p.total}` : (p.step ? `step ${p.step}` : "starting…");
