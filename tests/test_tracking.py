@@ -232,3 +232,65 @@ def test_report_to_on_the_command_line(tmp_path: Path) -> None:
     assert config_mod.build(flags={"train.report_to": "wandb, mlflow"}).train.report_to == ["wandb", "mlflow"]
     assert config_mod.build(flags={"train.report_to": "none"}).train.report_to == []
     assert config_mod.Config().train.report_to == []
+
+
+def test_wandb_without_login_is_one_line(tmp_path: Path) -> None:
+    """Online W&B with no API key anywhere: wandb's own reason and the offline way out, on one line."""
+    pytest.importorskip("wandb")
+    from qlocal.tracking import wandb as wandb_tracker
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR"):
+            mp.delenv(key, raising=False)
+        mp.setenv("HOME", str(tmp_path))  # no ~/.netrc
+        mp.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+        mp.setenv("WANDB_SILENT", "true")
+        with pytest.raises(UserError) as err:
+            wandb_tracker.open_run(tmp_path / "run", {}, {"lora.rank": 8}, purge_from=None, skip_through=0)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("wandb: ") and "wandb login" in msg and "WANDB_MODE=offline" in msg
+
+
+def _tensorboard_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_mlx_backend_logs_through_the_same_hook(tiny_model_dir: Any, tmp_path: Path) -> None:
+    """The MLX backend's metrics reach TensorBoard exactly as metrics.jsonl has them (no torch writer needed)."""
+    pytest.importorskip("mlx_lm")
+    pytest.importorskip("tensorboardX")
+    from qlocal.train import train
+
+    cfg = train_cfg("mlx", tiny_model_dir("qwen2"), tmp_path, "mlx", iters=3, batch_size=2,
+                    **{"train.report_to": "tensorboard", "data.max_seq_len": 128})
+    run = train(cfg, quiet=True)
+    _assert_matches_metrics(_tensorboard_scalars(run), metrics_rows(run), resent=False, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_only_rank_zero_tracks_under_torchrun(tiny_model_dir: Any, tmp_path: Path, tracker_env: Path) -> None:
+    """2 ranks (torchrun, gloo) sharing one run folder: one TensorBoard events file and one MLflow run,
+    each step once; a tracker opened on rank 1 too would show two of each."""
+    pytest.importorskip("tensorboardX")
+    pytest.importorskip("mlflow")
+    from conftest import run_group
+    from mlflow.tracking import MlflowClient
+    from train_helpers import subprocess_env
+
+    args = ["-m", "qlocal", "train", "--backend", "torch", "--model", str(tiny_model_dir("qwen2")), "--data",
+            str(DATA), "--iters", "3", "--batch-size", "2", "--max-seq-len", "128", "--report-to", "tensorboard,mlflow",
+            "--output-dir", str(tmp_path), "--name", "ddp", "--quiet"]
+    done = run_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
+                     env=subprocess_env(OMP_NUM_THREADS="1"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "ddp"
+    rows = metrics_rows(run)
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    _assert_matches_metrics(_tensorboard_scalars(run), rows, resent=False, rel=1e-6)
+    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
+    (only,) = client.search_runs([json.loads((run / "tracking.json").read_text())["mlflow"]["experiment_id"]])
+    assert [m.step for m in client.get_metric_history(only.info.run_id, "loss")] == [1, 2, 3]

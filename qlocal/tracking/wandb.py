@@ -50,5 +50,6 @@ def open_run(run: Path, state: dict[str, Any], params: dict[str, Any] | None, pu
                         settings=wandb.Settings(console="off"))  # the terminal stays qlocal's
     except wandb.errors.Error as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"wandb: {first}; log in with `wandb login`, or set WANDB_MODE=offline") from None
+        raise UserError(f"wandb: {first} (or set WANDB_MODE=offline to keep the run local; "
+                        "`wandb sync` uploads it later)") from None
     return WandbRun(wb, skip_through)
