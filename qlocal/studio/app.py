@@ -49,7 +49,7 @@ def plotly_js() -> Path | None:
 def create_app(root: Path, token: str | None) -> Any:
     """The studio over `root`'s working folders; with a token, every request must carry it."""
     from fastapi import FastAPI, HTTPException, Request
-    from fastapi.responses import FileResponse, PlainTextResponse, RedirectResponse
+    from fastapi.responses import FileResponse, PlainTextResponse, RedirectResponse, Response
     from fastapi.staticfiles import StaticFiles
     from fastapi.templating import Jinja2Templates
 
@@ -70,6 +70,10 @@ def create_app(root: Path, token: str | None) -> Any:
         if path is None:
             raise HTTPException(404, "plotly is not installed: pip install 'qlocal[studio]'")
         return FileResponse(path, media_type="text/javascript")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def _favicon() -> Response:
+        return Response(status_code=204)  # none; saves the browser a 404 per page
 
     @app.get("/", include_in_schema=False)
     async def _home() -> RedirectResponse:

@@ -42,4 +42,5 @@ def run_studio(root: Path, host: str, port: int, token: str | None, echo: object
     if generated:
         say(f"token     {token}  (generated: every request must carry it)")
     say(f"open      {url}")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # Open event streams never end by themselves: give them a moment, then stop anyway.
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)

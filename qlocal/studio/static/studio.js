@@ -23,6 +23,24 @@ function initRunsTable() {
       rows.forEach(r => body.appendChild(r));
     });
   });
+  // While a run trains, keep its row's status, steps and losses current (no reload).
+  const refresh = () => {
+    if (!table.querySelector('tr[data-status="running"]')) return;
+    fetch("/api/runs").then(r => r.json()).then(all => {
+      all.forEach(run => {
+        const tr = table.querySelector(`tr[data-run="${CSS.escape(run.name)}"]`);
+        if (!tr) return;
+        const cells = tr.cells, num = (v, d) => (v === null || v === undefined) ? "" : Number(v).toFixed(d);
+        ["status", "steps", "last_loss", "last_val_loss", "tokens_per_s"].forEach(k => { tr.dataset[k] = run[k] === null ? "" : run[k]; });
+        cells[5].innerHTML = ""; const badge = document.createElement("span");
+        badge.className = "status " + run.status; badge.textContent = run.status; cells[5].appendChild(badge);
+        cells[6].textContent = run.steps + (run.total_steps ? " / " + run.total_steps : "");
+        cells[7].textContent = num(run.last_loss, 4); cells[8].textContent = num(run.last_val_loss, 4);
+        cells[9].textContent = num(run.tokens_per_s, 0);
+      });
+    });
+  };
+  setInterval(refresh, 2000);
 }
 
 function plotReady() { return typeof Plotly !== "undefined"; }
