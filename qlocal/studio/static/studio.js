@@ -51,6 +51,19 @@ function newChart(div) {
                             xaxis: {title: {text: "step"}}, showlegend: true}, {responsive: true, displaylogo: false});
 }
 
+// Plotly pads a flat series by +-1, which flattens a constant learning rate (1e-4) onto 0.
+function fitFlat(div) {
+  const ys = [].concat(...(div.data || []).map(t => Array.from(t.y || [])));
+  if (!ys.length) return;
+  const lo = Math.min(...ys), hi = Math.max(...ys);
+  if (lo === hi) {
+    const pad = lo === 0 ? 1 : Math.abs(lo) * 0.1;
+    Plotly.relayout(div, {"yaxis.range": [lo - pad, hi + pad]});
+  } else if (div.layout.yaxis && div.layout.yaxis.range && !div.layout.yaxis.autorange) {
+    Plotly.relayout(div, {"yaxis.autorange": true});
+  }
+}
+
 function seriesOf(rows, key) {
   const xs = [], ys = [];
   rows.forEach(r => { if (r[key] !== undefined && r[key] !== null) { xs.push(r.step); ys.push(r[key]); } });
@@ -74,6 +87,7 @@ function initRunPage() {
         Plotly.extendTraces(div, {x: [xs], y: [ys]}, [0]);
         div.dataset.points = String(parseInt(div.dataset.points) + xs.length);
       }
+      fitFlat(div);
     });
   };
   const showStatus = s => {
@@ -116,8 +130,9 @@ function initCompare() {
     box.querySelectorAll(".chart").forEach(div => {
       newChart(div);
       if (!plotReady()) return;
-      const traces = names.map(n => { const [xs, ys] = seriesOf(all[n] || [], div.dataset.key); return {x: xs, y: ys, mode: "lines", name: n}; });
+      const traces = names.map(n => { const [xs, ys] = seriesOf(all[n] || [], div.dataset.key); return {x: xs, y: ys, mode: "lines+markers", marker: {size: 4}, name: n}; });
       Plotly.react(div, traces, div.layout);
+      fitFlat(div);
     });
   });
 }
