@@ -80,14 +80,19 @@ def tb_mlflow_run(tiny_model_dir: Any, tmp_path_factory: pytest.TempPathFactory,
     """One stopped-and-resumed run tracked by TensorBoard and MLflow, then `qlocal eval`ed."""
     pytest.importorskip("tensorboardX")
     pytest.importorskip("mlflow")
+    run = _stopped_and_resumed(tiny_model_dir("qwen2"), tmp_path_factory.mktemp("tracked"), "tensorboard,mlflow")
+    _evaluate(run)
+    return run
+
+
+def _evaluate(run: Path) -> None:
+    """`qlocal eval`'s path on three sample records (loss only): the report goes to the run's trackers."""
     from qlocal.evaluate import EvalOptions, run_eval
 
-    run = _stopped_and_resumed(tiny_model_dir("qwen2"), tmp_path_factory.mktemp("tracked"), "tensorboard,mlflow")
     held_out = run.parent / "held_out.jsonl"
     held_out.write_text("".join(DATA.read_text(encoding="utf-8").splitlines(keepends=True)[:3]), encoding="utf-8")
     run_eval(str(run), EvalOptions(data=str(held_out), generate=False), echo=lambda _: None, quiet=True)
     assert (run / "eval-held_out.json").is_file()
-    return run
 
 
 def _series(rows: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
@@ -163,7 +168,9 @@ def test_mlflow_holds_one_run_with_metrics_params_and_artifacts(tb_mlflow_run: P
 @pytest.fixture(scope="module")
 def wandb_run(tiny_model_dir: Any, tmp_path_factory: pytest.TempPathFactory, tracker_env: Path) -> Path:
     pytest.importorskip("wandb")
-    return _stopped_and_resumed(tiny_model_dir("qwen2"), tmp_path_factory.mktemp("wandb_tracked"), "wandb")
+    run = _stopped_and_resumed(tiny_model_dir("qwen2"), tmp_path_factory.mktemp("wandb_tracked"), "wandb")
+    _evaluate(run)
+    return run
 
 
 def _inspect(run_file: Path) -> list[dict[str, Any]]:
@@ -176,14 +183,15 @@ def _inspect(run_file: Path) -> list[dict[str, Any]]:
 
 @pytest.mark.slow
 def test_wandb_offline_run_resumes_the_same_id_with_metrics_jsonl(wandb_run: Path, tracker_env: Path) -> None:
-    """Two offline sessions of one W&B run id (stopped at step 4: exit 130; resumed: exit 0); their
-    history rows are metrics.jsonl's steps, each once (the resumed one starts after step 4)."""
+    """Offline sessions of one W&B run id: stopped at step 4 (exit 130), resumed (exit 0), then the
+    eval report attached. History rows are metrics.jsonl's steps, each once (the resumed session
+    starts after step 4); the eval metrics are in the run summary, the report among its files."""
     run_id = json.loads((wandb_run / "tracking.json").read_text())["wandb"]["id"]
     sessions = sorted((tracker_env / "wandb").glob(f"offline-run-*-{run_id}"))
-    assert len(sessions) == 2
+    assert len(sessions) == 3
     rows = metrics_rows(wandb_run)
     got: dict[str, list[tuple[int, float]]] = {}
-    exits, configs, files = [], [], set()
+    exits, configs, files, summary = [], [], set(), {}
     for session in sessions:
         for rec in _inspect(session / f"run-{run_id}.wandb"):
             if rec["type"] == "history":
@@ -198,10 +206,13 @@ def test_wandb_offline_run_resumes_the_same_id_with_metrics_jsonl(wandb_run: Pat
                 assert rec["run"]["run_id"] == run_id and rec["run"]["project"] == "qlocal"
             elif rec["type"] == "files":
                 files |= {f["path"] for f in rec["files"]["files"]}
-    assert exits == [130, 0]
+            elif rec["type"] == "summary":
+                summary.update(rec["summary"].get("update", {}))
+    assert exits == [130, 0, 0]
     _assert_matches_metrics(got, rows, resent=True, rel=1e-12)
     assert configs[0]["lora.rank"] == 8 and configs[0]["resolved.backend"] == "torch"
-    assert {"config.yaml", "loss.png"} <= files
+    assert {"config.yaml", "loss.png", "eval-held_out.json"} <= files
+    assert summary["eval/held_out/loss"] == pytest.approx(_eval_loss(wandb_run), rel=1e-12)
 
 
 def test_missing_tracker_library_is_one_line_before_training(tiny_model_dir: Any, tmp_path: Path) -> None:
