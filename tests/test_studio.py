@@ -140,7 +140,8 @@ def _field_errors(html: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("key,value", [("lora.rank", "abc"), ("train.method", "sfft"), ("lora.dropout", "1.5"),
-                                       ("train.batch_size", "0"), ("train.lr", "fast"), ("data.format", "csvish")])
+                                       ("train.batch_size", "0"), ("train.lr", "fast"), ("data.format", "csvish"),
+                                       ("train.report_to", "tensorbored")])
 def test_form_errors_are_the_cli_messages(root: Path, client, qlocal_cli, key: str, value: str) -> None:
     form = {"model.name": "gemma-3-270m", "data.path": "data/train.jsonl", key: value}
     resp = client.post("/new", data=form, headers={"origin": LOCAL})

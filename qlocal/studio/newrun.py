@@ -49,6 +49,7 @@ FIELDS: list[tuple[str, str, tuple[str, ...] | None]] = [
     ("train.eval_every", "validate every", None),
     ("train.save_every", "checkpoint every", None),
     ("train.seed", "seed", None),
+    ("train.report_to", "report to (tensorboard, wandb, mlflow)", None),
 ]
 SECTIONS = [("Model and data", "model.", "data."), ("Method", "train.method", "train.backend", "train.quantize"),
             ("LoRA", "lora."), ("Training", "train.")]
