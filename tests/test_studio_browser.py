@@ -120,10 +120,10 @@ class Shots:
         self.n = 0
         print(f"\nscreenshots: {self.dir}")
 
-    def __call__(self, page: Any, name: str) -> Path:
+    def __call__(self, page: Any, name: str, full_page: bool = True) -> Path:
         self.n += 1
         path = self.dir / f"{self.n:02d}-{name}.png"
-        page.screenshot(path=str(path), full_page=True)
+        page.screenshot(path=str(path), full_page=full_page)
         return path
 
 
@@ -294,9 +294,11 @@ def test_train_stop_resume_export_chat_compare(browser: Any, tmp_path: Path) -> 
         assert sorted(traces) == [["first", iters], ["second", 8]], traces
         shots(page, "compare")
 
-        # the run page of the finished first run, for the README (docs/studio-run.png)
+        # the run page of the finished first run; its first screen is the README's docs/studio-run.png
         page.goto(url + "/runs/first")
         expect(status).to_have_text("finished")
         _wait_points(page, iters)
+        _wait_points(page, 1, "val_loss")
         shots(page, "run-page")
+        shots(page, "run-page-screen", full_page=False)
         assert errors == [], errors
