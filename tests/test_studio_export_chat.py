@@ -214,6 +214,23 @@ def test_chat_with_a_run_and_its_base_match_transformers_greedy(work: Path) -> N
     assert got["base"]["text"] == want_base
 
 
+@pytest.mark.slow
+def test_chat_with_an_mlx_run_answers_on_its_worker_thread_as_on_the_main_thread(work: Path, tmp_path: Path) -> None:
+    """MLX streams are per thread: the studio loads and generates on the model's own worker thread,
+    and must answer exactly as `qlocal chat` does on the main thread."""
+    pytest.importorskip("mlx_lm")
+    from infer_helpers import lively_model, synthetic_run
+
+    from qlocal.infer import Sampling, open_generator
+
+    run = synthetic_run(tmp_path, lively_model(tmp_path, "qwen2"), backend="mlx")
+    shutil.copytree(run, work / "outputs" / "m")
+    got = _chat(_chat_client(work), {"target": "outputs/m", "messages": MESSAGES, "max_tokens": 12})
+    assert got["model"]["end"].get("done"), got
+    ref = "".join(open_generator(str(work / "outputs" / "m"), "mlx").chat(MESSAGES, Sampling(max_tokens=12)))
+    assert got["model"]["text"] == ref and ref.strip()
+
+
 _CLIENTS: dict[str, Any] = {}
 
 
