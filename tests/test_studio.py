@@ -219,3 +219,32 @@ def test_studio_command_help_and_lazy_imports(qlocal_cli) -> None:
     probe = "import sys, qlocal.cli; print([m for m in ('fastapi', 'uvicorn', 'starlette', 'jinja2', 'plotly') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_terminal_trainings_are_located_from_their_argv(tmp_path: Path) -> None:
+    """qlocal.studio.procs: which run folder a `qlocal train` command line writes (the live-process
+    side is in tests/test_studio_train.py)."""
+    from datetime import datetime
+
+    from qlocal.studio.procs import _default_named, _from_config, _options, _train_args
+
+    py = "/usr/bin/python3"
+    assert _train_args([py, "-m", "qlocal", "train", "--resume", "outputs/r"]) == ["--resume", "outputs/r"]
+    assert _train_args([py, "/venv/bin/qlocal", "train", "-m", "x"]) == ["-m", "x"]
+    assert _train_args([py, "-u", "-m", "qlocal", "train"]) == []
+    assert _train_args([py, "-m", "qlocal", "export", "outputs/r"]) is None
+    assert _train_args([py, "-m", "pytest", "train"]) is None
+    assert _options(["--resume", "outputs/r"]) == {"resume": "outputs/r"}
+    assert _options(["--name=a", "-o", "runs", "--set", "run.name=b", "--model", "org/m", "--lr", "1"]) == \
+        {"run.name": "b", "run.output_dir": "runs", "model.name": "org/m"}
+    (tmp_path / "c.yaml").write_text("run: {name: fromyaml, output_dir: elsewhere}\nmodel: {name: org/y}\n")
+    opts = _options(["--config", "c.yaml", "--name", "flag"])
+    _from_config(tmp_path, opts)
+    assert opts == {"config": "c.yaml", "run.name": "flag", "run.output_dir": "elsewhere", "model.name": "org/y"}
+    out = tmp_path / "outputs"
+    for name in ("Qwen2.5-0.5B-20261201-100000", "Qwen2.5-0.5B-20261201-100130", "Qwen2.5-0.5B-20261201-100200",
+                 "other-20261201-100130"):
+        (out / name).mkdir(parents=True)
+    started = datetime(2026, 12, 1, 10, 1, 20).timestamp()
+    assert _default_named(out, "Qwen/Qwen2.5-0.5B", started) == out / "Qwen2.5-0.5B-20261201-100130"
+    assert _default_named(out, "Qwen/Qwen2.5-0.5B", started + 3600) is None

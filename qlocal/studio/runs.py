@@ -6,8 +6,8 @@ Status of a run (what the Runs table shows):
   stopped   its last studio job exited 130 (Stop = SIGINT), or it has checkpoints and no adapter:
             `qlocal train --resume` continues it
   failed    its last job ended otherwise, or it has neither checkpoints nor adapter
-A run trained from a terminal (no studio job) reads as stopped until its adapter exists: train
-leaves no pid or lock in the run folder for the studio to see.
+A run trained from a terminal (no studio job) is running while qlocal.studio.procs finds its
+`qlocal train` process (Linux: /proc); without /proc it reads as stopped until it finishes.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from qlocal.studio.jobs import Job, JobRunner
+from qlocal.studio.procs import cli_trainings
 
 # Series the run page charts: metrics.jsonl key -> title.
 CHART_KEYS = {"loss": "loss", "val_loss": "validation loss", "lr": "learning rate",
@@ -106,12 +107,14 @@ def _last_checkpoint(run: Path) -> int | None:
     return max(steps) if steps else None
 
 
-def run_status(run: Path, total: int | None, jobs: list[Job]) -> tuple[str, Job | None]:
+def run_status(run: Path, total: int | None, jobs: list[Job], cli_pid: int | None = None) -> tuple[str, Job | None]:
     """(status, the job it comes from): the rule in this module's docstring."""
     trains = [j for j in jobs if j.kind == "train"]
     latest = trains[0] if trains else None
     if latest is not None and latest.alive():
         return "running", latest
+    if cli_pid is not None:  # trained from a terminal (qlocal.studio.procs)
+        return "running", None
     last_ckpt = _last_checkpoint(run)
     if (run / "adapter" / "adapter_config.json").is_file() and (last_ckpt is None or total is None or last_ckpt >= total):
         return "finished", latest
@@ -121,14 +124,15 @@ def run_status(run: Path, total: int | None, jobs: list[Job]) -> tuple[str, Job 
     return ("stopped" if last_ckpt is not None else "failed"), None
 
 
-def run_info(run: Path, runner: JobRunner, root: Path) -> RunInfo:
-    """Summary of one run folder."""
+def run_info(run: Path, runner: JobRunner, root: Path, cli: dict[Path, int] | None = None) -> RunInfo:
+    """Summary of one run folder (`cli`: qlocal.studio.procs.cli_trainings(), looked up when not given)."""
     doc = read_config(run)
     resolved = doc.get("resolved") or {}
     total = resolved.get("total_steps")
     rel = os.path.relpath(run, root)
     jobs = runner.for_run(rel)
-    status, job = run_status(run, total, jobs)
+    cli = cli_trainings() if cli is None else cli
+    status, job = run_status(run, total, jobs, cli.get(run.resolve()))
     rows, _ = read_metrics(run / "metrics.jsonl")
     info = RunInfo(name=run.name, path=run, config=doc, status=status, job=job, total_steps=total,
                    base_model=str((doc.get("model") or {}).get("name", "")),
@@ -160,10 +164,11 @@ def list_runs(runs_dir: Path, runner: JobRunner, root: Path) -> list[RunInfo]:
     jobs that have no config.yaml (yet, while starting; or ever, when the job failed first: its log
     on the run page says why)."""
     found: dict[str, RunInfo] = {}
+    cli = cli_trainings()
     if runs_dir.is_dir():
         for p in sorted(runs_dir.iterdir()):
             if p.is_dir() and not p.name.startswith(".") and (p / "config.yaml").is_file():
-                found[p.name] = run_info(p, runner, root)
+                found[p.name] = run_info(p, runner, root, cli)
     for job in runner.list():  # newest first: the latest job of a run decides
         if job.kind == "train" and job.run:
             p = root / job.run

@@ -93,7 +93,7 @@ function initRunPage() {
   const showStatus = s => {
     const badge = document.getElementById("run-status");
     badge.textContent = s.status; badge.className = "status " + s.status; box.dataset.status = s.status;
-    document.getElementById("stop-button").hidden = s.status !== "running";
+    document.getElementById("stop-button").hidden = s.status !== "running" || !s.job;  // terminal runs: Ctrl-C there
     document.getElementById("resume-button").hidden = !s.resumable;
     const p = s.progress || {};
     document.getElementById("progress-bar").style.width = (100 * (p.fraction || 0)).toFixed(1) + "%";
