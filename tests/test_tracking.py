@@ -167,7 +167,7 @@ def test_mlflow_holds_one_run_with_metrics_params_and_artifacts(tb_mlflow_run: P
 
 @pytest.fixture(scope="module")
 def wandb_run(tiny_model_dir: Any, tmp_path_factory: pytest.TempPathFactory, tracker_env: Path) -> Path:
-    pytest.importorskip("wandb")
+    pytest.importorskip("wandb").teardown()  # a fresh wandb singleton reads tracker_env's settings
     run = _stopped_and_resumed(tiny_model_dir("qwen2"), tmp_path_factory.mktemp("wandb_tracked"), "wandb")
     _evaluate(run)
     return run
@@ -247,17 +247,22 @@ def test_report_to_on_the_command_line(tmp_path: Path) -> None:
 
 def test_wandb_without_login_is_one_line(tmp_path: Path) -> None:
     """Online W&B with no API key anywhere: wandb's own reason and the offline way out, on one line."""
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     from qlocal.tracking import wandb as wandb_tracker
 
-    with pytest.MonkeyPatch.context() as mp:
-        for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR"):
-            mp.delenv(key, raising=False)
-        mp.setenv("HOME", str(tmp_path))  # no ~/.netrc
-        mp.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
-        mp.setenv("WANDB_SILENT", "true")
-        with pytest.raises(UserError) as err:
-            wandb_tracker.open_run(tmp_path / "run", {}, {"lora.rank": 8}, purge_from=None, skip_through=0)
+    # wandb reads its environment once per process, into a singleton: start from a fresh one.
+    wandb.teardown()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR"):
+                mp.delenv(key, raising=False)
+            mp.setenv("HOME", str(tmp_path))  # no ~/.netrc
+            mp.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+            mp.setenv("WANDB_SILENT", "true")
+            with pytest.raises(UserError) as err:
+                wandb_tracker.open_run(tmp_path / "run", {}, {"lora.rank": 8}, purge_from=None, skip_through=0)
+    finally:
+        wandb.teardown()
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith("wandb: ") and "wandb login" in msg and "WANDB_MODE=offline" in msg
 
