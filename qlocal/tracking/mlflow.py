@@ -50,8 +50,9 @@ class MlflowRun:
 
 
 def _store(run: Path, state: dict[str, Any]) -> tuple[str, str | None]:
-    """(tracking URI, artifact location for a new experiment); None = the server's choice."""
-    uri = state.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+    """(tracking URI, artifact location for a new experiment); None = the server's choice. A run
+    already tracked stays in the store it started in, whatever MLFLOW_TRACKING_URI says now."""
+    uri = state["tracking_uri"] if "tracking_uri" in state else os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri, None
     return f"sqlite:///{(run / 'mlflow.db').resolve()}", (run / "mlartifacts").resolve().as_uri()
