@@ -159,6 +159,15 @@ def test_form_model_error_is_resolve_models_message(root: Path, client, qlocal_c
                                                                 "data.path=data/train.jsonl")
 
 
+def test_form_missing_files_are_named(root: Path, client, qlocal_cli) -> None:
+    resp = client.post("/new", data={"model.name": "models/absent", "data.path": "data/absent.jsonl"},
+                       headers={"origin": LOCAL})
+    errors = _field_errors(resp.text)
+    assert resp.status_code == 400 and "data/absent.jsonl: no such file" in errors["data.path"]
+    cli = qlocal_cli("train", "--set", "model.name=models/absent", "--set", "data.path=data/train.jsonl", cwd=root)
+    assert errors["model.name"] == cli.stderr.strip().splitlines()[-1][len("error: "):]
+
+
 def test_form_existing_run_name_is_the_cli_message(root: Path, client, qlocal_cli) -> None:
     make_run(root, "taken", steps=1, total=2, checkpoints=(1,))
     resp = client.post("/new", data={"model.name": "gemma-3-270m", "data.path": "data/train.jsonl", "run.name": "taken"},

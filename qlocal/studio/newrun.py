@@ -20,7 +20,7 @@ from qlocal import config as config_mod
 from qlocal.errors import UserError
 from qlocal.studio.jobs import JobRefused
 from qlocal.studio.pages import run_path, studio_of
-from qlocal.studio.security import PathRefused, confine
+from qlocal.studio.security import WORKING_FOLDERS, PathRefused, confine
 
 router = APIRouter()
 
@@ -78,7 +78,8 @@ def _check_path(root: Path, key: str, value: str) -> str:
     local = Path(value) if Path(value).is_absolute() else root / value
     if ".." in Path(value).parts or Path(value).is_absolute() or local.exists() or local.is_symlink():
         return str(confine(root, value))
-    if _HUB_ID.match(value) or (key == "model.name" and value in ALIASES):
+    in_working = Path(value).parts[0] in WORKING_FOLDERS  # `data/x.jsonl` is a missing file, not a hub id
+    if (_HUB_ID.match(value) and not in_working) or (key == "model.name" and value in ALIASES):
         return value  # a hub id or an alias: resolved in the job, as the CLI does
     if key == "model.name":  # models.resolve_model's own message
         raise UserError(f"{value}: no such model folder; give a local HF folder, a hub id like "
@@ -112,7 +113,7 @@ def validate(form: dict[str, str], root: Path) -> tuple[list[str], dict[str, str
             errors[key] = str(e)
             continue
         sets.append(item)
-    name = (form.get("run.name") or "").strip() or _default_name(form.get("model.name") or "")
+    name = (form.get("run.name") or "").strip() or _default_name(form.get("model.name") or config_mod.Config().model.name)
     if not _RUN_NAME.match(name):
         errors["run.name"] = f"{name!r}: a run name is letters, digits, '.', '_' or '-' (at most 100)"
     elif (root / "outputs" / name).exists():
