@@ -1,5 +1,6 @@
 """`qlocal eval`: loss / perplexity over trained tokens, and generation metrics, for a run, an HF
-model or a GGUF; optionally the base model beside it.
+model or a GGUF; optionally the base model beside it. Preference data (pairs, KTO answers) gets
+reward accuracy, margins and the method's loss instead (qlocal.pref_eval).
 
 Loss is counted exactly as training counts it: the same render (template, prompt mask,
 max_seq_len) and the same summed next-token cross-entropy over target tokens, through the
@@ -227,6 +228,14 @@ def evaluate(target: str, opts: EvalOptions, quiet: bool = False) -> dict[str, A
     from qlocal.tool_eval import prompts_from_samples
 
     scorer, kind, cfg = open_scorer(target, opts)
+    from qlocal.pref_eval import evaluate_preference, preference_method
+
+    method = preference_method(opts.data, opts.split, cfg)
+    if method is not None:  # pairs / KTO answers: rewards and the method's loss (qlocal.pref_eval)
+        report = evaluate_preference(scorer, kind, cfg, opts, method, target)
+        if opts.report is not None:
+            write_report(report, opts.report)
+        return report
     dc = cfg.data
     mapping = mapping_from_config(dc)
     # The format is detected per file: the test file may be shaped differently from the training one.
@@ -299,6 +308,10 @@ def table(report: dict[str, Any]) -> str:
     precision/recall/F1 and the confusion matrix of each column; then how BLEU/chrF were computed."""
     from qlocal.metrics_text import label_table
 
+    if report.get("task") == "preference":
+        from qlocal.pref_eval import table as preference_table
+
+        return preference_table(report)
     m, base = report["metrics"], report.get("base")
     name = {"run": "fine-tuned", "model": "model", "gguf": "gguf"}[report["kind"]]
     cols = ["base", name, "delta"] if base is not None else [name]
@@ -337,6 +350,10 @@ def run_eval(target: str, opts: EvalOptions, echo: Callable[[str], None] = print
     """The CLI path: evaluate, write the report (default path when none is given), print the table."""
     opts.report = opts.report or default_report_path(target, opts.data)
     report = evaluate(target, opts, quiet=quiet)
+    if report.get("kind") == "run":  # the run's trackers (train.report_to) get the report and its metrics
+        from qlocal.tracking import log_eval
+
+        log_eval(Path(target), opts.report, report.get("metrics") or {})
     echo(table(report))
     echo(f"report    {opts.report}")
     return report

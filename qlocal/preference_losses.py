@@ -10,6 +10,8 @@ Batch layout (qlocal.data.preference): a pair batch of n pairs has 2n rows, the 
 and the n rejected rows after them, pair i in rows i and n + i (TRL's concatenated forward). A KTO
 batch has one row per example with `label` (1 desirable, 0 undesirable). Every sequence score
 comes from `sequence_scores` below: the sum of the response tokens' log-probs and their count.
+`loss` is `scored_loss` on those two numbers per row, so `qlocal eval` (qlocal.pref_eval) scores
+held-out pairs with the very function training differentiates.
 
 Reference log-probs are per-row fields filled before the step (qlocal.reference): `ref_logp`, the
 summed response log-prob under the base with the adapter switched off; for KTO also
@@ -43,9 +45,8 @@ def sequence_scores(logp: Any, mask: Any) -> tuple[Any, Any]:
     return (logp * mask).sum(axis=-1), mask.sum(axis=-1)
 
 
-def mean_scores(logp: Any, mask: Any, xp: Any) -> Any:
+def _mean(total: Any, length: Any, xp: Any) -> Any:
     """Mean response log-prob per token per row (ORPO's and SimPO's length-normalised score)."""
-    total, length = sequence_scores(logp, mask)
     return total / xp.maximum(length, xp.ones_like(length))
 
 
@@ -103,7 +104,10 @@ class DPO:
         return _count_pairs(batch)
 
     def loss(self, logp: Any, mask: Any, rows: Mapping[str, Any], xp: Any) -> tuple[Any, dict[str, Any]]:
-        total, length = sequence_scores(logp, mask)
+        return self.scored_loss(*sequence_scores(logp, mask), rows, xp)
+
+    def scored_loss(self, total: Any, length: Any, rows: Mapping[str, Any], xp: Any) -> tuple[Any, dict[str, Any]]:
+        """The loss and metrics from each row's sequence score (summed log-prob, token count)."""
         ratio_c, ratio_r = _halves(total - rows["ref_logp"])
         if self.loss_type == "ipo":
             len_c, len_r = _halves(xp.maximum(length, xp.ones_like(length)))
@@ -133,14 +137,18 @@ class ORPO:
         return _count_pairs(batch)
 
     def loss(self, logp: Any, mask: Any, rows: Mapping[str, Any], xp: Any) -> tuple[Any, dict[str, Any]]:
-        mean_c, mean_r = _halves(mean_scores(logp, mask, xp))
+        return self.scored_loss(*sequence_scores(logp, mask), rows, xp)
+
+    def scored_loss(self, total: Any, length: Any, rows: Mapping[str, Any], xp: Any) -> tuple[Any, dict[str, Any]]:
+        """The loss and metrics from each row's sequence score (summed log-prob, token count)."""
+        mean_c, mean_r = _halves(_mean(total, length, xp))
         log_odds = (mean_c - mean_r) - (_log1mexp(mean_c, xp) - _log1mexp(mean_r, xp))
         ratio = _logsigmoid(log_odds, xp)
         nll = -mean_c
         losses = nll - self.lam * ratio
         metrics = _pair_metrics(self.lam * mean_c, self.lam * mean_r, xp)
-        return losses.sum(), {**metrics, "nll_loss": nll.sum(), "log_odds_ratio": ratio.sum(),
-                              "log_odds_chosen": log_odds.sum()}
+        return losses.sum(), {**metrics, "logps/chosen": mean_c.sum(), "logps/rejected": mean_r.sum(),
+                              "nll_loss": nll.sum(), "log_odds_ratio": ratio.sum(), "log_odds_chosen": log_odds.sum()}
 
 
 @dataclass(frozen=True)
@@ -163,7 +171,11 @@ class SimPO:
         return _count_pairs(batch)
 
     def loss(self, logp: Any, mask: Any, rows: Mapping[str, Any], xp: Any) -> tuple[Any, dict[str, Any]]:
-        mean_c, mean_r = _halves(mean_scores(logp, mask, xp))
+        return self.scored_loss(*sequence_scores(logp, mask), rows, xp)
+
+    def scored_loss(self, total: Any, length: Any, rows: Mapping[str, Any], xp: Any) -> tuple[Any, dict[str, Any]]:
+        """The loss and metrics from each row's sequence score (summed log-prob, token count)."""
+        mean_c, mean_r = _halves(_mean(total, length, xp))
         losses = _sigmoid_loss(self.beta * (mean_c - mean_r) - self.gamma, self.label_smoothing, xp)
         metrics = _pair_metrics(self.beta * mean_c, self.beta * mean_r, xp)
         return losses.sum(), {**metrics, "logps/chosen": mean_c.sum(), "logps/rejected": mean_r.sum()}
@@ -192,7 +204,10 @@ class KTO:
         return int(len(batch["input_ids"]) - batch["kl"].sum()) if "kl" in batch else int(len(batch["input_ids"]))
 
     def loss(self, logp: Any, mask: Any, rows: Mapping[str, Any], xp: Any) -> tuple[Any, dict[str, Any]]:
-        total, _ = sequence_scores(logp, mask)
+        return self.scored_loss(*sequence_scores(logp, mask), rows, xp)
+
+    def scored_loss(self, total: Any, length: Any, rows: Mapping[str, Any], xp: Any) -> tuple[Any, dict[str, Any]]:
+        """The loss and metrics from each row's sequence score (summed log-prob, token count)."""
         good = rows["label"] > 0
         reward = self.beta * (total - rows["ref_logp"])
         z = self.beta * rows["kl_estimate"]

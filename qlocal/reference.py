@@ -43,22 +43,24 @@ def take_rows(batch: Batch, rows: np.ndarray) -> Batch:
     return out
 
 
-def _scores_off(backend: Backend, batches: list[Batch]) -> list[np.ndarray]:
-    """Summed response log-probs of each batch's rows under the base (the adapter switched off)."""
+def _scores_off(backend: Backend, batches: list[Batch], policy_adapter: bool = True) -> list[np.ndarray]:
+    """Summed response log-probs of each batch's rows under the base (the adapter switched off);
+    the adapter is left as the policy has it (on, unless the policy is the base itself)."""
     backend.set_adapter_enabled(False)
     try:
         return [backend.sequence_logprobs(b) for b in batches]
     finally:
-        backend.set_adapter_enabled(True)
+        backend.set_adapter_enabled(policy_adapter)
 
 
-def complete(backend: Backend, batches: list[Batch], objective: Any) -> list[Batch]:
+def complete(backend: Backend, batches: list[Batch], objective: Any, policy_adapter: bool = True) -> list[Batch]:
     """The step's micro-batches as the objective's loss reads them (every rank calls it every step).
 
     DPO/KTO rows get `ref_logp` unless the collation carried it (train.precompute_ref). A KTO
     batch (qlocal.data.preference.collate_kto) loses its KL rows (`kl` = 1): they are scored here,
     by the policy and by the base, without gradients, and every remaining row gets `kl_estimate`,
     the step's KL estimate (over all micro-batches and ranks, clamped at 0, as TRL's KTOTrainer).
+    `policy_adapter` False scores the base as the policy (`qlocal eval --compare-base`).
     """
     kl = bool(getattr(objective, "kl", False))
     if not needs_reference(objective) and not kl:
@@ -70,7 +72,7 @@ def complete(backend: Backend, batches: list[Batch], objective: Any) -> list[Bat
         main.pop("kl", None)
         if "ref_logp" not in b:
             todo = [main] + ([kl_rows] if kl_rows is not None else [])
-            scores = _scores_off(backend, todo)
+            scores = _scores_off(backend, todo, policy_adapter)
             main["ref_logp"] = scores[0]
             if kl_rows is not None:
                 kl_rows["ref_logp"] = scores[1]

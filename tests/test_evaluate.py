@@ -337,18 +337,22 @@ def test_mlx_loss_equals_torch(run: Path, test_file: Path, tmp_path_factory) -> 
 
 
 @torch_needed
-def test_eval_on_preference_pairs_says_what_eval_reads(run: Path) -> None:
-    # After a DPO run, "train it with --method dpo" (training's wording) would send the user in a circle.
+def test_eval_on_preference_pairs_says_what_eval_reads(run: Path, tmp_path: Path) -> None:
+    # A file of pairs is scored as pairs (tests/test_pref_eval.py); a pair among one-answer records
+    # gets eval's own wording, not training's "train it with --method dpo" (a circle after a DPO run).
     from qlocal.data.formats import load_samples
     from qlocal.evaluate import EvalOptions, evaluate
 
-    pairs = str(REPO / "data/prefs_sample.jsonl")
-    with pytest.raises(UserError, match=r"prefs_sample.jsonl:1: .*qlocal eval scores one answer per record: "
-                                        r"give it \{prompt, completion\} records") as err:
-        evaluate(str(run), EvalOptions(data=pairs, generate=False), quiet=True)
+    pairs = REPO / "data/prefs_sample.jsonl"
+    assert evaluate(str(run), EvalOptions(data=str(pairs), generate=False), quiet=True)["task"] == "preference"
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps(TEST_RECORDS[0]) + "\n" + pairs.read_text(encoding="utf-8").splitlines()[0] + "\n",
+                     encoding="utf-8")
+    with pytest.raises(UserError, match=r"mixed.jsonl:2: a preference pair .*qlocal eval scores a file of pairs") as err:
+        evaluate(str(run), EvalOptions(data=str(mixed), generate=False), quiet=True)
     assert "--method" not in str(err.value)
     with pytest.raises(UserError, match="train it with --method dpo"):
-        load_samples(pairs)
+        load_samples(str(pairs))
 
 
 _BNB_LINE = "gemm_4bit_forward"

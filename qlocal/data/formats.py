@@ -368,8 +368,9 @@ def load_samples(path: str, fmt: str = "auto", split: str = "train", skip_bad_li
             this = fmt if fmt != "auto" else detect_format(rec)
             if this is None and ("chosen" in rec or "rejected" in rec):
                 if for_eval:  # "train it with --method dpo" would mislead after a DPO run
-                    raise UserError(f"{where}: a preference pair (chosen/rejected); qlocal eval scores one answer per "
-                                    "record: give it {prompt, completion} records (e.g. each prompt with its chosen answer)")
+                    raise UserError(f"{where}: a preference pair (chosen/rejected) among one-answer records; qlocal eval "
+                                    "scores a file of pairs (from its first record) or of {prompt, completion} records: "
+                                    "keep one kind per file")
                 raise UserError(f"{where}: a preference pair (chosen/rejected); SFT reads one answer per record: "
                                 "train it with --method dpo (or orpo, simpo, kto)")
             if fmt == "auto" and this == "completion" and isinstance(rec.get("label"), bool):

@@ -43,6 +43,26 @@ def detect_preference(record: dict) -> str | None:
     return None
 
 
+def file_shape(path: str, split: str, data_cfg: Any = None) -> str | None:
+    """The preference shape of `path`'s first record (after data.columns, when data_cfg maps any),
+    or None when it is not preference data: how `qlocal eval` tells pairs from SFT records. A KTO
+    record needs a true/false label (an SFT classification set has label strings)."""
+    columns = dict(getattr(data_cfg, "columns", None) or {})
+    records = load_records(path, split, [])
+    if not records:
+        return None
+    record, where = records[0]
+    try:
+        record = _rename(record, {k: v for k, v in columns.items() if k in PREF_COLUMNS}, where)
+    except UserError:  # a column the mapping names is missing: not this run's preference data
+        return None
+    shape = detect_preference(record)
+    if shape == "kto" and not (isinstance(record.get("label"), bool)
+                               or str(record.get("label")).strip().lower() in ("true", "false")):
+        return None
+    return shape
+
+
 def _whole_conversation(record: dict) -> bool:
     # UltraFeedback keeps a prompt string and chosen/rejected conversations that repeat it.
     chosen = record.get("chosen")
