@@ -48,6 +48,8 @@ def chromium_path() -> str | None:
 def browser() -> Iterator[Any]:
     """A headless Chromium (the system's, via executable_path: no Playwright browser download)."""
     exe = chromium_path()
+    if exe is None and os.environ.get("QLOCAL_CHROMIUM"):
+        pytest.skip(f"QLOCAL_CHROMIUM={os.environ['QLOCAL_CHROMIUM']}: no such file")
     if exe is None:
         pytest.skip("chromium is not installed (apt-get install chromium, as .ci/run does; "
                     "or point QLOCAL_CHROMIUM at a Chromium binary)")
