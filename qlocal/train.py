@@ -313,7 +313,8 @@ def _steps(run: Path, plan: _Plan, backend: Backend, metrics: rundir.Metrics, st
             record, stats, dt = _step(run, plan, backend, step, stop, progress)
             if val_batches and (done % tc.eval_every == 0 or done == plan.total):
                 s, n = backend.eval_loss(reference.complete(backend, val_batches, plan.objective), plan.objective)
-                progress.last_val = record["val_loss"] = round(s / max(n, 1), 6)
+                if n:  # truncation can leave the validation examples no trained token: no loss, not 0.0
+                    progress.last_val = record["val_loss"] = round(s / n, 6)
             if main and (done % tc.log_every == 0 or done == plan.total or "val_loss" in record):
                 metrics.write(record)
             progress.advance(stats, record["tokens"] / dt)

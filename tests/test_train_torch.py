@@ -226,3 +226,15 @@ def test_loss_is_the_hf_models_own(arch: str, tiny_model_dir, tmp_path: Path) ->
     logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
     ref = -float(logp[targets].sum())
     assert abs(float(summed) - ref) < 1e-4 * ref, (float(summed), ref)
+
+
+def test_validation_without_trained_tokens_logs_no_val_loss(tiny_model_dir, tmp_path: Path) -> None:
+    """Validation examples whose answers truncation cut away give no val_loss (was a constant 0.0)."""
+    val = tmp_path / "val.jsonl"
+    long_prompt = " ".join(["word"] * 400)
+    val.write_text("".join(json.dumps({"instruction": long_prompt, "output": "short answer"}) + "\n"
+                           for _ in range(4)), encoding="utf-8")
+    run = train(_cfg(tiny_model_dir("qwen2"), tmp_path, "noval", iters=2, eval_every=1,
+                     **{"data.val_path": str(val), "data.max_seq_len": 64}), quiet=True)
+    rows = metrics_rows(run)
+    assert [r["step"] for r in rows] == [1, 2] and not any("val_loss" in r for r in rows)
