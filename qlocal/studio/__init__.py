@@ -15,9 +15,12 @@ Modules
   newrun.py   New-run form, validated by qlocal.config (the CLI's code), Stop and Resume
   server.py   run_studio(): uvicorn on host:port, token rules for non-loopback hosts
 
-Adding a page (how exports.py and chat.py plug in)
-  A module `qlocal.studio.<name>` listed in app.OPTIONAL_ROUTERS ("exports", "chat") is
-  included when it exists and defines `router: fastapi.APIRouter`. Its routes:
+  exports.py  Export page: quants for a finished run, `qlocal export` as a job, verify table
+  chat.py     Chat page: streamed answers from a run or an export, base model side by side
+
+Adding a page
+  A module `qlocal.studio.<name>` defines `router: fastapi.APIRouter`, and create_app includes
+  it beside pages, newrun, exports and chat. Its routes:
     * get shared state from `request.app.state.studio` (a `Studio`: .root, .token, .jobs
       (JobRunner), .templates (Jinja2Templates over qlocal/studio/templates/), .runs_dir,
       .export_dir, .data_dir), never by importing qlocal.studio.app (that would be a cycle);

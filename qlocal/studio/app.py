@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,8 +10,6 @@ from typing import Any
 from qlocal.studio.jobs import JobRunner
 
 HERE = Path(__file__).resolve().parent
-# Pages other modules provide; each is included when its module exists and has `router`.
-OPTIONAL_ROUTERS = ("exports", "chat")
 
 
 @dataclass
@@ -53,7 +50,7 @@ def create_app(root: Path, token: str | None) -> Any:
     from fastapi.staticfiles import StaticFiles
     from fastapi.templating import Jinja2Templates
 
-    from qlocal.studio import newrun, pages
+    from qlocal.studio import chat, exports, newrun, pages
     from qlocal.studio.security import Guard, PathRefused
 
     templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -80,12 +77,7 @@ def create_app(root: Path, token: str | None) -> Any:
         return RedirectResponse("/runs", status_code=303)
 
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
-    app.include_router(pages.router)
-    app.include_router(newrun.router)
-    for name in OPTIONAL_ROUTERS:
-        if importlib.util.find_spec(f"qlocal.studio.{name}") is not None:
-            module = importlib.import_module(f"qlocal.studio.{name}")
-            if hasattr(module, "router"):
-                app.include_router(module.router)
+    for page in (pages, newrun, exports, chat):
+        app.include_router(page.router)
     app.add_middleware(Guard, token=token)
     return app
