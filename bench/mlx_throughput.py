@@ -2,6 +2,7 @@
 
     python bench/mlx_throughput.py [--hidden 256 --layers 4 --iters 8 --batch-size 4 --rounds 3 --mlx-lm-padding native]
     python bench/mlx_throughput.py --vocab 151936 --max-seq-len 1024   # the issue-17 target case
+    python bench/mlx_throughput.py --synthetic --max-seq-len 4096 --json out.json   # bench/scaling.py's rows
 
 Both sides get a small random Qwen2-shaped model (built here with mlx-lm's own Qwen2 class and
 saved as an HF folder with the tiny Qwen2 tokenizer from tests/assets), LoRA rank 8 / alpha 16 on
@@ -10,6 +11,8 @@ rendered and batched by qlocal's data code. mlx-lm pads each batch its own way (
 32); qlocal gets the same examples packed, as its trainer packs them (--no-packing: padded to a
 multiple of 16). tokens/s counts real (non-pad) tokens on both sides, trained/cpu-s the target
 tokens (prompt masked on both sides). --vocab 151936 gives the head Qwen2's real vocabulary.
+--synthetic replaces the sample data with chat examples of 3/4 to all of max_seq_len tokens (the
+generator of bench/train_throughput.py), so the work grows with the sequence length.
 
 Each side runs the batch list twice in one training call: the first pass compiles every shape,
 the second is timed, by the wall clock and by this process's CPU time (tok/cpu-s: far less disturbed when
@@ -67,9 +70,9 @@ def build_model(out: Path, hidden: int, layers: int, vocab_size: int = 0) -> Pat
 
 
 def make_batches(model_dir: Path, n: int, batch_size: int, max_len: int,
-                 packed: bool = False) -> list[dict[str, np.ndarray]]:
-    """n micro-batches of the sample data through qlocal's render + length-bucketed batching
-    (padded, or the same examples packed as qlocal's trainer packs them)."""
+                 packed: bool = False, synthetic: bool = False) -> list[dict[str, np.ndarray]]:
+    """n micro-batches of the sample data (or synthetic examples near max_len) through qlocal's
+    render + length-bucketed batching (padded, or the same examples packed as qlocal's trainer packs them)."""
     from transformers import AutoTokenizer
 
     from qlocal.data.batching import collate, collate_packed, epoch_batches
@@ -82,6 +85,11 @@ def make_batches(model_dir: Path, n: int, batch_size: int, max_len: int,
     template, _ = resolve_chat_template(tok, None)
     samples, _ = load_samples(str(REPO / "data/alpaca_sample.jsonl"))
     examples = [render(s, tok, template, max_seq_len=max_len) for s in samples]
+    if synthetic:
+        sys.path.insert(0, str(REPO / "bench"))
+        from train_throughput import examples as synthetic_examples
+
+        examples = synthetic_examples({"seq": max_len, "min_len": 0.75}, n * batch_size)
     pad = pad_id(tok)
     order: list[list[int]] = []
     epoch = 0
@@ -193,6 +201,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--vocab", type=int, default=0, help="embedding/head rows (0: the tiny tokenizer's; 151936: Qwen2's)")
     ap.add_argument("--no-packing", action="store_true", help="give qlocal the padded batches mlx_lm gets")
+    ap.add_argument("--synthetic", action="store_true", help="examples of 3/4 to all of max-seq-len tokens")
+    ap.add_argument("--json", help="also write the medians here")
     ap.add_argument("--mlx-lm-padding", choices=["native", "qlocal"], default="native",
                     help="pad mlx_lm's batches its own way (default) or to qlocal's widths (identical FLOPs)")
     a = ap.parse_args()
@@ -202,8 +212,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model(Path(tmp) / "qwen2-bench", a.hidden, a.layers, a.vocab)
-        batches = make_batches(model_dir, a.iters, a.batch_size, a.max_seq_len)
-        ours = batches if a.no_packing else make_batches(model_dir, a.iters, a.batch_size, a.max_seq_len, packed=True)
+        batches = make_batches(model_dir, a.iters, a.batch_size, a.max_seq_len, synthetic=a.synthetic)
+        ours = batches if a.no_packing else make_batches(model_dir, a.iters, a.batch_size, a.max_seq_len,
+                                                         packed=True, synthetic=a.synthetic)
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         trained = sum(int(b["loss_mask"][:, 1:].sum()) for b in batches)
         results: dict[str, list[dict[str, float]]] = {"qlocal": [], "mlx_lm": []}
@@ -228,13 +239,15 @@ def main() -> None:
     vocab = a.vocab or "of the tokenizer"
     print(f"model     random Qwen2 shape: hidden {a.hidden}, {a.layers} layers, vocab {vocab}; "
           f"LoRA r{a.rank} a{a.alpha:g} all linear")
-    print(f"data      {a.iters} batches x {a.batch_size} (alpaca_sample, max_seq_len {a.max_seq_len}), "
+    print(f"data      {a.iters} batches x {a.batch_size} ({'synthetic' if a.synthetic else 'alpaca_sample'}, max_seq_len {a.max_seq_len}), "
           f"{tokens} real / {trained} trained tokens per pass; qlocal {'padded' if a.no_packing else 'packed'}, "
           f"mlx_lm padding {a.mlx_lm_padding}; median of {a.rounds} rounds")
     print(f"{'':10s}{'tokens/s':>12s}{'tok/cpu-s':>12s}{'trained/cpu-s':>14s}{'peak MB':>12s}")
     for s in ("qlocal", "mlx_lm"):
         print(f"{s:10s}{med[s]['tok_s']:12.1f}{med[s]['tok_cpu_s']:12.1f}{med[s]['trained_cpu_s']:14.1f}"
               f"{med[s]['peak_mb']:12.1f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"median": med, "tokens": tokens, "trained": trained}, indent=1))
     q, m = med["qlocal"], med["mlx_lm"]
     print(f"ratio     {q['tok_s'] / m['tok_s']:11.2f}x{q['tok_cpu_s'] / m['tok_cpu_s']:11.2f}x"
           f"{q['trained_cpu_s'] / m['trained_cpu_s']:13.2f}x{q['peak_mb'] / m['peak_mb']:11.2f}x"

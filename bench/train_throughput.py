@@ -7,6 +7,13 @@ and a summary line with the ratios (qlocal / baseline).
 
     python bench/train_throughput.py                    # cases for this machine (CPU and/or CUDA)
     python bench/train_throughput.py --case cpu-small --steps 8
+    python bench/train_throughput.py --case cpu-qwen0.5b --ablation   # each fused piece added in turn
+    python bench/train_throughput.py --case cpu-small --dtype bfloat16  # both sides in bf16
+    python bench/train_throughput.py --case cpu-small --profile        # torch.profiler table of one step
+
+--ablation runs qlocal once per row of ABLATION (the plain path first: PEFT's LoRA forward, the
+checkpointed head, SDPA with transformers' packed mask; then each fused piece of
+qlocal/backends/torch_fused.py added in turn) against one baseline run.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ TOKENIZER = REPO / "tests/assets/tokenizers/qwen2"
 CASES: dict[str, dict[str, Any]] = {
     "cpu-small": dict(device="cpu", arch="qwen2", hidden=512, layers=6, heads=8, kv=2, inter=1408,
                       vocab=151936, quantize="none", dtype="float32", seq=512, batch=4, accum=1),
+    # Qwen2.5-0.5B's shape; 4 of its 24 layers by default so a run fits a shared 2-core box (--layers 24)
+    "cpu-qwen0.5b": dict(device="cpu", arch="qwen2", hidden=896, layers=4, heads=14, kv=2, inter=4864,
+                         vocab=151936, quantize="none", dtype="float32", seq=512, batch=4, accum=1),
     "cuda-llama8b-qlora": dict(device="cuda", arch="llama", hidden=4096, layers=32, heads=32, kv=8, inter=14336,
                                vocab=128256, quantize="4bit", dtype="bfloat16", seq=2048, batch=2, accum=4),
     "cuda-llama8b-lora": dict(device="cuda", arch="llama", hidden=4096, layers=32, heads=32, kv=8, inter=14336,
@@ -37,10 +47,25 @@ CASES: dict[str, dict[str, Any]] = {
                              vocab=152064, quantize="none", dtype="bfloat16", seq=2048, batch=2, accum=4),
 }
 RANK, ALPHA = 16, 32
+# qlocal rows of --ablation: label -> (train.fused_kernels, torch_fused pieces switched off)
+ABLATION: dict[str, tuple[bool, list[str]]] = {
+    "plain path": (False, ["threads"]),
+    "+ head grad in forward": (True, ["attention", "adamw", "threads"]),
+    "+ per-example attention": (True, ["adamw", "threads"]),
+    "+ fused AdamW": (True, ["threads"]),
+    "+ threads from free cores (default)": (True, []),
+}
+DEFAULT = "+ threads from free cores (default)"
+
+
+def model_dir(case: dict[str, Any], workdir: Path) -> Path:
+    """One folder per shape, so cases and overrides that share a shape share the model."""
+    return workdir / "{arch}-h{hidden}-l{layers}-a{heads}-kv{kv}-f{inter}-v{vocab}".format(**case)
 
 
 def build_model(case: dict[str, Any], out: Path) -> Path:
-    """A random model of the case's shape saved as an HF folder (weights in the case's dtype)."""
+    """A random model of the case's shape saved as an HF folder (fp32 weights; each side loads
+    them in the case's dtype)."""
     import torch
     import transformers as tf
 
@@ -51,14 +76,22 @@ def build_model(case: dict[str, Any], out: Path) -> Path:
               max_position_embeddings=4096, tie_word_embeddings=False)
     cfg = tf.Qwen2Config(**kw) if case["arch"] == "qwen2" else tf.LlamaConfig(**kw)
     torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, case["dtype"]))
-    model.save_pretrained(out)
-    tf.AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(out)
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    tmp = out.with_name(out.name + ".tmp")  # two workers may build it: the rename decides
+    model.save_pretrained(tmp)
+    tf.AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 def examples(case: dict[str, Any], n: int) -> list[Any]:
-    """Chat examples rendered with the shared pipeline, lengths spread over (seq/8, seq]."""
+    """Chat examples rendered with the shared pipeline, lengths spread over (seq * min_len, seq]
+    (min_len 1/8 unless the case says otherwise)."""
     import numpy as np
     from transformers import AutoTokenizer
 
@@ -72,7 +105,7 @@ def examples(case: dict[str, Any], n: int) -> list[Any]:
     words = "the model learns to answer short questions about capitals planets rivers and numbers".split()
     out = []
     for _ in range(n):
-        target = int(rng.integers(case["seq"] // 8, case["seq"]))
+        target = int(rng.integers(int(case["seq"] * case.get("min_len", 0.125)), case["seq"]))
         q = " ".join(rng.choice(words, size=max(4, target // 6)))
         a = " ".join(rng.choice(words, size=max(4, target // 3)))
         s = Sample(kind="chat", messages=[{"role": "user", "content": q}, {"role": "assistant", "content": a}])
@@ -92,16 +125,20 @@ def peak_mb(device: str) -> float:
 
 def run_qlocal(case: dict[str, Any], model: Path, steps: int, warmup: int) -> dict[str, Any]:
     from qlocal import config as config_mod
+    from qlocal.backends import torch_fused
     from qlocal.backends.torch_backend import TorchBackend
     from qlocal.data.batching import count_targets
-    from qlocal.train import _Schedule
+    from qlocal.train_schedule import Schedule
 
+    fused, disabled = ABLATION[case.get("variant", DEFAULT)]
+    torch_fused.DISABLED.update(disabled)
     cfg = config_mod.build(sets=[f"train.quantize={case['quantize']}", f"train.dtype={case['dtype']}",
-                                 f"lora.rank={RANK}", f"lora.alpha={ALPHA}", f"train.grad_checkpointing={case['device'] == 'cuda'}"])
+                                 f"lora.rank={RANK}", f"lora.alpha={ALPHA}", f"train.fused_kernels={fused}",
+                                 f"train.grad_checkpointing={case['device'] == 'cuda'}"])
     backend = TorchBackend()
-    backend.setup(model, cfg)
+    info = backend.setup(model, cfg)
     exs = examples(case, case["batch"] * case["accum"] * (steps + warmup))
-    sched = _Schedule(exs, case["batch"], case["accum"], 0, 0, packed=cfg.train.packing)
+    sched = Schedule(exs, case["batch"], case["accum"], 0, 0, packed=cfg.train.packing)
     tokens = trained = 0
     for step in range(steps + warmup):
         if step == warmup:
@@ -114,7 +151,8 @@ def run_qlocal(case: dict[str, Any], model: Path, steps: int, warmup: int) -> di
             trained += sum(count_targets(b) for b in micro)
     _sync(case)
     dt = time.perf_counter() - t0
-    return {"tokens_per_s": tokens / dt, "trained_tokens_per_s": trained / dt, "peak_mb": peak_mb(case["device"])}
+    return {"tokens_per_s": tokens / dt, "trained_tokens_per_s": trained / dt, "peak_mb": peak_mb(case["device"]),
+            "fused": info["fused_kernels"], "threads": info["cpu_threads"]}
 
 
 def run_baseline(case: dict[str, Any], model: Path, steps: int, warmup: int) -> dict[str, Any]:
@@ -170,11 +208,49 @@ def _sync(case: dict[str, Any]) -> None:
         torch.cuda.synchronize()
 
 
-def worker(which: str, name: str, steps: int, warmup: int, workdir: Path) -> None:
-    case = CASES[name]
-    model = build_model(case, workdir / name)
+def profile_step(case: dict[str, Any], model: Path, rows: int) -> None:
+    """One qlocal step (after one warm-up step) under torch.profiler: the ops that took the time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from qlocal import config as config_mod
+    from qlocal.backends import torch_fused
+    from qlocal.backends.torch_backend import TorchBackend
+    from qlocal.train_schedule import Schedule
+
+    fused, disabled = ABLATION[case.get("variant", DEFAULT)]
+    torch_fused.DISABLED.update(disabled)
+    cfg = config_mod.build(sets=[f"train.dtype={case['dtype']}", f"lora.rank={RANK}", f"lora.alpha={ALPHA}",
+                                 f"train.fused_kernels={fused}"])
+    backend = TorchBackend()
+    backend.setup(model, cfg)
+    sched = Schedule(examples(case, case["batch"] * 2), case["batch"], 1, 0, 0, packed=cfg.train.packing)
+    backend.train_step(sched.micro_batches(0)[0], 1e-4)
+    micro, _ = sched.micro_batches(1)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        t0 = time.perf_counter()
+        backend.train_step(micro, 1e-4)
+        dt = time.perf_counter() - t0
+    print(f"step {dt:.1f} s, row of {micro[0]['input_ids'].shape[1]} tokens, "
+          f"{int(micro[0]['loss_mask'][:, 1:].sum())} targets")
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=rows,
+                                                             max_name_column_width=48, max_shapes_column_width=60))
+
+
+def worker(which: str, case: dict[str, Any], steps: int, warmup: int, workdir: Path) -> None:
+    model = build_model(case, model_dir(case, workdir))
     fn = run_qlocal if which == "qlocal" else run_baseline
     print("RESULT " + json.dumps(fn(case, model, steps, warmup)), flush=True)
+
+
+def measure(which: str, case: dict[str, Any], steps: int, warmup: int, workdir: Path) -> dict[str, Any]:
+    """One side in its own process (a clean peak RSS); the worker's RESULT line."""
+    cmd = [sys.executable, __file__, "--worker", which, json.dumps(case), "--steps", str(steps),
+           "--warmup", str(warmup), "--workdir", str(workdir)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        sys.exit(f"{which} failed on {case}:\n{out.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
 
 
 def main() -> None:
@@ -182,37 +258,51 @@ def main() -> None:
     ap.add_argument("--case", action="append", choices=sorted(CASES), help="default: every case this machine can run")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--layers", type=int, help="override the case's layer count")
+    ap.add_argument("--seq", type=int, help="override the case's sequence length")
+    ap.add_argument("--batch", type=int, help="override the case's micro-batch size")
+    ap.add_argument("--vocab", type=int, help="override the case's vocabulary size")
+    ap.add_argument("--min-len", type=float, help="shortest example as a fraction of seq (default 1/8)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="override the case's dtype (both sides)")
+    ap.add_argument("--ablation", action="store_true", help="qlocal once per ABLATION row (plain path first)")
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one qlocal step")
+    ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--workdir", default=str(REPO / "bench/.work"))
-    ap.add_argument("--worker", nargs=2, metavar=("WHICH", "CASE"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=2, metavar=("WHICH", "CASE_JSON"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     workdir = Path(a.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if a.worker:
-        worker(a.worker[0], a.worker[1], a.steps, a.warmup, workdir)
+        worker(a.worker[0], json.loads(a.worker[1]), a.steps, a.warmup, workdir)
         return
     import torch
 
     names = a.case or [n for n, c in CASES.items() if c["device"] == "cpu" or torch.cuda.is_available()]
-    summary = []
+    overrides = {k: v for k, v in (("layers", a.layers), ("seq", a.seq), ("batch", a.batch), ("vocab", a.vocab),
+                                   ("min_len", a.min_len), ("dtype", a.dtype)) if v is not None}
+    variants = list(ABLATION) if a.ablation else [DEFAULT]
+    summary, rows = [], []
     for name in names:
-        res = {}
-        for which in ("baseline", "qlocal"):
-            cmd = [sys.executable, __file__, "--worker", which, name, "--steps", str(a.steps),
-                   "--warmup", str(a.warmup), "--workdir", str(workdir)]
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                sys.exit(f"{which} failed on {name}:\n{out.stderr[-3000:]}")
-            res[which] = json.loads(line[len("RESULT "):])
-        q, b = res["qlocal"], res["baseline"]
-        speed = q["trained_tokens_per_s"] / b["trained_tokens_per_s"]
-        mem = q["peak_mb"] / b["peak_mb"]
+        case = {**CASES[name], **overrides}
+        if a.profile:
+            profile_step(case, build_model(case, model_dir(case, workdir)), 30)
+            continue
+        b = measure("baseline", case, a.steps, a.warmup, workdir)
+        print(f"{name}: HF Trainer+PEFT {b['tokens_per_s']:.1f} tok/s ({b['trained_tokens_per_s']:.1f} trained), "
+              f"{b['peak_mb']:.0f} MB", flush=True)
+        for variant in variants:
+            q = measure("qlocal", {**case, "variant": variant}, a.steps, a.warmup, workdir)
+            speed = q["trained_tokens_per_s"] / b["trained_tokens_per_s"]
+            mem = q["peak_mb"] / b["peak_mb"]
+            rows.append({"case": name, **case, "variant": variant, "qlocal": q, "baseline": b,
+                         "speed": speed, "memory": mem})
+            print(f"{name} [{variant}]: qlocal {q['tokens_per_s']:.1f} tok/s ({q['trained_tokens_per_s']:.1f} trained), "
+                  f"{q['peak_mb']:.0f} MB | speed x{speed:.2f}, memory x{mem:.2f}", flush=True)
         summary.append((name, speed, mem))
-        print(f"{name}: qlocal {q['tokens_per_s']:.0f} tok/s ({q['trained_tokens_per_s']:.0f} trained), "
-              f"{q['peak_mb']:.0f} MB | HF Trainer+PEFT {b['tokens_per_s']:.0f} tok/s "
-              f"({b['trained_tokens_per_s']:.0f} trained), {b['peak_mb']:.0f} MB | speed x{speed:.2f}, memory x{mem:.2f}",
-              flush=True)
-    print("summary: " + "; ".join(f"{n} speed x{s:.2f} memory x{m:.2f}" for n, s, m in summary))
+    if summary:
+        print("summary: " + "; ".join(f"{n} speed x{s:.2f} memory x{m:.2f}" for n, s, m in summary))
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -134,7 +134,9 @@ class TrainConfig:
     example per row)."""
     fused_kernels: bool = True
     """On CUDA: Liger kernels (RMSNorm, SwiGLU, RoPE) when liger-kernel is installed, and
-    FlashAttention-2 varlen attention for packed batches when flash-attn is installed."""
+    FlashAttention-2 varlen attention for packed batches when flash-attn is installed. torch on
+    any device: the head's gradient taken in its forward, packed rows attended per example through
+    SDPA, fused AdamW (qlocal/backends/torch_fused.py); false: the plain PEFT/transformers path."""
     loss_chunk: int = 1024
     """Target positions per chunk of the output head + loss (0 = no chunking)."""
     dtype: str = "auto"

@@ -9,7 +9,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from qlocal.backends import torch_infer
+from qlocal.backends import torch_fused, torch_infer
 from qlocal.backends.base import NEVER_ADAPT, Batch, Sampling, StepStats
 from qlocal.config import Config
 from qlocal.distributed import Dist
@@ -135,11 +135,16 @@ def _no_dropout(model: Any) -> Iterator[None]:
         model.train(was_training)
 
 
-def _logprob_module(peft_model: Any, chunk: int) -> Any:
+_FUSED_NAMES = {"head": "head_loss_grad_in_forward", "attention": "packed_per_example_sdpa", "adamw": "fused_adamw"}
+
+
+def _logprob_module(peft_model: Any, chunk: int, fused_head: bool = False, packed_attention: bool = False) -> Any:
     """The one place this backend computes target log-probs: a module, so DDP/FSDP can wrap it.
 
     forward(batch) -> (B, T-1) float32: log p(ids[:, t+1] | ids[:, :t+1]) where loss_mask[:, t+1]
-    is set, 0 elsewhere. The head runs only on those positions, in chunks (chunked_target_logprobs).
+    is set, 0 elsewhere. The head runs only on those positions, in chunks (chunked_target_logprobs,
+    or torch_fused's head with its gradient taken in the forward when `fused_head`); packed rows
+    attend per example (torch_fused) when `packed_attention`.
     """
     torch = _import_torch()
 
@@ -152,14 +157,20 @@ def _logprob_module(peft_model: Any, chunk: int) -> Any:
             ids, mask = t["input_ids"], t["loss_mask"]
             base = self.model.get_base_model()
             if "position_ids" in t:  # packed: no 2-D mask, so transformers builds a per-example causal mask
-                out = base.get_decoder()(input_ids=ids, position_ids=t["position_ids"], use_cache=False)
+                pos = t["position_ids"]
+                with torch_fused.packed_forward(pos) if packed_attention else contextlib.nullcontext({}) as kw:
+                    out = base.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False, **kw)
             else:
                 out = base.get_decoder()(input_ids=ids, attention_mask=t["attention_mask"], use_cache=False)
             select = mask[:, 1:].bool()
             h = out.last_hidden_state[:, :-1][select]
             cap = getattr(base.config, "final_logit_softcapping", None)
-            logp = chunked_target_logprobs(h, ids[:, 1:][select], base.get_output_embeddings(), cap, chunk,
-                                           getattr(base.config, "logits_scaling", None))
+            head, scaling = base.get_output_embeddings(), getattr(base.config, "logits_scaling", None)
+            if fused_head and torch_fused.head_is_fusable(head):
+                rows = torch_fused.chunk_rows(chunk, head.weight.shape[0])
+                logp = torch_fused.fused_target_logprobs(h, ids[:, 1:][select], head, cap, rows, scaling)
+            else:
+                logp = chunked_target_logprobs(h, ids[:, 1:][select], head, cap, chunk, scaling)
             return logp.new_zeros(select.shape).masked_scatter(select, logp)
 
     return TargetLogprobs()
@@ -213,6 +224,9 @@ class TorchBackend:
         kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.model.trust_remote_code}
         cuda = self.device.startswith("cuda")
         kernels = _cuda_kernels(model_path) if cuda and tc.fused_kernels else []
+        threads = torch_fused.cpu_threads() if not cuda and "threads" not in torch_fused.DISABLED else None
+        if threads is not None:
+            torch.set_num_threads(threads)
         if "flash_attention_2" in kernels:
             kwargs["attn_implementation"] = "flash_attention_2"  # varlen: packed rows without a T x T mask
         if tc.quantize != "none":
@@ -234,6 +248,11 @@ class TorchBackend:
         model.config.use_cache = False
         for p in model.parameters():
             p.requires_grad_(False)
+        fused = set() if not tc.fused_kernels else {"head", "attention", "adamw"} - torch_fused.DISABLED
+        if "attention" in fused and not (tc.packing and torch_fused.enable_packed_attention(model)):
+            fused.discard("attention")
+        if self.fsdp:
+            fused.discard("adamw")  # the fused kernel takes plain tensors, not FSDP's DTensors
         if tc.quantize != "none":
             # Casts norms to fp32 and enables input grads, as QLoRA expects.
             model = peft.prepare_model_for_kbit_training(
@@ -257,7 +276,7 @@ class TorchBackend:
         except ValueError as e:
             raise UserError(f"lora.target_modules: {e}") from None
         self.model.train()
-        self.logprob_fn = _logprob_module(self.model, tc.loss_chunk)
+        self.logprob_fn = _logprob_module(self.model, tc.loss_chunk, "head" in fused, "attention" in fused)
         if self.fsdp:
             from qlocal.backends import torch_fsdp
 
@@ -269,7 +288,8 @@ class TorchBackend:
             ids = [self.dist.local_rank] if self.device.startswith("cuda") else None
             self.logprob_fn = DistributedDataParallel(self.logprob_fn, device_ids=ids)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        # One fused kernel for every LoRA tensor instead of a dozen ops per tensor per step.
+        self.optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused="adamw" in fused)
         self.max_grad_norm = tc.max_grad_norm
         self.dtype = dtype
         if self.device.startswith("cuda"):
@@ -278,8 +298,9 @@ class TorchBackend:
             "device": self.device.split(":")[0],
             "world_size": self.dist.world,
             "distributed": ("fsdp" if self.fsdp else "ddp") if self.dist.enabled else "none",
-            "fused_kernels": kernels,
+            "fused_kernels": kernels + [_FUSED_NAMES[k] for k in sorted(fused)],
             "dtype": str(dtype).replace("torch.", ""),
+            "cpu_threads": None if cuda else torch.get_num_threads(),
             "target_modules": targets,
             "layers_adapted": layers or list(range(layers_total)),
             "trainable_params": int(sum(p.numel() for p in params)),
