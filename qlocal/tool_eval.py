@@ -166,13 +166,16 @@ def answer(prompts: list[ToolPrompt], ids: list[list[int]], generate: Callable[[
 
 def llama_greedy(llm: Any, max_tokens: int = MAX_TOKENS) -> Callable[[list[int]], str]:
     """Greedy text from a llama-cpp-python model, ending at end-of-generation or `max_tokens`,
-    special tokens kept (counted in tokens: see qlocal.export.verify._free_greedy for why)."""
+    special tokens kept (counted in tokens: see qlocal.export.verify._free_greedy for why).
+
+    Prompts are not reset between calls: llama-cpp-python's generate keeps the KV cache of the
+    longest prefix shared with the previous prompt (a tool template's preamble, most of each
+    prompt) and decodes only the rest; where the cache cannot be cut it re-decodes everything."""
     import llama_cpp
 
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
 
     def run(ids: list[int]) -> str:
-        llm.reset()
         out: list[int] = []
         for t in llm.generate(ids, temp=0.0, top_k=1):
             if len(out) >= max_tokens or llama_cpp.llama_vocab_is_eog(vocab, t):
