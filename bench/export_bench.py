@@ -14,12 +14,18 @@ Cases (each a fresh run folder, then `qlocal export RUN --quant q8_0` in its own
 
 Peak RSS is the export process's own (os.wait4's ru_maxrss: the process and anything it waited
 for). The bound is 0.5 x the model's 16-bit size + 1 GiB + the largest GGUF verified (llama.cpp
-maps the file it evaluates, so its pages count). Beside it, as a reference point, llama.cpp's own
-convert_hf_to_gguf.py converts the same fused folder to the same type (the converter alone, in its
-own process), when --llama-cpp names a folder holding it (convert_hf_to_gguf.py, conversion/ and,
-if the installed gguf is older than the converter, its gguf-py/): e.g. vendor/llama.cpp of the
-llama-cpp-python sdist matching the installed wheel (`pip download llama-cpp-python==<version>
---no-deps --no-binary :all:`).
+maps the file it evaluates, so its pages count).
+
+Time: right after each export, in the same run, qlocal's converter alone converts the export's
+fused/ folder to the same type in its own process (`bare conversion`: interpreter start, the
+pre-tokenizer check, the tensors; no fuse, no verify); the whole export must take at most 8x that.
+Beside both, as a reference point, llama.cpp's own convert_hf_to_gguf.py converts the same folder
+to the same type (the converter alone, in its own process), when --llama-cpp names a folder
+holding it (convert_hf_to_gguf.py, conversion/ and, if the installed gguf is older than the
+converter, its gguf-py/): e.g. vendor/llama.cpp of the llama-cpp-python sdist matching the
+installed wheel (`pip download llama-cpp-python==<version> --no-deps --no-binary :all:`). The
+load average is printed with every row (the box these figures come from is shared): ratios of
+figures measured side by side hold, seconds do not.
 """
 
 from __future__ import annotations
@@ -37,20 +43,36 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 CASES = ("gemma-lora", "gemma-qlora", "gemma-mlx", "qwen05b-peft")
 MIB = 2**20
+EXPORT_VS_CONVERSION = 8.0  # issue 17: the whole export at most this many bare conversions
+BARE = ("import sys; from pathlib import Path; from qlocal.export import convert_hf_to_gguf; "
+        "convert_hf_to_gguf(Path(sys.argv[1]), Path(sys.argv[2]), outtype=sys.argv[3])")
 QWEN05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
                rope_theta=1_000_000.0, rms_norm_eps=1e-6, hidden_act="silu")
 
 
 def measure(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run `cmd`; its peak RSS in MiB (ru_maxrss of the process and its waited-for children) and seconds."""
+    """Run `cmd`; its peak RSS in MiB (ru_maxrss of the process and its waited-for children), wall
+    seconds, CPU seconds (user + system: on a shared box the fairer measure of the work) and the
+    1-minute load average at its end."""
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     out = proc.stdout.read() if proc.stdout else ""
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     rss = usage.ru_maxrss / (MIB if sys.platform == "darwin" else 1024)
-    return {"rc": proc.returncode, "peak_mib": rss, "seconds": time.perf_counter() - t, "output": out}
+    return {"rc": proc.returncode, "peak_mib": rss, "seconds": time.perf_counter() - t, "output": out,
+            "cpu_s": usage.ru_utime + usage.ru_stime, "load": round(os.getloadavg()[0], 1)}
+
+
+def bare_convert(hf_dir: Path, out: Path, outtype: str) -> dict[str, Any]:
+    """qlocal's converter alone on `hf_dir` in its own process."""
+    m = measure([sys.executable, "-c", BARE, str(hf_dir), str(out), outtype], dict(os.environ, HF_HUB_OFFLINE="1"))
+    m["bytes"] = out.stat().st_size if out.is_file() else 0
+    out.unlink(missing_ok=True)
+    if m["rc"] != 0:
+        raise SystemExit(f"bare conversion of {hf_dir} failed (exit {m['rc']}):\n{m['output'][-3000:]}")
+    return m
 
 
 def size16_mib(hf_dir: Path) -> float:
@@ -142,6 +164,7 @@ def main() -> None:
         s16 = size16_mib(base)
         out = args.work / "export" / case
         shutil.rmtree(out, ignore_errors=True)
+        load0 = round(os.getloadavg()[0], 1)
         m = measure([sys.executable, "-m", "qlocal", "export", str(run), "--quant", args.quant, "--out", str(out)],
                     dict(os.environ, HF_HUB_OFFLINE="1"))
         if m["rc"] != 0:
@@ -152,10 +175,16 @@ def main() -> None:
         bound = 0.5 * s16 + 1024 + gguf
         row = {"case": case, "size16_mib": s16, "gguf_mib": gguf, "peak_mib": m["peak_mib"], "bound_mib": bound,
                "passed": m["peak_mib"] <= bound, "seconds": m["seconds"], "verify": summary["verify"]["passed"],
-               "reference": summary["fuse"].get("reference"), "quant": args.quant}
+               "reference": summary["fuse"].get("reference"), "quant": args.quant,
+               "load": [load0, m["load"]], "phases": _phases(summary)}
+        bare = bare_convert(out / "fused", args.work / f"{case}-bare.gguf", args.quant)
+        row["bare"] = {k: bare[k] for k in ("peak_mib", "seconds", "cpu_s", "bytes", "load")}
+        row["cpu_s"] = m["cpu_s"]
+        row["export_vs_bare"] = m["seconds"] / bare["seconds"]
+        row["export_vs_bare_cpu"] = m["cpu_s"] / bare["cpu_s"]
         if args.llama_cpp:
             ref = llama_cpp_convert(args.llama_cpp, out / "fused", args.work / f"{case}-llamacpp.gguf", args.quant)
-            row["llama_cpp"] = {k: ref[k] for k in ("rc", "peak_mib", "seconds", "bytes", "gguf")}
+            row["llama_cpp"] = {k: ref[k] for k in ("rc", "peak_mib", "seconds", "cpu_s", "bytes", "gguf", "load")}
             if ref["rc"] != 0:
                 row["llama_cpp"]["error"] = ref["output"].strip().splitlines()[-1:]
         rows.append(row)
@@ -164,17 +193,30 @@ def main() -> None:
         args.json.write_text(json.dumps(rows, indent=1), encoding="utf-8")
 
 
+def _phases(summary: dict[str, Any]) -> dict[str, Any]:
+    """Seconds of the export's phases as export.json records them."""
+    fuse = summary.get("fuse", {})
+    return {"fuse": fuse.get("seconds"), "convert": {q: r.get("seconds") for q, r in summary.get("quantize", {}).items()}}
+
+
 def _print(rows: list[dict[str, Any]]) -> None:
-    print(f"\n| case | 16-bit size | {rows[0]['quant']} GGUF | export peak RSS | bound | result | export s | verify "
-          "| llama.cpp convert peak (s) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\n| case | 16-bit size | {rows[0]['quant']} GGUF | export peak RSS | bound | result | verify "
+          f"| export s (CPU s) | bare conversion s (CPU s, peak) | export / bare, wall; CPU (<= {EXPORT_VS_CONVERSION:g}) "
+          "| llama.cpp convert s (CPU s, peak) | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         lc = r.get("llama_cpp")
-        lc_txt = "not run" if lc is None else (f"{lc['peak_mib']:.0f} MiB ({lc['seconds']:.0f} s)" if lc["rc"] == 0
-                                               else f"failed: {lc.get('error')}")
+        lc_txt = "not run" if lc is None else (f"{lc['seconds']:.0f} s ({lc['cpu_s']:.0f}, {lc['peak_mib']:.0f} MiB)"
+                                               if lc["rc"] == 0 else f"failed: {lc.get('error')}")
+        b = r["bare"]
+        ratio, cpu_ratio = r["export_vs_bare"], r["export_vs_bare_cpu"]
+        loads = [*r["load"], b["load"]] + ([lc["load"]] if lc else [])
         print(f"| {r['case']} | {r['size16_mib']:.0f} MiB | {r['gguf_mib']:.0f} MiB | **{r['peak_mib']:.0f} MiB** | "
               f"{r['bound_mib']:.0f} MiB | {'pass' if r['passed'] else 'FAIL'} ({r['peak_mib'] / r['bound_mib']:.2f}x) | "
-              f"{r['seconds']:.0f} | {'pass' if r['verify'] else 'FAIL'} | {lc_txt} |", flush=True)
+              f"{'pass' if r['verify'] else 'FAIL'} | {r['seconds']:.0f} ({r['cpu_s']:.0f}) | "
+              f"{b['seconds']:.1f} ({b['cpu_s']:.1f}, {b['peak_mib']:.0f} MiB) | **{ratio:.1f}x**; {cpu_ratio:.1f}x "
+              f"({'pass' if max(ratio, cpu_ratio) <= EXPORT_VS_CONVERSION else 'FAIL'}) | {lc_txt} | "
+              f"{'-'.join(f'{x:g}' for x in loads)} |", flush=True)
 
 
 if __name__ == "__main__":

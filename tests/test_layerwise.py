@@ -139,3 +139,25 @@ def test_fallback_is_the_whole_model_and_says_so(tiny_model_dir, tmp_path: Path,
     assert got.tokens == want.tokens
     for g, w in zip(got.prompt_logits + got.step_logits, want.prompt_logits + want.step_logits):
         assert float(np.abs(g - w).max()) < _tol([w])
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3", "phi3"])
+def test_greedy_from_a_draft_is_plain_greedy(arch: str, tiny_model_dir, tmp_path: Path) -> None:
+    """A draft (a GGUF's guess of the continuation) changes how many forwards greedy takes, never
+    what it returns: the right draft takes one forward; a wrong or short one gets plain greedy's
+    tokens and logits (one forward for the tokens up to its first miss and the model's own token
+    there, then one per token)."""
+    base = tiny_model_dir(arch)
+    run = make_run(base, tmp_path / "run")
+    ids = _probes(base, run)
+    lm = layerwise.trained_lm(base, run / "adapter")
+    want = lm.greedy(ids, N_GREEDY)
+    assert want.forwards == N_GREEDY
+    vocab = want.step_logits[0].shape[1]
+    wrong_at_2 = [t[:2] + [(t[2] + 1) % vocab] + t[3:] for t in want.tokens]
+    for draft, forwards in ((want.tokens, 1), ([t + [0] for t in want.tokens], 1), (wrong_at_2, 1 + N_GREEDY - 3),
+                            ([t[:1] for t in want.tokens], N_GREEDY - 1), ([[] for _ in ids], N_GREEDY)):
+        got = lm.greedy(ids, N_GREEDY, draft)
+        assert got.tokens == want.tokens and got.forwards == forwards
+        for g, w in zip(got.prompt_logits + got.step_logits, want.prompt_logits + want.step_logits):
+            assert g.shape == w.shape and float(np.abs(g - w).max()) < _tol([w])

@@ -65,3 +65,19 @@ def test_stop_set_must_be_end_of_generation(fused) -> None:
     assert not check.stops_ok and not check.passed
     assert check.stop_details["stops"]["<|im_start|>"]["eog"] is False
     assert check.stop_details["eos"]["in_stop_set"] is False
+
+
+def test_reference_from_a_gguf_draft_equals_plain_greedy(fused) -> None:
+    """The GGUF's own greedy tokens as a draft: the reference takes one forward for the whole
+    continuation, and its tokens and logits are plain greedy decoding's."""
+    import numpy as np
+
+    from qlocal.export.verify import GREEDY_TOKENS, HFReference
+
+    hf, root = fused("qwen2")
+    gguf = convert_hf_to_gguf(hf, root / "m-f16-draft.gguf", "f16")
+    plain, drafted = HFReference(hf), HFReference(hf, draft=gguf)
+    assert plain.forwards == GREEDY_TOKENS and drafted.forwards < GREEDY_TOKENS
+    assert drafted.greedy == plain.greedy
+    for a, b in zip(drafted.logits + drafted.teacher, plain.logits + plain.teacher):
+        assert a.shape == b.shape and float(np.abs(a - b).max()) < 1e-4

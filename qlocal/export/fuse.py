@@ -146,13 +146,15 @@ def fused_dtype_name(base_path: Path, fused_dtype: str | None) -> str:
     return fused_dtype
 
 
-def fuse_run(run_dir: Path, out_dir: Path, fused_dtype: str | None = None) -> FuseReport:
+def fuse_run(run_dir: Path, out_dir: Path, fused_dtype: str | None = None, report: bool = True) -> FuseReport:
     """Merge the run's adapter into its original base and save an HF folder at `out_dir` atomically.
 
     The merge streams tensor by tensor from the base's shards in fp32 (qlocal.export.merge) and is
     saved in the base's own dtype unless `fused_dtype` (auto|float32|bfloat16|float16) says
     otherwise, with the tokenizer and the run's chat template. The report then compares, on the
-    probe prompts, base + adapter (fp32) with the fp32 merge and with the saved folder.
+    probe prompts, base + adapter (fp32) with the fp32 merge and with the saved folder. With
+    `report=False` the figures are left NaN (reference "deferred") for `complete_report`, which an
+    export calls from verification's passes, so no reference runs twice.
     """
     import time
 
@@ -193,21 +195,41 @@ def fuse_run(run_dir: Path, out_dir: Path, fused_dtype: str | None = None) -> Fu
     ids = probe_ids(tokenizer, info.template)
     del tokenizer  # a 262k-token tokenizer is ~300 MB resident: not needed by the passes
     release()
+    nan = float("nan")
+    rep = FuseReport(out_dir=str(out_dir), base_path=str(info.base_path), dtype=dtype_name, max_abs_logit_diff=nan,
+                     max_abs_logit_diff_fp32=nan, max_abs_logit=nan, probes=len(ids),
+                     seconds=round(time.perf_counter() - t0, 2), reference="deferred")
+    if not report:
+        return rep
     ref = reference_lm("trained", info.base_path, info.adapter_dir)
     unmerged = ref.logits(ids)
     ref.close()
+    folder = reference_lm("folder", out_dir)
+    folder_diff = _max_diff(folder.logits(ids), unmerged)
+    folder.close()
+    complete_report(rep, (info.base_path, info.adapter_dir), ids, unmerged, folder_diff, ref.mode)
+    return rep
 
-    def diff(lm: Any) -> float:
-        out = lm.logits(ids)
-        lm.close()
-        return max(float(abs(x - y).max()) for x, y in zip(out, unmerged))
 
-    return FuseReport(
-        out_dir=str(out_dir), base_path=str(info.base_path), dtype=dtype_name,
-        max_abs_logit_diff=diff(reference_lm("folder", out_dir)),
-        max_abs_logit_diff_fp32=diff(reference_lm("merged", info.base_path, info.adapter_dir)),
-        max_abs_logit=max(float(abs(x).max()) for x in unmerged), probes=len(ids),
-        seconds=round(time.perf_counter() - t0, 2), reference=ref.mode)
+def complete_report(report: FuseReport, trained: tuple[Path, Path], ids: list[list[int]], unmerged: list[Any],
+                    folder_diff: float, mode: str) -> None:
+    """Fill `report`'s figures in place: `unmerged` (base + adapter's logits on the probes `ids`) and
+    `folder_diff` (the saved folder's max |logit diff| from them) come from whoever computed them;
+    the fp32 merge's pass runs here."""
+    import time
+
+    t0 = time.perf_counter()
+    merged = reference_lm("merged", *trained)
+    report.max_abs_logit_diff_fp32 = _max_diff(merged.logits(ids), unmerged)
+    merged.close()
+    report.max_abs_logit_diff = folder_diff
+    report.max_abs_logit = max(float(abs(x).max()) for x in unmerged)
+    report.reference = mode
+    report.seconds = round(report.seconds + time.perf_counter() - t0, 2)
+
+
+def _max_diff(got: list[Any], want: list[Any]) -> float:
+    return max(float(abs(x - y).max()) for x, y in zip(got, want))
 
 
 def reference_lm(kind: str, path: Path, adapter_dir: Path | None = None) -> Any:

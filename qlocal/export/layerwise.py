@@ -13,8 +13,9 @@ Sources: a folder's safetensors (gguf.index_safetensors), the streamed fp32 merg
 base with the LoRA adapter *unmerged*: y = W x + scale * B (A x) on each adapted Linear, as PEFT
 computes it, which is the trained model (base + adapter in fp32) the export is judged against.
 
-Greedy continuations are recomputed without a KV cache: one full forward of every sequence per new
-token (a handful of tokens; the cost is one pass over the weights per token).
+Greedy continuations are computed without a KV cache, one forward per new token, or from a draft
+(a GGUF's own greedy tokens) checked in one forward the way speculative decoding checks them, which
+gives the same tokens and logits in one pass over the weights when the draft is right.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class GreedyRun:
     prompt_logits: list[np.ndarray]  # (len(prompt), vocab) float32 per prompt
     tokens: list[list[int]]
     step_logits: list[np.ndarray]  # (n, vocab): row k is the distribution token k was taken from
+    forwards: int = 0  # forwards it took (passes over the weights, layer by layer)
 
 
 class _Runs:
@@ -79,38 +81,65 @@ class _Runs:
         return [g for g in (short, long) if g]
 
     def logits(self, seqs: list[list[int]]) -> list[np.ndarray]:
-        """Float32 logits (len, vocab) for every position of each sequence."""
+        """Float32 logits (len, vocab) for every position of each sequence.
+
+        Views into the padded batch, not copies: a copy would hold every logit twice at the peak (on a
+        152k vocabulary a batch of three 111-token probes is 200 MB)."""
         out: list[np.ndarray | None] = [None] * len(seqs)
         for group in self._groups(seqs):
-            batch = self._forward([seqs[i] for i in group], None)
+            batch = self._forward([seqs[i] for i in group], None).numpy()
             for j, i in enumerate(group):
-                out[i] = batch[j, : len(seqs[i])].numpy().copy()
+                out[i] = batch[j, : len(seqs[i])]
             del batch
         return out  # type: ignore[return-value]
 
-    def greedy(self, prompts: list[list[int]], n: int) -> GreedyRun:
-        """The prompts' logits and `n` greedy tokens each (argmax, never stopping at EOS)."""
+    def greedy(self, prompts: list[list[int]], n: int, draft: list[list[int]] | None = None) -> GreedyRun:
+        """The prompts' logits and `n` greedy tokens each (argmax, never stopping at EOS).
+
+        `draft` (optional, per prompt) is a guess of the continuation, e.g. a GGUF's own greedy
+        tokens. Each forward runs the prompt with what is accepted so far plus the rest of the draft,
+        and takes tokens while the model's argmax equals the draft, then the model's own token where
+        it differs (speculative decoding's rule). The tokens and logits are those of plain greedy
+        decoding whatever the draft is; a good draft only saves forwards (one pass over the weights
+        for a whole continuation instead of one per token)."""
+        limit = _rope_length_threshold(self.config)
         seqs = [list(p) for p in prompts]
+        cands = [list(d[:n]) for d in draft] if draft is not None else [[] for _ in seqs]
         prompt_logits: list[np.ndarray] = [np.empty(0, np.float32)] * len(seqs)
         steps: list[list[np.ndarray]] = [[] for _ in seqs]
-        for k in range(n):
-            for group in self._groups(seqs):
-                sub = [seqs[i] for i in group]
-                keep = None if k == 0 else sorted({len(s) - 1 for s in sub})
-                batch = self._forward(sub, keep)
-                for j, i in enumerate(group):
-                    last = len(seqs[i]) - 1
-                    if k == 0:
-                        prompt_logits[i] = batch[j, : last + 1].numpy().copy()
-                        row = prompt_logits[i][last]
-                    else:
-                        row = batch[j, keep.index(last)].numpy().copy()  # type: ignore[union-attr]
-                    steps[i].append(row)
+        first, forwards = True, 0
+        while first or any(len(s) < n for s in steps):
+            todo = [i for i in range(len(seqs)) if first or len(steps[i]) < n]
+            if limit is not None:  # a draft must not carry a sequence over the rope's length switch
+                for i in todo:
+                    if len(seqs[i]) <= limit:
+                        cands[i] = cands[i][: max(0, limit - len(seqs[i]))]
+            full = [seqs[i] + cands[i] for i in todo]
+            for group in self._groups(full):
+                sub = [full[g] for g in group]
+                # Rows whose argmax is the next token after the accepted part, then after each draft token.
+                rows = {todo[g]: list(range(len(seqs[todo[g]]) - 1, len(full[g]))) for g in group}
+                keep = None if first else sorted({r for rs in rows.values() for r in rs})
+                batch = self._forward(sub, keep).numpy()
+                forwards += 1
+                for j, g in enumerate(group):
+                    i = todo[g]
+                    if first:
+                        prompt_logits[i] = batch[j, : len(prompts[i])]
+                    for k, r in enumerate(rows[i]):
+                        if len(steps[i]) >= n:
+                            break
+                        row = batch[j, r if keep is None else keep.index(r)].copy()
+                        steps[i].append(row)
+                        token = int(np.argmax(row))
+                        seqs[i].append(token)
+                        if k >= len(cands[i]) or token != cands[i][k]:
+                            break
+                    cands[i] = []  # the draft is used up or wrong from here on
                 del batch
-            for i, s in enumerate(seqs):
-                s.append(int(np.argmax(steps[i][-1])))
+            first = False
         return GreedyRun(prompt_logits, [s[len(p):] for s, p in zip(seqs, prompts)],
-                         [np.stack(r) if r else np.empty((0, 0), np.float32) for r in steps])
+                         [np.stack(r) if r else np.empty((0, 0), np.float32) for r in steps], forwards)
 
 
 class LayerwiseLM(_Runs):

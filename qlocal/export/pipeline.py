@@ -114,13 +114,14 @@ def _build(info: Any, opts: ExportOptions, quants: list[str], tmp: Path, echo: C
                                "chat_template": info.template_name, "adapter_only": opts.adapter_only,
                                "quants": quants}
     echo(f"fusing adapter into {info.base_path} ...")
-    fuse = fuse_run(info.run_dir, tmp / "fused", opts.fused_dtype)
+    # With verification, the fuse report's figures come from verify's reference passes (each
+    # reference computed once per export); otherwise fuse_run computes them itself.
+    deferred = bool(quants) and opts.verify
+    fuse = fuse_run(info.run_dir, tmp / "fused", opts.fused_dtype, report=not deferred)
     release()  # what fuse's passes freed goes back to the OS before the converter's peak
     summary["fuse"] = fuse.to_dict()
-    merge_note = "" if fuse.dtype == "float32" else \
-        f"; the fp32 merge alone {fuse.max_abs_logit_diff_fp32:.1e}, the rest is {fuse.dtype} rounding"
-    echo(f"  fused ({fuse.dtype}); max |logit diff| vs base+adapter {fuse.max_abs_logit_diff:.2e} "
-         f"(logits up to {fuse.max_abs_logit:.1f}{merge_note})")
+    if not deferred:
+        _fuse_line(fuse, echo)
     if not quants:
         return summary
     # GGUFs come from the fused model, or for --adapter-only from the untouched original base.
@@ -158,7 +159,10 @@ def _build(info: Any, opts: ExportOptions, quants: list[str], tmp: Path, echo: C
         lora = tmp / adapter_file if adapter_file else None
         tools = _tool_prompts(info, echo)
         checks = verify_all(tmp / "fused", [(p, q) for q, p in files], mf.stops, tmp / "verify.json", lora,
-                            tokenizer=pre.to_dict(), trained=(info.base_path, info.adapter_dir), tool_prompts=tools)
+                            tokenizer=pre.to_dict(), trained=(info.base_path, info.adapter_dir), tool_prompts=tools,
+                            fuse=fuse)
+        summary["fuse"] = fuse.to_dict()
+        _fuse_line(fuse, echo)
         echo(table(checks))
         for c in checks:
             if c.tool_calls:
@@ -174,6 +178,13 @@ def _build(info: Any, opts: ExportOptions, quants: list[str], tmp: Path, echo: C
         if tools and tools[0]:
             summary["verify"]["tool_calls_valid"] = {c.file: c.tool_calls["valid_rate"] for c in checks}
     return summary
+
+
+def _fuse_line(fuse: Any, echo: Callable[[str], None]) -> None:
+    merge_note = "" if fuse.dtype == "float32" else \
+        f"; the fp32 merge alone {fuse.max_abs_logit_diff_fp32:.1e}, the rest is {fuse.dtype} rounding"
+    echo(f"  fused ({fuse.dtype}); max |logit diff| vs base+adapter {fuse.max_abs_logit_diff:.2e} "
+         f"(logits up to {fuse.max_abs_logit:.1f}{merge_note})")
 
 
 def _tool_prompts(info: Any, echo: Callable[[str], None]) -> tuple[list[Any], str, int] | None:

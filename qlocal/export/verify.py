@@ -87,13 +87,26 @@ def _limit(quant: str) -> float:
     return NMSE_LIMITS.get(quant, 0.5)
 
 
+def threads() -> int:
+    """llama.cpp threads: the cores other processes leave free (1-minute load average, this process
+    counted as one), at least 1 and at most 4. ggml's threads spin at every barrier, so more threads
+    than free cores make each token wait for a descheduled thread: on a 2-core box at load 20, six
+    greedy tokens of a 0.5B q8_0 file took 99 s with 2 threads and 7.7 s with 1."""
+    n = os.cpu_count() or 1
+    try:
+        busy = max(0.0, os.getloadavg()[0] - 1.0)
+    except OSError:  # no load average on this platform
+        busy = 0.0
+    return max(1, min(4, n, round(n - busy)))
+
+
 def load_llama(path: Path, lora: Path | None = None, n_ctx: int = 256) -> Any:
     """llama-cpp-python model with logits for every position (CPU, quiet); a file llama.cpp
     refuses is a one-line UserError naming llama.cpp's reason."""
     from qlocal.llamacpp import load_llama as load
 
-    kw: dict[str, Any] = {"n_ctx": n_ctx, "logits_all": True, "seed": 0,
-                          "n_threads": max(1, min(4, os.cpu_count() or 1))}
+    kw: dict[str, Any] = {"n_ctx": n_ctx, "logits_all": True, "seed": 0, "n_threads": threads(),
+                          "n_threads_batch": threads()}
     if lora is not None:
         kw["lora_path"] = str(lora)
     return load(path, **kw)
@@ -116,12 +129,19 @@ class HFReference:
     base + adapter (unmerged) in fp32, and `fused` reports the fused folder's own error against it;
     without, the HF folder itself (in fp32) is the reference. Every forward runs layer by layer
     (qlocal.export.layerwise: one decoder layer's weights in memory at a time), and all of it is
-    done before any GGUF is opened, so the process never holds the HF model and a GGUF together.
-    Greedy tokens are recomputed without a KV cache, one forward of all probes per token. The
+    done before any GGUF is opened for checking (the draft's file is closed first), so the process
+    never holds the HF model and a GGUF together. The
     tokenizer (~300 MB resident for a 262k vocabulary) is dropped once the probes are tokenised and
-    loaded again only if something asks for `tokenizer`."""
+    loaded again only if something asks for `tokenizer`.
 
-    def __init__(self, hf_dir: Path, trained: tuple[Path, Path] | None = None) -> None:
+    `draft` (a GGUF to verify, with `lora` on it) gives each probe's greedy continuation as llama.cpp
+    sees it first (the file is then closed): the reference's greedy decoding checks it in one
+    forward (layerwise._Runs.greedy) instead of one forward per token, and gets the same tokens.
+    `fuse` (a FuseReport written without its figures) is completed from these same passes plus the
+    fp32 merge's, so the export computes each reference once (fuse.complete_report)."""
+
+    def __init__(self, hf_dir: Path, trained: tuple[Path, Path] | None = None, draft: Path | None = None,
+                 lora: Path | None = None, fuse: Any = None) -> None:
         from transformers import AutoTokenizer
 
         from qlocal.export.fuse import reference_lm
@@ -140,9 +160,13 @@ class HFReference:
         """(text, add_special_tokens, HF ids) for each tokenisation probe."""
         del tok
         release()
+        drafts = _drafts(draft, lora, self.chat_ids, GREEDY_TOKENS) if draft is not None else None
+        release()  # the GGUF is unmapped before the reference runs
         lm = reference_lm("trained", *trained) if trained is not None else reference_lm("folder", Path(hf_dir))
-        run = lm.greedy(self.chat_ids, GREEDY_TOKENS)
+        run = lm.greedy(self.chat_ids, GREEDY_TOKENS, drafts)
         lm.close()
+        self.forwards = run.forwards
+        """Forwards (passes over the weights) the greedy reference took: 1 when the draft was right."""
         self.reference = "base + adapter (fp32)" if trained is not None else f"{Path(hf_dir).name} (fp32)"
         self.computed = lm.mode
         self.logits: list[Any] = run.prompt_logits
@@ -152,8 +176,15 @@ class HFReference:
         self.fused: dict[str, Any] | None = None
         if trained is not None:
             fused_lm = reference_lm("folder", Path(hf_dir))
-            self.fused = _fused_error(Path(hf_dir), fused_lm.logits(self.chat_ids), self.logits)
+            folder = fused_lm.logits(self.chat_ids)
             fused_lm.close()
+            self.fused = _fused_error(Path(hf_dir), folder, self.logits)
+            del folder
+            if fuse is not None:
+                from qlocal.export.fuse import complete_report
+
+                complete_report(fuse, trained, self.chat_ids, self.logits, self.fused["max_abs_logit_diff"],
+                                self.computed)
         release()
         # llama.cpp keeps n_ctx x vocab floats twice (its output buffer, llama-cpp-python's scores):
         # a context just long enough for the probes, their continuations and the stop checks.
@@ -168,6 +199,26 @@ class HFReference:
 
             self._tokenizer = AutoTokenizer.from_pretrained(str(self.hf_dir))
         return self._tokenizer
+
+
+def _drafts(path: Path, lora: Path | None, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """llama.cpp's greedy continuation of each prompt in the GGUF at `path`, `n` tokens (through any
+    end-of-generation: the reference's greedy never stops either); the file is closed on return."""
+    longest = max(len(p) for p in prompts) + n
+    llm = load_llama(path, lora, 64 * -(-(longest + 1) // 64))
+    try:
+        out = []
+        for ids in prompts:
+            llm.reset()
+            toks: list[int] = []
+            for t in llm.generate(ids, temp=0.0, top_k=1):
+                toks.append(int(t))
+                if len(toks) >= n:
+                    break
+            out.append(toks)
+    finally:
+        llm.close()
+    return out
 
 
 def _fused_error(hf_dir: Path, fused: list[Any], ref: list[Any]) -> dict[str, Any]:
@@ -238,8 +289,7 @@ def _free_greedy(llm: Any, ids: list[int], n: int) -> list[int]:
     import llama_cpp
 
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    llm.reset()
-    out: list[int] = []
+    out: list[int] = []  # no reset: generate reuses the context's matching prefix (the probe just evaluated)
     for t in llm.generate(ids, temp=0.0, top_k=1):
         if len(out) >= n or llama_cpp.llama_vocab_is_eog(vocab, t):
             break
@@ -262,12 +312,15 @@ def verify_gguf(ref: HFReference, path: Path, quant: str, stops: list[str], lora
         agree = total = 0
         text_equal = True
         for ids, hf_logits, cont, hf_full in zip(ref.chat_ids, ref.logits, ref.greedy, ref.teacher):
-            num += _sq(gguf_logits(llm, ids), hf_logits)
-            den += _sq(hf_logits)
-            # Teacher-forced greedy: same prefix, compare argmax at each continuation step.
+            # One evaluation of prompt + HF's greedy continuation gives both the prompt's logits and
+            # the teacher-forced ones (same prefix: compare argmax at each continuation step).
             full = ids + cont
-            gg_full = gguf_logits(llm, full)[len(ids) - 1: len(full) - 1]
-            for h, g in zip(hf_full, gg_full):
+            llm.reset()
+            llm.eval(full)
+            scores = llm.scores  # llama-cpp-python's own buffer: read before the next evaluation
+            num += _sq(scores[: len(ids)], hf_logits)
+            den += _sq(hf_logits)
+            for h, g in zip(hf_full, scores[len(ids) - 1: len(full) - 1]):
                 top2 = np.sort(h)[-2:]
                 if top2[1] - top2[0] < TIE_MARGIN:
                     continue
@@ -311,7 +364,7 @@ def _nmse_only(ref: HFReference, path: Path) -> float:
 def verify_all(hf_dir: Path, files: list[tuple[Path, str]], stops: list[str], out_json: Path,
                lora: Path | None = None, tokenizer: dict[str, Any] | None = None,
                trained: tuple[Path, Path] | None = None, tool_prompts: tuple[list[Any], str, int] | None = None,
-               ) -> list[FileCheck]:
+               fuse: Any = None) -> list[FileCheck]:
     """Verify each (gguf path, quant); write verify.json atomically. A `lora` applies to every file.
 
     `trained` = (base folder, adapter folder): measure every file against base + adapter in fp32
@@ -320,8 +373,10 @@ def verify_all(hf_dir: Path, files: list[tuple[Path, str]], stops: list[str], ou
     `tokenizer` is the export's pre-tokenizer check (PreTokenizerCheck.to_dict()), recorded in
     verify.json; when it allowed a mismatch, differing tokenisation does not fail a file.
     `tool_prompts` = (qlocal.tool_eval prompts, where they came from, data.max_seq_len): each file
-    answers them too."""
-    ref = HFReference(hf_dir, trained)
+    answers them too. `fuse`: a FuseReport without its figures, completed from the same reference
+    passes (see HFReference)."""
+    draft = next((p for p, q in files if q in EXACT), files[0][0]) if files else None
+    ref = HFReference(hf_dir, trained, draft, lora, fuse)
     allow = bool(tokenizer and tokenizer.get("allowed_mismatch"))
     checks = [verify_gguf(ref, p, q, stops, lora, allow) for p, q in files]
     if tool_prompts and tool_prompts[0]:
@@ -332,7 +387,7 @@ def verify_all(hf_dir: Path, files: list[tuple[Path, str]], stops: list[str], ou
     doc = {"passed": all(c.passed for c in checks), "nmse_limits": NMSE_LIMITS, "nmse_required_for": EXACT,
            "greedy_min_quantised": GREEDY_MIN, "tie_margin": TIE_MARGIN,
            "stops": stops, "pretokenizer": tokenizer, "reference": ref.reference,
-           "reference_computed": ref.computed, "fused": ref.fused,
+           "reference_computed": ref.computed, "reference_forwards": ref.forwards, "fused": ref.fused,
            "files": [asdict(c) for c in checks]}
     if tool_prompts is not None:  # how many tool prompts each file answered, and from where (or why none)
         doc["tool_prompts"] = {"count": len(tool_prompts[0]), "source": tool_prompts[1]}
