@@ -58,7 +58,7 @@ def run_qlocal(model: Path, steps: int, warmup: int) -> dict[str, Any]:
     from qlocal.backends.torch_backend import TorchBackend
     from qlocal.data.preference import PairExample, collate_pairs
     from qlocal.preference_losses import DPO
-    from qlocal.train import _Schedule
+    from qlocal.train_schedule import Schedule
 
     cfg = config_mod.build(sets=[f"lora.rank={RANK}", f"lora.alpha={ALPHA}", "lora.dropout=0.0"])
     backend = TorchBackend()
@@ -66,7 +66,7 @@ def run_qlocal(model: Path, steps: int, warmup: int) -> dict[str, Any]:
     raw = pairs(CASE["batch"] * CASE["accum"] * (steps + warmup))
     exs = [PairExample(p["prompt_ids"], p["chosen_ids"], p["rejected_ids"], [1] * len(p["chosen_ids"]),
                        [1] * len(p["rejected_ids"])) for p in raw]
-    sched = _Schedule(exs, CASE["batch"], CASE["accum"], 0, 0, packed=False, collate_fn=partial(collate_pairs, pad_id=0))
+    sched = Schedule(exs, CASE["batch"], CASE["accum"], 0, 0, packed=False, collate_fn=partial(collate_pairs, pad_id=0))
     objective = DPO(beta=BETA)
     tokens = scored = 0
     for step in range(steps + warmup):

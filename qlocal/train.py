@@ -1,5 +1,7 @@
-"""Run orchestration shared by every backend: data, run folder, schedule, progress, metrics,
-checkpoints and resume. The backend only loads the model and takes optimizer steps.
+"""Run orchestration shared by every backend: run folder, plan, the step loop with validation,
+metrics and checkpoints, and resume. The backend only loads the model and takes optimizer steps;
+data preparation is qlocal.train_data, the schedule qlocal.train_schedule, the display
+qlocal.progress, the Ctrl-C flag qlocal.stop_flag.
 
 Resume is exact because everything that decides the next step is either restored (adapter,
 optimizer, RNG) or a pure function of (seed, step): the learning rate and the data order.
@@ -11,15 +13,12 @@ import gc
 import json
 import math
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from qlocal import distributed, preference_run, reference, rundir, tracking
 from qlocal import hf
@@ -28,145 +27,15 @@ from qlocal.config import Config
 from qlocal.errors import UserError
 from qlocal.objectives import SFT, Objective
 from qlocal.preference_losses import objective_for, summarize
-
-
-@dataclass
-class PreparedData:
-    train: list[Any]
-    val: list[Any]
-    format: str
-    truncated: int
-    template_name: str
-    template: str
-    dropped: int = 0
-
-
-def lr_at(step: int, total: int, peak: float, schedule: str, warmup: int) -> float:
-    """Learning rate for 0-based optimizer step `step`: linear warmup, then cosine/linear/constant."""
-    if warmup > 0 and step < warmup:
-        return peak * (step + 1) / warmup
-    if schedule == "constant":
-        return peak
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "linear":
-        return peak * max(0.0, 1.0 - progress)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def prepare_data(cfg: Config, tokenizer: Any, template_choice: str | None) -> PreparedData:
-    """Load, normalise and render the training (and validation) data into Examples."""
-    from qlocal.data.formats import load_samples
-    from qlocal.data.mapping import mapping_from_config
-    from qlocal.data.render import render
-    from qlocal.data.split import split_validation
-    from qlocal.data.templates import resolve_chat_template
-
-    template, template_name = resolve_chat_template(tokenizer, template_choice)
-    if preference_run.is_preference(cfg):  # pairs or labelled answers: qlocal.data.preference
-        train, val, fmt, truncated, dropped = preference_run.prepare(cfg, tokenizer, template)
-        return PreparedData(train, val, fmt, truncated, template_name, template, dropped)
-    dc = cfg.data
-    mapping = mapping_from_config(dc)  # None unless the config maps another dataset shape
-    samples, stats = load_samples(dc.path, dc.format, dc.split, skip_bad_lines=dc.skip_bad_lines, mapping=mapping,
-                                  tools=dc.tools)
-    if stats.get("skipped") and distributed.from_env().is_main:
-        print(f"warning: skipped {stats['skipped']} bad records in {dc.path} "
-              f"(first: {', '.join(stats.get('skipped_where', []))})", file=sys.stderr)
-    val_samples: list[Any] = []
-    if dc.val_path:
-        val_samples, _ = load_samples(dc.val_path, dc.format, dc.split, skip_bad_lines=dc.skip_bad_lines,
-                                      mapping=mapping, tools=dc.tools)
-    else:  # the rule export and eval use to find the held-out records again (qlocal.data.split)
-        samples, val_samples = split_validation(samples, dc.val_split, cfg.train.seed)
-
-    def render_all(items: list[Any]) -> list[Any]:
-        return [render(s, tokenizer, template, train_on_prompt=dc.train_on_prompt, max_seq_len=dc.max_seq_len,
-                       train_on_reasoning=dc.train_on_reasoning) for s in items]
-
-    train, val = render_all(samples), render_all(val_samples)
-    dropped = 0
-    if dc.drop_long:
-        dropped = sum(e.truncated for e in train) + sum(e.truncated for e in val)
-        train, val = [e for e in train if not e.truncated], [e for e in val if not e.truncated]
-    train = [e for e in train if sum(e.loss_mask[1:]) > 0]
-    if not train:
-        raise UserError(f"{dc.path}: no example has a trained token left after truncating or dropping at "
-                        f"data.max_seq_len={dc.max_seq_len}; raise it")
-    truncated = sum(e.truncated for e in train) + sum(e.truncated for e in val)
-    if (truncated or dropped) and distributed.from_env().is_main:
-        what = f"dropped {dropped}" if dropped else f"truncated {truncated}"
-        fix = "" if dropped else " (or --drop-long to leave them out)"
-        print(f"warning: {what} examples longer than data.max_seq_len={dc.max_seq_len}; "
-              f"raise --max-seq-len to keep them whole{fix}", file=sys.stderr)
-    return PreparedData(train, val, stats.get("format", "?"), truncated, template_name, template, dropped)
-
-
-class _Schedule:
-    """Maps optimizer steps to micro-batches: a pure function of (seed, step), so resume can jump."""
-
-    def __init__(self, examples: list[Any], batch_size: int, grad_accum: int, seed: int, pad_id: int,
-                 packed: bool, dist: Any = None, collate_fn: Any = None) -> None:
-        from qlocal.data.batching import epoch_batches
-        from qlocal.distributed import Dist
-
-        self.dist = dist or Dist()
-        # With N ranks a micro-batch holds N * batch_size examples and each rank takes its shard.
-        self.bs = batch_size * self.dist.world
-        self.examples, self.ga, self.seed, self.pad_id = examples, grad_accum, seed, pad_id
-        self.packed, self.collate_fn = packed, collate_fn
-        """collate_fn: the batching of a preference method's examples; None = SFT's collate."""
-        self.lengths = [preference_run.length(e) for e in examples]
-        self._epoch_batches = epoch_batches
-        self._cache: dict[int, list[list[int]]] = {}
-        self.per_epoch = len(epoch_batches(self.lengths, self.bs, seed, 0))
-
-    def _epoch(self, e: int) -> list[list[int]]:
-        if e not in self._cache:
-            self._cache = {e: self._epoch_batches(self.lengths, self.bs, self.seed, e)}
-        return self._cache[e]
-
-    def micro_batches(self, step: int) -> tuple[list[dict[str, np.ndarray]], float]:
-        """Collated micro-batches of 0-based optimizer step `step`, and the epoch position reached."""
-        from qlocal.data.batching import collate, collate_packed
-        from qlocal.distributed import shard
-
-        out = []
-        for m in range(step * self.ga, (step + 1) * self.ga):
-            e, i = divmod(m, self.per_epoch)
-            chosen = shard([self.examples[j] for j in self._epoch(e)[i]], self.dist)
-            if self.collate_fn is not None:
-                out.append(self.collate_fn(chosen))
-            else:
-                out.append(collate_packed(chosen) if self.packed else collate(chosen, self.pad_id))
-        return out, (step + 1) * self.ga / self.per_epoch
+from qlocal.progress import Progress, print_footer, print_header
+from qlocal.stop_flag import StopFlag
+from qlocal.train_data import PreparedData, prepare_data
+from qlocal.train_schedule import Schedule, lr_at
 
 
 def _default_run_name(model_name: str) -> str:
     short = Path(model_name.rstrip("/")).name.replace("/", "-") or "model"
     return f"{short}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
-class _StopFlag:
-    """First Ctrl-C (or SIGTERM) asks the loop to checkpoint and stop after the current step."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def __enter__(self) -> "_StopFlag":
-        self._old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        for s in self._old:
-            signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
@@ -205,7 +74,7 @@ def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
     pref = preference_run.is_preference(cfg)
     packed = tc.packing and backend.supports_packing and not pref  # pairs are never packed
     collate = preference_run.collate_fn(cfg, pad_id) if pref else None
-    sched = _Schedule(data.train, tc.batch_size, tc.grad_accum, tc.seed, pad_id, packed, dist, collate)
+    sched = Schedule(data.train, tc.batch_size, tc.grad_accum, tc.seed, pad_id, packed, dist, collate)
     total = tc.iters or max(1, math.ceil(tc.epochs * sched.per_epoch / tc.grad_accum))
     warmup = tc.warmup_steps or int(tc.warmup_ratio * total)
 
@@ -249,36 +118,12 @@ class _Plan:
 
     cfg: Config
     data: PreparedData
-    sched: _Schedule
+    sched: Schedule
     total: int
     warmup: int
     pad_id: int
     resolved: dict[str, Any]
     objective: Objective
-
-
-class _Progress:
-    """The tqdm bar and what it shows after each step."""
-
-    def __init__(self, total: int, start: int, quiet: bool) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=quiet, dynamic_ncols=True,
-                        file=sys.stderr)
-        self.last_val: float | None = None
-
-    def advance(self, stats: StepStats, tokens_per_s: float) -> None:
-        post = {"loss": f"{stats.loss:.4f}", "tok/s": f"{tokens_per_s:.0f}"}
-        for key, short in (("rewards/accuracies", "acc"), ("rewards/margins", "margin")):
-            if key in stats.metrics:
-                post[short] = f"{stats.metrics[key]:.3f}"
-        if self.last_val is not None:
-            post["val"] = f"{self.last_val:.4f}"
-        self.bar.set_postfix(post)
-        self.bar.update(1)
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 def _run_loop(run: Path, plan: _Plan, backend: Backend, resumed: bool, quiet: bool) -> Path:
@@ -302,12 +147,12 @@ def _steps(run: Path, plan: _Plan, backend: Backend, metrics: rundir.Metrics, st
     tc = plan.cfg.train
     main = distributed.current().is_main
     if not quiet:
-        _print_header(run, plan.cfg, plan.resolved, plan.data, start)
+        print_header(run, plan.cfg, plan.resolved, plan.data, start)
     val_batches = _validation_batches(plan)
-    progress = _Progress(plan.total, start, quiet)
+    progress = Progress(plan.total, start, quiet)
     t_run = time.perf_counter()
     last_saved = start
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         for step in range(start, plan.total):
             done = step + 1
             record, stats, dt = _step(run, plan, backend, step, stop, progress)
@@ -335,7 +180,7 @@ def _steps(run: Path, plan: _Plan, backend: Backend, metrics: rundir.Metrics, st
         rundir.save_dir_atomic(run / "adapter", backend.save_adapter)
         rundir.plot_losses(metrics, run / "loss.png", run.name)
     if not quiet:
-        _print_footer(run, metrics)
+        print_footer(run, metrics)
     return run
 
 
@@ -363,8 +208,8 @@ def _validation_batches(plan: _Plan) -> list[Batch]:
             for b in epoch_batches(lengths, plan.sched.bs, 0, 0)]
 
 
-def _step(run: Path, plan: _Plan, backend: Backend, step: int, stop: _StopFlag,
-          progress: _Progress) -> tuple[dict[str, Any], StepStats, float]:
+def _step(run: Path, plan: _Plan, backend: Backend, step: int, stop: StopFlag,
+          progress: Progress) -> tuple[dict[str, Any], StepStats, float]:
     """Optimizer step `step` (0-based): its metrics record (counted over all ranks), stats, seconds.
 
     Every rank votes on a pending Ctrl-C here, so all of them stop after the same step.
@@ -395,7 +240,7 @@ def _step(run: Path, plan: _Plan, backend: Backend, step: int, stop: _StopFlag,
     return record, stats, dt
 
 
-def _check_finite(run: Path, stats: StepStats, done: int, lr: float, progress: _Progress) -> None:
+def _check_finite(run: Path, stats: StepStats, done: int, lr: float, progress: Progress) -> None:
     """Stop the run at a NaN/inf loss or gradient (the backend skipped that update), naming the fix."""
     if math.isfinite(stats.loss) and math.isfinite(stats.grad_norm):
         return
@@ -414,29 +259,3 @@ def _checkpoint(run: Path, plan: _Plan, backend: Backend, done: int, elapsed: fl
         rundir.save_checkpoint(run, done, {"step": done, "total_steps": plan.total, "elapsed_s": elapsed},
                                backend, plan.cfg.train.keep_last)
     distributed.barrier()
-
-
-def _print_header(run: Path, cfg: Config, resolved: dict[str, Any], data: PreparedData, start: int) -> None:
-    lines = [
-        f"run       {run}" + (f"  (resuming at step {start})" if start else ""),
-        f"model     {cfg.model.name}  [{resolved['model_source']}: {resolved['model_path']}]",
-        f"backend   {resolved['backend']} on {resolved.get('device', '?')} ({resolved['backend_reason']}), "
-        f"dtype {resolved.get('dtype')}, quantize {cfg.train.quantize}",
-        f"data      {cfg.data.path}: {len(data.train)} train / {len(data.val)} val examples, format "
-        f"{data.format}, template {data.template_name}, {data.truncated} truncated to {cfg.data.max_seq_len}",
-        f"lora      rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, {resolved.get('trainable_params', 0):,} "
-        f"trainable params on {', '.join(resolved.get('target_modules', []))}",
-        f"steps     {resolved['total_steps']} x batch {cfg.train.batch_size} x accum {cfg.train.grad_accum}, "
-        f"lr {cfg.train.lr:g} {cfg.train.lr_schedule}",
-    ]
-    print("\n".join(lines), file=sys.stderr)
-
-
-def _print_footer(run: Path, metrics: rundir.Metrics) -> None:
-    rows = metrics.read()
-    losses = [r["loss"] for r in rows if "loss" in r]
-    vals = [r["val_loss"] for r in rows if "val_loss" in r]
-    msg = f"done: loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "done"
-    if vals:
-        msg += f", val loss {vals[-1]:.4f}"
-    print(f"{msg}\nadapter   {run / 'adapter'}\nnext      qlocal export {run} --gguf --quant q4_k_m", file=sys.stderr)

@@ -178,7 +178,7 @@ def test_dict_config_errors(update: dict, expected: str) -> None:
 def test_prepare_data_uses_the_mapping(tokenizer_dir) -> None:
     from transformers import AutoTokenizer
 
-    from qlocal.train import prepare_data
+    from qlocal.train_data import prepare_data
 
     cfg = config_mod.build(str(REPO / "configs/mapping_sentiment.yaml"),
                            sets=[f"data.path={REPO / 'data/sentiment_zh_sample.jsonl'}", "data.val_split=0.2"])

@@ -26,7 +26,8 @@ def test_dpo_learns_the_chosen_style_on_held_out_pairs(tiny_model_dir, tmp_path:
     from qlocal.data.preference import collate_pairs
     from qlocal.hf import load_tokenizer, pad_id
     from qlocal.preference_losses import DPO
-    from qlocal.train import prepare_data, train
+    from qlocal.train import train
+    from qlocal.train_data import prepare_data
 
     model = tiny_model_dir("qwen2")
     sets = {"model.name": model, "data.path": REPO / "data/prefs_sample.jsonl", "run.output_dir": tmp_path,

@@ -54,7 +54,7 @@ def test_held_out_prompts_are_the_validation_split_training_used(tmp_path: Path)
     from qlocal.data.render import render
     from qlocal.data.split import held_out_samples
     from qlocal.hf import load_tokenizer
-    from qlocal.train import prepare_data
+    from qlocal.train_data import prepare_data
 
     tpl = str(REPO / "tests/assets/chat_templates/qwen2.5.jinja")
     cfg = _cfg(tmp_path, **{"data.val_split": 0.2, "model.chat_template": tpl, "data.max_seq_len": 2048})

@@ -24,7 +24,8 @@ def test_openai_and_sharegpt_tool_data_train_alike_on_torch_and_mlx(tiny_model_d
     pytest.importorskip("torch")
     pytest.importorskip("peft")
     from qlocal.hf import load_tokenizer
-    from qlocal.train import prepare_data, train
+    from qlocal.train import train
+    from qlocal.train_data import prepare_data
 
     model = tiny_model_dir("qwen2")
     tok = load_tokenizer(model)

@@ -1,0 +1,72 @@
+"""A run's training and validation data: load, normalise, split and render into Examples."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from qlocal import distributed, preference_run
+from qlocal.config import Config
+from qlocal.errors import UserError
+
+
+@dataclass
+class PreparedData:
+    """Rendered train/validation examples and what rendering them found (format, template, truncation)."""
+
+    train: list[Any]
+    val: list[Any]
+    format: str
+    truncated: int
+    template_name: str
+    template: str
+    dropped: int = 0
+
+
+def prepare_data(cfg: Config, tokenizer: Any, template_choice: str | None) -> PreparedData:
+    """Load, normalise and render the training (and validation) data into Examples."""
+    from qlocal.data.formats import load_samples
+    from qlocal.data.mapping import mapping_from_config
+    from qlocal.data.render import render
+    from qlocal.data.split import split_validation
+    from qlocal.data.templates import resolve_chat_template
+
+    template, template_name = resolve_chat_template(tokenizer, template_choice)
+    if preference_run.is_preference(cfg):  # pairs or labelled answers: qlocal.data.preference
+        train, val, fmt, truncated, dropped = preference_run.prepare(cfg, tokenizer, template)
+        return PreparedData(train, val, fmt, truncated, template_name, template, dropped)
+    dc = cfg.data
+    mapping = mapping_from_config(dc)  # None unless the config maps another dataset shape
+    samples, stats = load_samples(dc.path, dc.format, dc.split, skip_bad_lines=dc.skip_bad_lines, mapping=mapping,
+                                  tools=dc.tools)
+    if stats.get("skipped") and distributed.from_env().is_main:
+        print(f"warning: skipped {stats['skipped']} bad records in {dc.path} "
+              f"(first: {', '.join(stats.get('skipped_where', []))})", file=sys.stderr)
+    val_samples: list[Any] = []
+    if dc.val_path:
+        val_samples, _ = load_samples(dc.val_path, dc.format, dc.split, skip_bad_lines=dc.skip_bad_lines,
+                                      mapping=mapping, tools=dc.tools)
+    else:  # the rule export and eval use to find the held-out records again (qlocal.data.split)
+        samples, val_samples = split_validation(samples, dc.val_split, cfg.train.seed)
+
+    def render_all(items: list[Any]) -> list[Any]:
+        return [render(s, tokenizer, template, train_on_prompt=dc.train_on_prompt, max_seq_len=dc.max_seq_len,
+                       train_on_reasoning=dc.train_on_reasoning) for s in items]
+
+    train, val = render_all(samples), render_all(val_samples)
+    dropped = 0
+    if dc.drop_long:
+        dropped = sum(e.truncated for e in train) + sum(e.truncated for e in val)
+        train, val = [e for e in train if not e.truncated], [e for e in val if not e.truncated]
+    train = [e for e in train if sum(e.loss_mask[1:]) > 0]
+    if not train:
+        raise UserError(f"{dc.path}: no example has a trained token left after truncating or dropping at "
+                        f"data.max_seq_len={dc.max_seq_len}; raise it")
+    truncated = sum(e.truncated for e in train) + sum(e.truncated for e in val)
+    if (truncated or dropped) and distributed.from_env().is_main:
+        what = f"dropped {dropped}" if dropped else f"truncated {truncated}"
+        fix = "" if dropped else " (or --drop-long to leave them out)"
+        print(f"warning: {what} examples longer than data.max_seq_len={dc.max_seq_len}; "
+              f"raise --max-seq-len to keep them whole{fix}", file=sys.stderr)
+    return PreparedData(train, val, stats.get("format", "?"), truncated, template_name, template, dropped)
