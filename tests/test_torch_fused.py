@@ -83,7 +83,7 @@ def test_fused_step_equals_plain_step(arch: str, tiny_model_dir, tmp_path: Path)
             "lora.dropout": 0.0, "train.fused_kernels": fused}))
         names = set(info["fused_kernels"])
         if fused:
-            assert {"head_loss_grad_in_forward", "fused_adamw"} <= names
+            assert {"head_loss_grad_in_forward", "fused_adamw", "fused_lora_linear"} <= names
             assert ("packed_per_example_sdpa" in names) == (arch != "gemma3"), names
         else:
             assert not names

@@ -135,7 +135,8 @@ def _no_dropout(model: Any) -> Iterator[None]:
         model.train(was_training)
 
 
-_FUSED_NAMES = {"head": "head_loss_grad_in_forward", "attention": "packed_per_example_sdpa", "adamw": "fused_adamw"}
+_FUSED_NAMES = {"head": "head_loss_grad_in_forward", "attention": "packed_per_example_sdpa", "adamw": "fused_adamw",
+                "lora": "fused_lora_linear"}
 
 
 def _logprob_module(peft_model: Any, chunk: int, fused_head: bool = False, packed_attention: bool = False) -> Any:
@@ -248,11 +249,11 @@ class TorchBackend:
         model.config.use_cache = False
         for p in model.parameters():
             p.requires_grad_(False)
-        fused = set() if not tc.fused_kernels else {"head", "attention", "adamw"} - torch_fused.DISABLED
+        fused = set() if not tc.fused_kernels else {"head", "attention", "adamw", "lora"} - torch_fused.DISABLED
         if "attention" in fused and not (tc.packing and torch_fused.enable_packed_attention(model)):
             fused.discard("attention")
         if self.fsdp:
-            fused.discard("adamw")  # the fused kernel takes plain tensors, not FSDP's DTensors
+            fused -= {"adamw", "lora"}  # the fused kernels take plain tensors, not FSDP's DTensors
         if tc.quantize != "none":
             # Casts norms to fp32 and enables input grads, as QLoRA expects.
             model = peft.prepare_model_for_kbit_training(
@@ -276,6 +277,8 @@ class TorchBackend:
         except ValueError as e:
             raise UserError(f"lora.target_modules: {e}") from None
         self.model.train()
+        if "lora" in fused and not torch_fused.fuse_lora(self.model):
+            fused.discard("lora")  # no LoRA layer over a plain nn.Linear (QLoRA's are bitsandbytes layers)
         self.logprob_fn = _logprob_module(self.model, tc.loss_chunk, "head" in fused, "attention" in fused)
         if self.fsdp:
             from qlocal.backends import torch_fsdp

@@ -6,6 +6,8 @@
 - per-segment attention for packed rows: each example of a packed row attends causally to itself
   through SDPA's `is_causal` (no T x T mask, no cross-example blocks computed), registered as a
   transformers attention implementation that falls back to SDPA whenever no segments are given.
+- `fuse_lora`: PEFT's LoRA linear layers as three matmuls with no elementwise passes.
+- `cpu_threads`: intra-op threads from the cores other processes leave free.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import contextvars
 from typing import Any, Iterator
 
 PACKED_ATTENTION = "qlocal_packed_sdpa"
-DISABLED: set[str] = set()  # pieces a benchmark switches off to measure each: "head", "attention", "adamw", "threads"
+# pieces a benchmark switches off to measure each: "head", "attention", "adamw", "lora", "threads"
+DISABLED: set[str] = set()
 _CHUNK_BYTES = 256 * 2**20  # fp32 logits of one head chunk: bounds the step's largest transient
 
 
@@ -210,3 +213,72 @@ def enable_packed_attention(base: Any) -> bool:
     if not ok:
         base.set_attn_implementation("sdpa")
     return ok
+
+
+# -- LoRA linear layers in three matmuls, no elementwise passes ------------------------------------
+
+def fuse_lora(model: Any) -> int:
+    """Route every PEFT LoRA layer over a plain nn.Linear through `_lora_linear` (y = x W^T + b,
+    then += s (x A^T) B^T in place; the backward sums both input gradients in one addmm), which
+    saves PEFT's scaling multiply and sum, forward and backward. A call the fused form does not
+    cover (adapters off or merged, several adapters, dropout, DoRA, mixed dtypes) takes PEFT's own
+    forward. Returns how many layers were routed."""
+    import torch
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    count = 0
+    for module in model.modules():
+        if type(module) is LoraLinear and type(module.get_base_layer()) is torch.nn.Linear:
+            module.forward = _fused_forward(module)
+            count += 1
+    return count
+
+
+def _fused_forward(module: Any) -> Any:
+    import torch
+
+    plain = type(module).forward
+
+    def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
+        active = module.active_adapters
+        if args or kwargs or module.disable_adapters or module.merged or len(active) != 1:
+            return plain(module, x, *args, **kwargs)
+        name = active[0]
+        base = module.get_base_layer()
+        if (name not in module.lora_A or name in module.lora_variant or base.weight.requires_grad
+                or not isinstance(module.lora_dropout[name], torch.nn.Identity)
+                or not x.dtype == base.weight.dtype == module.lora_A[name].weight.dtype):
+            return plain(module, x, *args, **kwargs)
+        return _lora_linear(x, base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight,
+                            float(module.scaling[name]))
+
+    return forward
+
+
+def _lora_linear(x: Any, w: Any, b: Any, a: Any, bb: Any, s: float) -> Any:
+    import torch
+
+    class _LoraLinear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: Any, a: Any, bb: Any) -> Any:  # type: ignore[override]
+            x2 = x.reshape(-1, x.shape[-1])
+            xa = x2 @ a.t()
+            y = torch.addmm(b, x2, w.t()) if b is not None else x2 @ w.t()
+            y.addmm_(xa, bb.t(), alpha=s)
+            ctx.save_for_backward(x2, xa, a, bb)
+            ctx.shape = x.shape
+            return y.view(*x.shape[:-1], y.shape[-1])
+
+        @staticmethod
+        def backward(ctx: Any, gy: Any) -> Any:  # type: ignore[override]
+            x2, xa, a, bb = ctx.saved_tensors
+            g2 = gy.reshape(-1, gy.shape[-1])
+            gbb = (g2.t() @ xa).mul_(s) if ctx.needs_input_grad[2] else None
+            gyb = (g2 @ bb).mul_(s)
+            gx = None
+            if ctx.needs_input_grad[0]:
+                gx = (g2 @ w).addmm_(gyb, a).view(ctx.shape)
+            ga = gyb.t() @ x2 if ctx.needs_input_grad[1] else None
+            return gx, ga, gbb
+
+    return _LoraLinear.apply(x, a, bb)
