@@ -7,6 +7,7 @@ are the same token ids for both (random prompts and answers, lengths spread over
 Prints one line per side and the ratios (qlocal / TRL).
 
     python bench/dpo_throughput.py --steps 4
+    python bench/dpo_throughput.py --set train.loss_chunk=110   # qlocal config overrides (its side only)
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _row_tokens(p: dict[str, list[int]]) -> tuple[int, int]:
             len(p["chosen_ids"]) + len(p["rejected_ids"]))
 
 
-def run_qlocal(model: Path, steps: int, warmup: int) -> dict[str, Any]:
+def run_qlocal(model: Path, steps: int, warmup: int, sets: list[str] | None = None) -> dict[str, Any]:
     from functools import partial
 
     from qlocal import config as config_mod
@@ -60,7 +61,7 @@ def run_qlocal(model: Path, steps: int, warmup: int) -> dict[str, Any]:
     from qlocal.preference_losses import DPO
     from qlocal.train_schedule import Schedule
 
-    cfg = config_mod.build(sets=[f"lora.rank={RANK}", f"lora.alpha={ALPHA}", "lora.dropout=0.0"])
+    cfg = config_mod.build(sets=[f"lora.rank={RANK}", f"lora.alpha={ALPHA}", "lora.dropout=0.0", *(sets or [])])
     backend = TorchBackend()
     backend.setup(model, cfg)
     raw = pairs(CASE["batch"] * CASE["accum"] * (steps + warmup))
@@ -122,19 +123,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--workdir", default=str(REPO / "bench/.work"))
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="qlocal config override for its side (e.g. train.loss_chunk=110); repeatable")
     ap.add_argument("--worker", choices=("qlocal", "trl"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     workdir = Path(a.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     model = build_model(CASE, workdir / "dpo-cpu")
     if a.worker:
-        fn = run_qlocal if a.worker == "qlocal" else run_trl
-        print("RESULT " + json.dumps(fn(model, a.steps, a.warmup)), flush=True)
+        result = run_qlocal(model, a.steps, a.warmup, a.sets) if a.worker == "qlocal" else run_trl(model, a.steps, a.warmup)
+        print("RESULT " + json.dumps(result), flush=True)
         return
     res = {}
     for which in ("trl", "qlocal"):
         cmd = [sys.executable, __file__, "--worker", which, "--steps", str(a.steps), "--warmup", str(a.warmup),
-               "--workdir", str(workdir)]
+               "--workdir", str(workdir), *(f"--set={x}" for x in a.sets if which == "qlocal")]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
