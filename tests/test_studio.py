@@ -230,6 +230,24 @@ def test_studio_command_help_and_lazy_imports(qlocal_cli) -> None:
     assert out == "[]"
 
 
+def test_studio_address_errors_are_one_line_before_anything_starts(root: Path, qlocal_cli) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        res = qlocal_cli("studio", "--root", root, "--port", str(port))
+    assert res.returncode == 2 and res.stdout == ""  # no "open http://..." for a studio that never started
+    assert res.stderr.strip() == f"error: 127.0.0.1:{port} is in use (another studio?); pick another --port or --host"
+    res = qlocal_cli("studio", "--root", root, "--host", "no-such-host.invalid")
+    assert res.returncode == 2 and res.stdout == "" and res.stderr.strip().count("\n") == 0
+    assert "no-such-host.invalid:7860 cannot be bound" in res.stderr
+    res = qlocal_cli("studio", "--root", root, "--port", "99999")
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "1<=x<=65535" in res.stderr
+    assert not (root / ".qlocal-studio").exists()
+
+
 def test_terminal_trainings_are_located_from_their_argv(tmp_path: Path) -> None:
     """qlocal.studio.procs: which run folder a `qlocal train` command line writes (the live-process
     side is in tests/test_studio_train.py)."""

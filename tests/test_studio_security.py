@@ -108,11 +108,13 @@ def _concrete_urls(root: Path) -> list[tuple[str, str]]:
 def test_without_the_token_every_endpoint_answers_401(root: Path) -> None:
     make_run(root, "r1", steps=2, total=4, checkpoints=(2,))
     port = free_port()
-    with studio_process(root, "--host", "0.0.0.0", "--port", str(port)) as (_, lines):
+    with studio_process(root, "--host", "0.0.0.0", "--port", str(port)) as (proc, lines):
         token_line = next(ln for ln in lines if ln.startswith("token"))
         token = token_line.split()[1]
         assert f"?token={token}" in next(ln for ln in lines if ln.startswith("open"))
         urls = _concrete_urls(root)
+        remote = proc.stdout.readline()  # 0.0.0.0: the address other machines open, token included
+        assert remote.startswith("remote    http://") and f":{port}/?token={token}" in remote
         assert ("POST", "/new") in urls and ("GET", "/api/runs/r1/events") in urls and len(urls) > 15
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
             for method, url in urls:
