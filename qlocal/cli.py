@@ -112,7 +112,9 @@ def train(config_file: str | None, sets: tuple[str, ...], resume: str | None, qu
             raise UserError("--resume uses the run's saved config.yaml; drop the other options "
                             f"({', '.join('--' + k.replace('_', '-') for k in given) or '--config/--set'})")
         if not Path(resume, "config.yaml").is_file():
-            raise UserError(f"{resume}: not a qlocal run folder (no config.yaml); give outputs/<run>")
+            from qlocal.rundir import not_a_run
+
+            raise not_a_run(Path(resume))
         run_train(config_mod.Config(), resume=Path(resume), quiet=quiet)
         return
     mapped = {TRAIN_FLAGS[k]: v for k, v in flags.items() if v is not None}
@@ -245,21 +247,26 @@ def chat(target: str, system: str | None, tools_file: str | None, max_tokens: in
 @_opt("--backend", "-b", type=click.Choice(["auto", "torch", "mlx"]), default="auto", show_default=True, help="For runs and HF models.")
 @_opt("--config", "config_file", type=click.Path(dir_okay=False), help="For an HF model or GGUF: a config whose chat template and data mapping apply.")
 @_opt("--split", default="test", show_default=True, help="Split of a hub or saved dataset.")
+@_opt("--skip-bad-lines", is_flag=True, default=False, help="Skip malformed records (counted) instead of stopping.")
 @_opt("--quiet", is_flag=True, default=False, help="No progress bar.")
 def eval_cmd(target: str, data: str, generate: bool, max_tokens: int, limit: int, compare_base: bool,
-             report: str | None, backend: str, config_file: str | None, split: str, quiet: bool) -> None:
-    """Loss, perplexity and generation metrics of a run, an HF model or a GGUF on a test file.
+             report: str | None, backend: str, config_file: str | None, split: str, skip_bad_lines: bool,
+             quiet: bool) -> None:
+    """Loss, perplexity and generation metrics of a run, an HF model or a GGUF on a test file; on
+    preference pairs (or KTO answers), a run's reward accuracy, margins and its method's loss.
 
     \b
       qlocal eval outputs/<run> --data test.jsonl --compare-base
       qlocal eval export/<run> --data test.jsonl --no-generate
+      qlocal eval outputs/<dpo-run> --data held_out_pairs.jsonl --compare-base
     """
     from qlocal.evaluate import EvalOptions, run_eval
 
     if limit < 0 or max_tokens <= 0:
         raise UserError("--limit must be >= 0 and --max-tokens > 0")
     opts = EvalOptions(data=data, generate=generate, max_tokens=max_tokens, limit=limit, compare_base=compare_base,
-                       report=Path(report) if report else None, backend=backend, config_file=config_file, split=split)
+                       report=Path(report) if report else None, backend=backend, config_file=config_file, split=split,
+                       skip_bad_lines=skip_bad_lines)
     run_eval(target, opts, echo=click.echo, quiet=quiet)
 
 
@@ -295,7 +302,7 @@ def export(run_dir: str, gguf: bool, quant: str, out: str | None, ollama_name: s
 
 @cli.command()
 @click.argument("target")
-@_opt("--port", type=int, default=8000, show_default=True)
+@_opt("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @_opt("--host", default="127.0.0.1", show_default=True, help="0.0.0.0 to accept other machines (no authentication!).")
 @_opt("--n-ctx", type=int, default=4096, show_default=True, help="Context window (capped at the model's).")
 @_opt("--name", "alias", help="Model name clients ask for. [default: the export folder or GGUF name]")
@@ -314,7 +321,7 @@ def serve(target: str, port: int, host: str, n_ctx: int, alias: str | None) -> N
 
 @cli.command()
 @_opt("--host", default="127.0.0.1", show_default=True, help="Bind address; any non-loopback host requires a token.")
-@_opt("--port", type=int, default=7860, show_default=True)
+@_opt("--port", type=click.IntRange(1, 65535), default=7860, show_default=True)
 @_opt("--token", help="Token every request must carry. [default: none on 127.0.0.1, generated and printed otherwise]")
 @_opt("--root", type=click.Path(file_okay=False), default=".", show_default=True, help="Folder holding outputs/, export/, data/.")
 def studio(host: str, port: int, token: str | None, root: str) -> None:

@@ -49,6 +49,8 @@ class EvalOptions:
     """A config whose model.chat_template and data mapping apply (HF models and GGUFs; runs use their own)."""
     split: str = "test"
     batch_size: int = 4
+    skip_bad_lines: bool = False
+    """Skip malformed records (counted) even when the run did not train with data.skip_bad_lines."""
 
 
 class BackendScorer:
@@ -239,7 +241,8 @@ def evaluate(target: str, opts: EvalOptions, quiet: bool = False) -> dict[str, A
     dc = cfg.data
     mapping = mapping_from_config(dc)
     # The format is detected per file: the test file may be shaped differently from the training one.
-    samples, stats = load_samples(opts.data, "auto", opts.split, skip_bad_lines=dc.skip_bad_lines, mapping=mapping,
+    skip = dc.skip_bad_lines or opts.skip_bad_lines
+    samples, stats = load_samples(opts.data, "auto", opts.split, skip_bad_lines=skip, mapping=mapping,
                                   tools=getattr(dc, "tools", None), for_eval=True)
     examples, truncated, dropped = [], 0, 0
     drop_long = getattr(dc, "drop_long", False)  # as training treats examples longer than max_seq_len
@@ -260,7 +263,7 @@ def evaluate(target: str, opts: EvalOptions, quiet: bool = False) -> dict[str, A
 
     report: dict[str, Any] = {
         "target": target, "kind": kind, "backend": scorer.backend_name, "data": opts.data,
-        "records": len(samples), "format": stats["format"], "loss_examples": len(examples),
+        "records": len(samples), "format": stats["format"], "skipped": stats["skipped"], "loss_examples": len(examples),
         "truncated": truncated, "dropped_long": dropped,
         "generation": {"records": len(items), "max_tokens": opts.max_tokens, "sampling": "greedy",
                        "tokens": _TOKENS[bleu_tokenizer(refs)], "labels": labels, "label_rule": LABEL_RULE,
@@ -303,6 +306,10 @@ def _fmt(key: str, value: float | None) -> str:
     return f"{value:.2f}" if key in ("bleu", "chrf", "perplexity") else f"{value:.4f}"
 
 
+def _skipped(report: dict[str, Any]) -> str:
+    return f", {report['skipped']} malformed skipped" if report.get("skipped") else ""
+
+
 def table(report: dict[str, Any]) -> str:
     """The metrics as a text table: one column, or base / fine-tuned / delta; for labels, per-class
     precision/recall/F1 and the confusion matrix of each column; then how BLEU/chrF were computed."""
@@ -321,7 +328,7 @@ def table(report: dict[str, Any]) -> str:
         vals = [base.get(k), m.get(k), report["delta"].get(k)] if base is not None else [m.get(k)]
         lines.append(f"{k:<16}" + "".join(f"{_fmt(k, v):>13}" for v in vals))
     gen = report.get("generation")
-    head = (f"{report['data']}: {report['records']} records ({report['format']}); loss over "
+    head = (f"{report['data']}: {report['records']} records ({report['format']}{_skipped(report)}); loss over "
             f"{m.get('trained_tokens', 0)} trained tokens in {report['loss_examples']} examples")
     if gen:
         head += f"; generated {gen['records']} (greedy, <= {gen['max_tokens']} tokens, BLEU on {gen['tokens']})"

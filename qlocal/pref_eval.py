@@ -108,6 +108,7 @@ def evaluate_preference(scorer: Any, kind: str, cfg: Any, opts: Any, method: str
     cfg = copy.deepcopy(cfg)
     cfg.train.method = method
     dc = cfg.data = _data_config(cfg, opts.split, pref_run)
+    dc.skip_bad_lines = dc.skip_bad_lines or getattr(opts, "skip_bad_lines", False)
     samples, stats = load_preference(opts.data, method, dc)
     examples, counts = render_preference(samples, scorer.tokenizer, scorer.template, dc.max_seq_len,
                                          dc.train_on_reasoning, dc.drop_long)
@@ -156,8 +157,9 @@ def table(report: dict[str, Any]) -> str:
     cols = ["base", name, "delta"] if base is not None else [name]
     params = ", ".join(f"{k}={v}" for k, v in report["objective"].items() if k != "name")
     unit = report["unit"]
+    skipped = f", {report['skipped']} malformed skipped" if report.get("skipped") else ""
     head = (f"{report['data']}: {report['records']} records ({report['format']}"
-            f"{', unpaired' if report['unpaired'] else ''}); {report[unit]} {unit} scored by "
+            f"{', unpaired' if report['unpaired'] else ''}{skipped}); {report[unit]} {unit} scored by "
             f"{report['method']} ({params}); reference: {report['reference'] or 'none (reference-free)'}")
     lines = [head, "", f"{'metric':<20}" + "".join(f"{c:>13}" for c in cols)]
     for k in METRICS:

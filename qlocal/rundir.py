@@ -49,11 +49,22 @@ def create(path: Path, overwrite: bool) -> None:
         raise UserError(f"{path}: cannot create run folder ({e.strerror}); choose another --output-dir") from None
 
 
+def not_a_run(path: Path) -> UserError:
+    """The error for a folder without config.yaml; an export folder (export.json) names its run."""
+    try:
+        came_from = json.loads((path / "export.json").read_text(encoding="utf-8")).get("run")
+    except (OSError, ValueError, AttributeError):
+        came_from = None
+    if came_from:  # the usual slip: export/<run> where outputs/<run> is meant
+        return UserError(f"{path}: an export folder, not a run folder; give the run it was exported from: {came_from}")
+    return UserError(f"{path}: not a qlocal run folder (no config.yaml); give outputs/<run>")
+
+
 def load_config(run: Path) -> tuple[Config, dict[str, Any]]:
     """Read a run's resolved config.yaml: (Config, resolved facts)."""
     cfg_path = run / "config.yaml"
     if not cfg_path.is_file():
-        raise UserError(f"{run}: not a qlocal run folder (no config.yaml)")
+        raise not_a_run(run)
     doc = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
     resolved = doc.pop("resolved", {}) or {}
     return config_mod.from_dict(doc, str(cfg_path)), resolved

@@ -86,6 +86,15 @@ def test_cli_errors_are_one_line_exit_2(qlocal_cli, tmp_path: Path) -> None:
     line = _one_line_error(qlocal_cli("train", "--resume", str(tmp_path)))
     assert "not a qlocal run folder" in line
     assert not any(tmp_path.iterdir())
+    exported = tmp_path / "export" / "r"  # an export folder where a run folder is meant: name its run
+    exported.mkdir(parents=True)
+    (exported / "export.json").write_text(json.dumps({"run": str(tmp_path / "outputs" / "r")}))
+    for args in (("export", str(exported)), ("train", "--resume", str(exported))):
+        line = _one_line_error(qlocal_cli(*args))
+        assert line.endswith(f"an export folder, not a run folder; give the run it was exported from: {tmp_path}/outputs/r")
+    assert sorted(p.name for p in exported.iterdir()) == ["export.json"]
+    res = qlocal_cli("serve", str(tmp_path), "--port", "99999")  # was socket's OverflowError traceback
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "1<=x<=65535" in res.stderr
 
 
 def test_bad_data_and_existing_run_folder(qlocal_cli, tiny_model_dir, tmp_path: Path) -> None:

@@ -210,7 +210,8 @@ def test_compare_base_columns_and_report(run: Path, test_file: Path, tmp_path: P
 
 
 @torch_needed
-def test_default_report_in_run_folder_and_errors(run: Path, test_file: Path, tiny_model_dir, qlocal_cli) -> None:
+def test_default_report_in_run_folder_and_errors(run: Path, test_file: Path, tiny_model_dir, qlocal_cli,
+                                                  tmp_path: Path) -> None:
     from qlocal.evaluate import EvalOptions, run_eval
 
     lines: list[str] = []
@@ -220,6 +221,15 @@ def test_default_report_in_run_folder_and_errors(run: Path, test_file: Path, tin
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "base model already" in res.stderr
     with pytest.raises(UserError, match="drop --config"):
         run_eval(str(run), EvalOptions(data=str(test_file), config_file=str(REPO / "configs/quickstart.yaml")))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(test_file.read_text(encoding="utf-8") + '{"messages": [\n', encoding="utf-8")
+    res = qlocal_cli("eval", run, "--data", broken, "--no-generate", "--report", tmp_path / "b.json")
+    assert res.returncode == 2 and "broken.jsonl:4: not valid JSON" in res.stderr and "--skip-bad-lines" in res.stderr
+    assert not (tmp_path / "b.json").exists()
+    # ... and eval takes the option its error names: the line is skipped and counted.
+    res = qlocal_cli("eval", run, "--data", broken, "--no-generate", "--report", tmp_path / "b.json", "--skip-bad-lines")
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "b.json").read_text())["skipped"] == 1 and "1 malformed skipped" in res.stdout
 
 
 @torch_needed

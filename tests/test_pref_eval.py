@@ -218,6 +218,13 @@ def test_bad_pair_file_is_one_line_naming_file_and_line(sft_run: Path, root: Pat
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert [x for x in out.stderr.splitlines() if x.strip()] == [next(x for x in out.stderr.splitlines()
                                                                       if "bad-pairs.jsonl:2:" in x)]
+    # The line's advice names --skip-bad-lines: eval takes it, skips the record and says so.
+    tmp_report = root / "skipped-report.json"
+    out = qlocal_cli("eval", sft_run, "--data", bad, "--skip-bad-lines", "--report", tmp_report, "--quiet")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(tmp_report.read_text(encoding="utf-8"))
+    assert report["skipped"] == 1 and report["pairs"] == 2
+    assert "(pairs, 1 malformed skipped)" in out.stdout
     same = root / "same-pairs.jsonl"
     rec = json.loads(good[0])
     rec["rejected"] = rec["chosen"]
