@@ -51,7 +51,7 @@ def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
     else:
         run = Path(cfg.run.output_dir) / (cfg.run.name or _default_run_name(cfg.model.name))
         rundir.check_available(run, cfg.run.overwrite)
-    tracking.check_available(cfg.train.report_to)  # a missing tracker library stops us before any loading
+    tracking.check_available(cfg.train.report_to, resume)  # a missing library or server stops us before any loading
     backend_name, reason = select_backend(cfg.train.backend)
     model = resolve_model(cfg.model.name, cfg.model.revision, allow_pickle=cfg.model.allow_pickle)
     model_id = fingerprint(model.path)

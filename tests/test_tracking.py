@@ -230,6 +230,37 @@ def test_missing_tracker_library_is_one_line_before_training(tiny_model_dir: Any
     assert not (tmp_path / "run").exists()
 
 
+def test_mlflow_server_not_answering_is_one_line_before_training(tmp_path: Path) -> None:
+    """MLFLOW_TRACKING_URI naming a server that is down: one line in seconds, before anything loads
+    (MLflow's client retried for about five minutes, after the model had loaded, then printed its urllib3 error)."""
+    import socket
+
+    pytest.importorskip("mlflow")
+    from conftest import run_qlocal
+
+    with socket.socket() as s:  # a port nothing listens on once it is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    bad = run_qlocal("train", "--model", tmp_path / "not-loaded", "--data", DATA, "--report-to", "mlflow",
+                     "--output-dir", tmp_path, "--name", "run", env={"MLFLOW_TRACKING_URI": uri})
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.strip() == (f"error: train.report_to: mlflow cannot reach MLFLOW_TRACKING_URI {uri} "
+                                  "(Connection refused); start that server, or unset MLFLOW_TRACKING_URI to log "
+                                  "to the run folder's own sqlite store")
+    assert not (tmp_path / "run").exists()
+    # A run tracked in the run folder's own store is resumed there: a server named now is not probed.
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "tracking.json").write_text(json.dumps({"mlflow": {"tracking_uri": None, "run_id": "x"}}))
+    from qlocal.tracking import check_available
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        check_available(["mlflow"], tmp_path / "old")
+        with pytest.raises(UserError, match="cannot reach MLFLOW_TRACKING_URI"):
+            check_available(["mlflow"])
+
+
 def test_report_to_on_the_command_line(tmp_path: Path) -> None:
     """--report-to is train.report_to: an unknown tracker is one line naming the key and the allowed values."""
     from conftest import run_qlocal

@@ -51,8 +51,10 @@ class Tracker(Protocol):
         """finished, stopped (Ctrl-C: resumable) or failed; None leaves the run's status as it was."""
 
 
-def check_available(names: list[str]) -> None:
-    """Fail before training (one line, exit 2) when a named tracker's library is not installed."""
+def check_available(names: list[str], run: Path | None = None) -> None:
+    """Fail before training (one line, exit 2) when a named tracker's library is not installed, or
+    MLflow's tracking server does not answer (MLflow itself retries for minutes before it says so).
+    run: a run folder already tracked (resume, eval), whose tracking.json names its MLflow store."""
     for name in names:
         if name not in _NEEDS:
             raise UserError(f"train.report_to: unknown tracker {name!r}; use {', '.join(REPORT_TO)}")
@@ -63,6 +65,30 @@ def check_available(names: list[str]) -> None:
             if importlib.util.find_spec(module) is None:
                 raise UserError(f"train.report_to: {name} needs {module}, which is not installed: "
                                 f"pip install 'qlocal[{extra}]' (or 'qlocal[tracking]' for all three)")
+        if name == "mlflow":
+            recorded = read_state(run).get("mlflow", {}) if run is not None else {}
+            if "tracking_uri" in recorded:  # a tracked run stays in its store (tracking.mlflow._store)
+                _probe_server(recorded["tracking_uri"], f"{run / STATE}'s MLflow server")
+            else:
+                _probe_server(os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI")
+
+
+def _probe_server(uri: str | None, what: str) -> None:
+    """One TCP connect to an http(s) tracking URI: a server that is down or mistyped fails in seconds."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri or "")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((parts.hostname, port), timeout=10).close()
+    except (OSError, ValueError) as e:
+        why = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        fix = "start that server" + (", or unset MLFLOW_TRACKING_URI to log to the run folder's own sqlite store"
+                                     if what == "MLFLOW_TRACKING_URI" else "")
+        raise UserError(f"train.report_to: mlflow cannot reach {what} {uri} ({why}); {fix}") from None
 
 
 def _mlflow_uses_sql() -> bool:
@@ -194,7 +220,7 @@ def log_eval(run: Path, report_path: Path, metrics: dict[str, Any]) -> None:
     values = {f"eval/{report_path.stem.removeprefix('eval-')}/{k}": v for k, v in numeric(metrics).items()}
     for name in names:
         try:
-            check_available([name])
+            check_available([name], run)
         except UserError as e:
             print(f"warning: eval report not sent to {name}: {e}", file=sys.stderr)
             continue
