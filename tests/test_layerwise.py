@@ -161,3 +161,37 @@ def test_greedy_from_a_draft_is_plain_greedy(arch: str, tiny_model_dir, tmp_path
         assert got.tokens == want.tokens and got.forwards == forwards
         for g, w in zip(got.prompt_logits + got.step_logits, want.prompt_logits + want.step_logits):
             assert g.shape == w.shape and float(np.abs(g - w).max()) < _tol([w])
+
+
+def test_greedy_redrafts_after_a_miss(tiny_model_dir, tmp_path: Path) -> None:
+    """After a draft misses, `redraft` is asked for the rest from the model's own token: a right
+    redraft finishes in the next forward, a wrong one costs one forward per token; the result is
+    plain greedy's either way."""
+    base = tiny_model_dir("qwen2")
+    run = make_run(base, tmp_path / "run")
+    ids = _probes(base, run)
+    lm = layerwise.trained_lm(base, run / "adapter")
+    want = lm.greedy(ids, N_GREEDY)
+    vocab = want.step_logits[0].shape[1]
+    truth = {tuple(p): t for p, t in zip(ids, want.tokens)}
+
+    def oracle(seqs: list[list[int]]) -> list[list[int]]:
+        out = []
+        for s in seqs:
+            p = next(q for q in truth if list(q) == s[: len(q)])
+            out.append(truth[p][len(s) - len(p):])
+        return out
+
+    asked: list[int] = []
+
+    def wrong(seqs: list[list[int]]) -> list[list[int]]:
+        asked.append(len(seqs))
+        return [[(o[0] + 1) % vocab] * len(o) if o else [] for o in oracle(seqs)]
+
+    wrong_at_2 = [t[:2] + [(t[2] + 1) % vocab] + t[3:] for t in want.tokens]
+    for redraft, forwards in ((oracle, 2), (wrong, 1 + N_GREEDY - 3)):
+        got = lm.greedy(ids, N_GREEDY, wrong_at_2, redraft)
+        assert got.tokens == want.tokens and got.forwards == forwards
+        for g, w in zip(got.prompt_logits + got.step_logits, want.prompt_logits + want.step_logits):
+            assert g.shape == w.shape and float(np.abs(g - w).max()) < _tol([w])
+    assert asked and all(n == len(ids) for n in asked)

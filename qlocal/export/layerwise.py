@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import re
@@ -93,7 +94,8 @@ class _Runs:
             del batch
         return out  # type: ignore[return-value]
 
-    def greedy(self, prompts: list[list[int]], n: int, draft: list[list[int]] | None = None) -> GreedyRun:
+    def greedy(self, prompts: list[list[int]], n: int, draft: list[list[int]] | None = None,
+               redraft: Callable[[list[list[int]]], list[list[int]]] | None = None) -> GreedyRun:
         """The prompts' logits and `n` greedy tokens each (argmax, never stopping at EOS).
 
         `draft` (optional, per prompt) is a guess of the continuation, e.g. a GGUF's own greedy
@@ -101,7 +103,8 @@ class _Runs:
         and takes tokens while the model's argmax equals the draft, then the model's own token where
         it differs (speculative decoding's rule). The tokens and logits are those of plain greedy
         decoding whatever the draft is; a good draft only saves forwards (one pass over the weights
-        for a whole continuation instead of one per token)."""
+        for a whole continuation instead of one per token). `redraft` (sequences so far -> a new
+        draft for each) is asked again after a miss, for the sequences still short of `n` tokens."""
         limit = _rope_length_threshold(self.config)
         seqs = [list(p) for p in prompts]
         cands = [list(d[:n]) for d in draft] if draft is not None else [[] for _ in seqs]
@@ -110,6 +113,9 @@ class _Runs:
         first, forwards = True, 0
         while first or any(len(s) < n for s in steps):
             todo = [i for i in range(len(seqs)) if first or len(steps[i]) < n]
+            if not first and redraft is not None:
+                for i, d in zip(todo, redraft([seqs[i] for i in todo])):
+                    cands[i] = list(d[: n - len(steps[i])])
             if limit is not None:  # a draft must not carry a sequence over the rope's length switch
                 for i in todo:
                     if len(seqs[i]) <= limit:

@@ -136,7 +136,9 @@ class HFReference:
 
     `draft` (a GGUF to verify, with `lora` on it) gives each probe's greedy continuation as llama.cpp
     sees it first (the file is then closed): the reference's greedy decoding checks it in one
-    forward (layerwise._Runs.greedy) instead of one forward per token, and gets the same tokens.
+    forward (layerwise._Runs.greedy) instead of one forward per token, and gets the same tokens;
+    after a miss (a near-tie the quantised file breaks the other way) the file is opened again to
+    draft the rest from the reference's own token, between forwards, never during one.
     `fuse` (a FuseReport written without its figures) is completed from these same passes plus the
     fp32 merge's, so the export computes each reference once (fuse.complete_report)."""
 
@@ -162,8 +164,12 @@ class HFReference:
         release()
         drafts = _drafts(draft, lora, self.chat_ids, GREEDY_TOKENS) if draft is not None else None
         release()  # the GGUF is unmapped before the reference runs
+
+        def redraft(seqs: list[list[int]]) -> list[list[int]]:
+            return _drafts(draft, lora, seqs, GREEDY_TOKENS)  # type: ignore[arg-type]
+
         lm = reference_lm("trained", *trained) if trained is not None else reference_lm("folder", Path(hf_dir))
-        run = lm.greedy(self.chat_ids, GREEDY_TOKENS, drafts)
+        run = lm.greedy(self.chat_ids, GREEDY_TOKENS, drafts, redraft if draft is not None else None)
         lm.close()
         self.forwards = run.forwards
         """Forwards (passes over the weights) the greedy reference took: 1 when the draft was right."""
