@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -353,9 +354,20 @@ def default_report_path(target: str, data: str) -> Path:
     return Path(f"eval-{path.stem or 'model'}-{stem}.json")
 
 
+def _check_writable(report: Path) -> None:
+    """Before any model loads: the report's folder is a folder (or can be made) and takes files."""
+    folder = report.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        why = "is not a folder" if not folder.is_dir() else "is not writable"
+        raise UserError(f"--report {report}: {folder} {why}; give a report path in a folder you can write")
+
+
 def run_eval(target: str, opts: EvalOptions, echo: Callable[[str], None] = print, quiet: bool = False) -> dict[str, Any]:
     """The CLI path: evaluate, write the report (default path when none is given), print the table."""
     opts.report = opts.report or default_report_path(target, opts.data)
+    _check_writable(opts.report)
     report = evaluate(target, opts, quiet=quiet)
     if report.get("kind") == "run":  # the run's trackers (train.report_to) get the report and its metrics
         from qlocal.tracking import log_eval

@@ -73,10 +73,23 @@ class HFSource:
     run: Path | None = None
 
 
+def check_mistyped_folder(path: Path) -> None:
+    """A missing outputs/<run> or export/<run>: say so and name the runs/exports that are there
+    (the model-name rules would call it a missing model folder)."""
+    if path.exists() or path.parent == Path(".") or not path.parent.is_dir():
+        return
+    near = sorted(p.name for p in path.parent.iterdir()
+                  if (p / "config.yaml").is_file() or (p / "export.json").is_file())
+    if near:
+        shown = ", ".join(near[:8]) + (", ..." if len(near) > 8 else "")
+        raise UserError(f"{path}: no such folder; {path.parent}/ holds {shown}")
+
+
 def resolve_hf_source(target: str, chat_template: str | None = None) -> HFSource:
     """A run folder (config.yaml + adapter/) or an HF model folder / hub id / alias."""
 
     path = Path(target)
+    check_mistyped_folder(path)
     if (path / "config.yaml").is_file():
         from qlocal import rundir
 
