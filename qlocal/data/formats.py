@@ -23,11 +23,11 @@ from typing import Any
 
 from qlocal import hf
 from qlocal.data import tools as tooldata
+from qlocal.data.loader import SKIP_HINT, read_all
 from qlocal.errors import UserError
 
 FORMATS = ("alpaca", "sharegpt", "messages", "completion", "text")
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
-SKIP_HINT = "fix the record or pass --skip-bad-lines"
 
 # ShareGPT / LLaMA-Factory role tags -> chat roles. function_call is the model calling a tool, so it
 # is an assistant turn (trained); observation is the tool's answer.
@@ -356,46 +356,48 @@ def load_samples(path: str, fmt: str = "auto", split: str = "train", skip_bad_li
     skipped: list[str] = []
     shared_tools = tooldata.load_tools_file(tools) if tools else None
     records = load_records(path, split, skipped if skip_bad_lines else None)
-    chosen, first_where = (None, "") if fmt == "auto" else (fmt, "--format")
-    samples: list[Sample] = []
-    for original, where in records:
-        try:
-            rec = mapping.apply(original, where) if mapping is not None else original
-            if isinstance(rec, Sample):
-                chosen = chosen or "mapped"
-                samples.append(rec)
-                continue
-            this = fmt if fmt != "auto" else detect_format(rec)
-            if this is None and ("chosen" in rec or "rejected" in rec):
-                if for_eval:  # "train it with --method dpo" would mislead after a DPO run
-                    raise UserError(f"{where}: a preference pair (chosen/rejected) among one-answer records; qlocal eval "
-                                    "scores a file of pairs (from its first record) or of {prompt, completion} records: "
-                                    "keep one kind per file")
-                raise UserError(f"{where}: a preference pair (chosen/rejected); SFT reads one answer per record: "
-                                "train it with --method dpo (or orpo, simpo, kto)")
-            if fmt == "auto" and this == "completion" and isinstance(rec.get("label"), bool):
-                raise UserError(f"{where}: prompt + completion + a true/false label is KTO data; SFT would train on "
-                                "the undesirable answers too: train it with --method kto")
-            if this is None:
-                keys = ", ".join(sorted(map(str, rec))[:8]) or "none"
-                raise UserError(f"{where}: cannot tell the format from the keys ({keys}); expected instruction+output "
-                                "(alpaca), conversations (sharegpt), messages, prompt+completion or text, or map the fields "
-                                "in a --config file (data.columns / data.prompt_template; see configs/mapping_*.yaml)")
-            if chosen is None:
-                chosen, first_where = this, where
-            elif this != chosen:
-                raise UserError(f"{where}: record is {this} but the file's first record ({first_where}) is {chosen}; "
-                                "one file must hold one format: fix the record or pass --skip-bad-lines")
-            sample = normalise(rec, this, where)
-            if shared_tools and sample.kind == "chat" and not sample.tools:
-                sample.tools = shared_tools
-            samples.append(mapping.add_system(sample, original, where) if mapping is not None else sample)
-        except UserError:
-            if not skip_bad_lines:
-                raise
-            skipped.append(where)
-    if not samples:
-        raise UserError(f"{path}: no usable records ({len(skipped)} skipped as bad)")
-    stats = {"format": chosen, "counts": {chosen: len(samples)}, "skipped": len(skipped),
-             "skipped_where": skipped[:5]}
-    return samples, stats
+    return read_all(path, records, skipped, fmt, "--format", _SFTKind(fmt, mapping, shared_tools, for_eval),
+                    skip_bad_lines)
+
+
+class _SFTKind:
+    """load_samples' steps in the shared record loop (qlocal.data.loader)."""
+
+    unit = "format"
+
+    def __init__(self, fmt: str, mapping: Any, shared_tools: list[dict] | None, for_eval: bool) -> None:
+        self.fmt, self.mapping, self.shared_tools, self.for_eval = fmt, mapping, shared_tools, for_eval
+
+    def shape(self, original: dict, where: str) -> tuple[str, Any]:
+        """(format, record); a record the mapping already turned into a chat is format "mapped"."""
+        rec = self.mapping.apply(original, where) if self.mapping is not None else original
+        if isinstance(rec, Sample):
+            return "mapped", rec
+        this = self.fmt if self.fmt != "auto" else detect_format(rec)
+        if this is None and ("chosen" in rec or "rejected" in rec):
+            if self.for_eval:  # "train it with --method dpo" would mislead after a DPO run
+                raise UserError(f"{where}: a preference pair (chosen/rejected) among one-answer records; qlocal eval "
+                                "scores a file of pairs (from its first record) or of {prompt, completion} records: "
+                                "keep one kind per file")
+            raise UserError(f"{where}: a preference pair (chosen/rejected); SFT reads one answer per record: "
+                            "train it with --method dpo (or orpo, simpo, kto)")
+        if self.fmt == "auto" and this == "completion" and isinstance(rec.get("label"), bool):
+            raise UserError(f"{where}: prompt + completion + a true/false label is KTO data; SFT would train on "
+                            "the undesirable answers too: train it with --method kto")
+        if this is None:
+            keys = ", ".join(sorted(map(str, rec))[:8]) or "none"
+            raise UserError(f"{where}: cannot tell the format from the keys ({keys}); expected instruction+output "
+                            "(alpaca), conversations (sharegpt), messages, prompt+completion or text, or map the fields "
+                            "in a --config file (data.columns / data.prompt_template; see configs/mapping_*.yaml)")
+        return this, rec
+
+    def compatible(self, this: str, first: str) -> bool:
+        return this == "mapped" or this == first  # mapped chats may follow any first record
+
+    def normalise(self, record: Any, this: str, where: str, original: dict) -> Any:
+        if this == "mapped":
+            return record
+        sample = normalise(record, this, where)
+        if self.shared_tools and sample.kind == "chat" and not sample.tools:
+            sample.tools = self.shared_tools
+        return self.mapping.add_system(sample, original, where) if self.mapping is not None else sample

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from qlocal.data.formats import SKIP_HINT, load_records, parse_turns
+from qlocal.data.formats import load_records, parse_turns
+from qlocal.data.loader import SKIP_HINT, read_all
 from qlocal.data.preference import KTOSample, PairSample
 from qlocal.data.tools import load_tools_file, parse_tools
 from qlocal.errors import UserError
@@ -224,34 +225,7 @@ def load_preference(path: str, method: str | None, data_cfg: Any) -> tuple[list[
     shared_tools = load_tools_file(tools_file) if tools_file else None
     skipped: list[str] = []
     records = load_records(path, getattr(data_cfg, "split", "train"), skipped if skip else None)
-    chosen, first = (None, "") if fmt == "auto" else (fmt, "data.format")
-    samples: list[Any] = []
-    counts: dict[str, int] = {}
-    for original, where in records:
-        try:
-            rec = _rename(original, columns, where)
-            this = fmt if fmt != "auto" else detect_preference(rec)
-            if this is None:
-                keys = ", ".join(sorted(map(str, rec))[:8]) or "none"
-                raise UserError(f"{where}: not preference data (keys: {keys}); {wants} needs "
-                                "prompt + chosen + rejected (or chosen/rejected conversations), or prompt + completion "
-                                "+ label for kto; map other names with data.columns")
-            if chosen is None:
-                chosen, first = this, where
-            elif (this == "kto") != (chosen == "kto"):
-                raise UserError(f"{where}: record is {this} but the file's first record ({first}) is {chosen}; "
-                                f"one file must hold one kind: {SKIP_HINT}")
-            sample = normalise_preference(rec, this, where)
-            if shared_tools and not sample.tools:
-                sample.tools = shared_tools
-            samples.append(sample)
-            counts[this] = counts.get(this, 0) + 1
-        except UserError:
-            if not skip:
-                raise
-            skipped.append(where)
-    if not samples:
-        raise UserError(f"{path}: no usable records ({len(skipped)} skipped as bad)")
+    samples, stats = read_all(path, records, skipped, fmt, "data.format", _PrefKind(fmt, columns, shared_tools, wants), skip)
     kto_data = isinstance(samples[0], KTOSample)
     if method in PAIR_METHODS and kto_data:
         raise UserError(f"{path}: holds KTO records (prompt, completion, label) but train.method={method} "
@@ -259,6 +233,32 @@ def load_preference(path: str, method: str | None, data_cfg: Any) -> tuple[list[
     unpaired = method == "kto" and not kto_data
     if unpaired:
         samples = unpair(samples)
-    stats = {"format": chosen, "counts": counts, "skipped": len(skipped), "skipped_where": skipped[:5],
-             "unpaired": unpaired}
-    return samples, stats
+    return samples, {**stats, "unpaired": unpaired}
+
+
+class _PrefKind:
+    """load_preference's steps in the shared record loop (qlocal.data.loader)."""
+
+    unit = "kind"
+
+    def __init__(self, fmt: str, columns: dict[str, str], shared_tools: list[dict] | None, wants: str) -> None:
+        self.fmt, self.columns, self.shared_tools, self.wants = fmt, columns, shared_tools, wants
+
+    def shape(self, original: dict, where: str) -> tuple[str, dict]:
+        rec = _rename(original, self.columns, where)
+        this = self.fmt if self.fmt != "auto" else detect_preference(rec)
+        if this is None:
+            keys = ", ".join(sorted(map(str, rec))[:8]) or "none"
+            raise UserError(f"{where}: not preference data (keys: {keys}); {self.wants} needs "
+                            "prompt + chosen + rejected (or chosen/rejected conversations), or prompt + completion "
+                            "+ label for kto; map other names with data.columns")
+        return this, rec
+
+    def compatible(self, this: str, first: str) -> bool:
+        return (this == "kto") == (first == "kto")  # pairs with or without a prompt may mix
+
+    def normalise(self, record: dict, this: str, where: str, original: dict) -> PairSample | KTOSample:
+        sample = normalise_preference(record, this, where)
+        if self.shared_tools and not sample.tools:
+            sample.tools = self.shared_tools
+        return sample
