@@ -103,7 +103,7 @@ def evaluate_preference(scorer: Any, kind: str, cfg: Any, opts: Any, method: str
     backend = getattr(scorer, "backend", None)
     if backend is None:
         raise UserError(f"{target}: preference pairs are scored by the torch or MLX backend, which switches the "
-                        "adapter off for the reference; eval the run folder instead of its GGUF")
+                        f"adapter off for the reference; eval the run folder instead of its GGUF{_run_of(target)}")
     pref_run = getattr(cfg.train, "method", "sft") != "sft"
     cfg = copy.deepcopy(cfg)
     cfg.train.method = method
@@ -143,6 +143,19 @@ def evaluate_preference(scorer: Any, kind: str, cfg: Any, opts: Any, method: str
     if opts.compare_base:
         report["delta"] = {k: report["metrics"][k] - v for k, v in report["base"].items() if k in report["metrics"]}
     return report
+
+
+def _run_of(export: str) -> str:
+    """': <run folder>' when the export's export.json names the run it came from, else ''."""
+    import json
+    from pathlib import Path
+
+    path = Path(export)
+    try:
+        run = json.loads(((path if path.is_dir() else path.parent) / "export.json").read_text(encoding="utf-8"))["run"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return f": {run}" if run else ""
 
 
 def _public(figures: dict[str, float]) -> dict[str, float]:

@@ -226,6 +226,11 @@ def test_default_report_in_run_folder_and_errors(run: Path, test_file: Path, tin
     res = qlocal_cli("eval", run, "--data", broken, "--no-generate", "--report", tmp_path / "b.json")
     assert res.returncode == 2 and "broken.jsonl:4: not valid JSON" in res.stderr and "--skip-bad-lines" in res.stderr
     assert not (tmp_path / "b.json").exists()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    res = qlocal_cli("eval", run, "--data", test_file, "--report", a_file / "r.json")  # fails before loading
+    assert res.returncode == 2 and res.stderr.strip() == (f"error: --report {a_file}/r.json: {a_file} is not a "
+                                                          "folder; give a report path in a folder you can write")
     # ... and eval takes the option its error names: the line is skipped and counted.
     res = qlocal_cli("eval", run, "--data", broken, "--no-generate", "--report", tmp_path / "b.json", "--skip-bad-lines")
     assert res.returncode == 0, res.stderr
@@ -319,6 +324,8 @@ def test_gguf_loss_matches_torch(run: Path, test_file: Path, tmp_path_factory, t
     assert report["generation"]["records"] == 1 and "rouge_l" in report["metrics"]
     with pytest.raises(UserError, match="--compare-base needs a run folder"):
         evaluate(str(exp), EvalOptions(data=str(test_file), compare_base=True, generate=False), quiet=True)
+    with pytest.raises(UserError, match=f"eval the run folder instead of its GGUF: .*{run.name}$"):  # names the run
+        evaluate(str(exp), EvalOptions(data=str(REPO / "data/prefs_sample.jsonl")), quiet=True)
     # A lone GGUF (no fused/ tokenizer beside it): generation metrics only, and a note saying why.
     lone = tmp_path / "m.gguf"
     lone.symlink_to(exp / "model-f16.gguf")

@@ -52,6 +52,8 @@ def test_confine_keeps_paths_in_the_working_folders(root: Path) -> None:
                 ".qlocal-studio/jobs", "", "data/\x00x"):
         with pytest.raises(PathRefused):
             confine(root, bad)
+    with pytest.raises(PathRefused, match=r"outside the studio's working folders .*; copy it into one of them"):
+        confine(root, "/etc/passwd")  # says what to do: a base model in /tmp is the usual case
 
 
 def test_urls_naming_paths_outside_are_refused(root: Path) -> None:

@@ -40,7 +40,8 @@ def confine(root: Path, value: str | Path, folders: tuple[str, ...] = WORKING_FO
         top = (base / name).resolve()
         if full == top or top in full.parents:
             return full
-    raise PathRefused(f"{text}: outside the studio's working folders ({', '.join(f + '/' for f in folders)} under {base})")
+    raise PathRefused(f"{text}: outside the studio's working folders ({', '.join(f + '/' for f in folders)} under {base}); "
+                      "copy it into one of them (a symlink out is refused), or start qlocal studio with --root above it")
 
 
 def _token_of(scope_headers: dict[str, str], query: str, cookies: dict[str, str]) -> str | None:
