@@ -166,6 +166,7 @@ class HFReference:
         release()  # the GGUF is unmapped before the reference runs
 
         def redraft(seqs: list[list[int]]) -> list[list[int]]:
+            release()  # what the last forward freed, before llama.cpp maps the file again
             return _drafts(draft, lora, seqs, GREEDY_TOKENS)  # type: ignore[arg-type]
 
         lm = reference_lm("trained", *trained) if trained is not None else reference_lm("folder", Path(hf_dir))
