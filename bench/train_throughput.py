@@ -11,6 +11,10 @@ and a summary line with the ratios (qlocal / baseline).
     python bench/train_throughput.py --case cpu-small --dtype bfloat16  # both sides in bf16
     python bench/train_throughput.py --case cpu-small --profile        # torch.profiler table of one step
 
+The sides run one after the other, so a wall-clock ratio is only as good as the load was steady:
+each line also gives trained tokens per CPU-second of the process (all its threads), which other
+processes on a shared box disturb far less.
+
 --ablation runs qlocal once per row of ABLATION (the plain path first: PEFT's LoRA forward, the
 checkpointed head, SDPA with transformers' packed mask; then each fused piece of
 qlocal/backends/torch_fused.py added in turn) against one baseline run.
@@ -50,9 +54,10 @@ RANK, ALPHA = 16, 32
 # qlocal rows of --ablation: label -> (train.fused_kernels, torch_fused pieces switched off)
 ABLATION: dict[str, tuple[bool, list[str]]] = {
     "plain path": (False, ["threads"]),
-    "+ head grad in forward": (True, ["attention", "adamw", "threads"]),
-    "+ per-example attention": (True, ["adamw", "threads"]),
-    "+ fused AdamW": (True, ["threads"]),
+    "+ head grad in forward": (True, ["attention", "adamw", "lora", "threads"]),
+    "+ per-example attention": (True, ["adamw", "lora", "threads"]),
+    "+ fused AdamW": (True, ["lora", "threads"]),
+    "+ fused LoRA matmuls": (True, ["threads"]),
     "+ threads from free cores (default)": (True, []),
 }
 DEFAULT = "+ threads from free cores (default)"
@@ -143,15 +148,16 @@ def run_qlocal(case: dict[str, Any], model: Path, steps: int, warmup: int) -> di
     for step in range(steps + warmup):
         if step == warmup:
             _sync(case)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
         micro, _ = sched.micro_batches(step)
         backend.train_step(micro, 1e-4)
         if step >= warmup:
             tokens += sum(int(b["attention_mask"].sum()) for b in micro)
             trained += sum(count_targets(b) for b in micro)
     _sync(case)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"tokens_per_s": tokens / dt, "trained_tokens_per_s": trained / dt, "peak_mb": peak_mb(case["device"]),
+            "trained_per_cpu_s": trained / cpu,
             "fused": info["fused_kernels"], "threads": info["cpu_threads"]}
 
 
@@ -181,7 +187,7 @@ def run_baseline(case: dict[str, Any], model: Path, steps: int, warmup: int) -> 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if state.global_step == warmup:
                 _sync(case)
-                timing["t0"] = time.perf_counter()
+                timing["t0"], timing["c0"] = time.perf_counter(), time.process_time()
 
     args = TrainingArguments(output_dir=str(model.parent / "hf-out"), per_device_train_batch_size=case["batch"],
                              gradient_accumulation_steps=case["accum"], max_steps=steps + warmup, learning_rate=1e-4,
@@ -193,11 +199,12 @@ def run_baseline(case: dict[str, Any], model: Path, steps: int, warmup: int) -> 
                       data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
     trainer.train()
     _sync(case)
-    dt = time.perf_counter() - timing["t0"]
+    dt, cpu = time.perf_counter() - timing["t0"], time.process_time() - timing["c0"]
     # The Trainer samples randomly, so count tokens per step as the average over all examples.
     per_step_tokens = sum(len(e.input_ids) for e in exs) / (steps + warmup)
     per_step_trained = sum(sum(e.loss_mask[1:]) for e in exs) / (steps + warmup)
     return {"tokens_per_s": per_step_tokens * steps / dt, "trained_tokens_per_s": per_step_trained * steps / dt,
+            "trained_per_cpu_s": per_step_trained * steps / cpu,
             "peak_mb": peak_mb(case["device"])}
 
 
@@ -265,6 +272,7 @@ def main() -> None:
     ap.add_argument("--min-len", type=float, help="shortest example as a fraction of seq (default 1/8)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="override the case's dtype (both sides)")
     ap.add_argument("--ablation", action="store_true", help="qlocal once per ABLATION row (plain path first)")
+    ap.add_argument("--variant", action="append", choices=list(ABLATION), help="these ABLATION rows only")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one qlocal step")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--workdir", default=str(REPO / "bench/.work"))
@@ -280,7 +288,7 @@ def main() -> None:
     names = a.case or [n for n, c in CASES.items() if c["device"] == "cpu" or torch.cuda.is_available()]
     overrides = {k: v for k, v in (("layers", a.layers), ("seq", a.seq), ("batch", a.batch), ("vocab", a.vocab),
                                    ("min_len", a.min_len), ("dtype", a.dtype)) if v is not None}
-    variants = list(ABLATION) if a.ablation else [DEFAULT]
+    variants = list(ABLATION) if a.ablation else a.variant or [DEFAULT]
     summary, rows = [], []
     for name in names:
         case = {**CASES[name], **overrides}
@@ -296,8 +304,10 @@ def main() -> None:
             mem = q["peak_mb"] / b["peak_mb"]
             rows.append({"case": name, **case, "variant": variant, "qlocal": q, "baseline": b,
                          "speed": speed, "memory": mem})
+            per_cpu = q["trained_per_cpu_s"] / b["trained_per_cpu_s"]
             print(f"{name} [{variant}]: qlocal {q['tokens_per_s']:.1f} tok/s ({q['trained_tokens_per_s']:.1f} trained), "
-                  f"{q['peak_mb']:.0f} MB | speed x{speed:.2f}, memory x{mem:.2f}", flush=True)
+                  f"{q['peak_mb']:.0f} MB | speed x{speed:.2f} (per CPU-second x{per_cpu:.2f}), memory x{mem:.2f}",
+                  flush=True)
         summary.append((name, speed, mem))
     if summary:
         print("summary: " + "; ".join(f"{n} speed x{s:.2f} memory x{m:.2f}" for n, s, m in summary))
