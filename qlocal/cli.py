@@ -3,6 +3,7 @@ imported inside those calls so `qlocal --help` stays instant."""
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import Any
@@ -361,3 +362,14 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as e:
+        if e.errno not in _DISK_FULL:
+            raise
+        # The atomic writers have already removed their temps; nothing half-written is left.
+        where = f" writing {e.filename}" if e.filename else ""
+        click.echo(f"error: no space left on the device{where}: free some space, or write elsewhere "
+                   "(--out / --output-dir), and run it again", err=True)
+        sys.exit(2)
+
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}

@@ -173,3 +173,22 @@ def test_killed_export_leaves_nothing_at_final_path_and_rerun_succeeds(qwen_run:
     res = run_qlocal("export", qwen_run, "--quant", "f16", "--out", out)
     assert res.returncode == 0, res.stderr
     assert json.loads((out / "verify.json").read_text())["passed"] and (out / "Modelfile").is_file()
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(qwen_run: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """The disk filling up mid-conversion: one line naming the file and the fix, exit 2, no final folder."""
+    import errno
+
+    from qlocal import cli
+    from qlocal.export import gguf
+
+    def full(writer, t):
+        raise OSError(errno.ENOSPC, "No space left on device", str(writer.path if hasattr(writer, "path") else t))
+
+    monkeypatch.setattr(gguf, "_write_tensor", full)
+    out = tmp_path / "x"
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["export", str(qwen_run), "--quant", "f16", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and "no space left on the device" in err[0] and "--out" in err[0]
+    assert not out.exists() and not list(tmp_path.glob(".x*"))
