@@ -206,7 +206,7 @@ def _start_run(page: Any, url: str, name: str, iters: int, lr: str) -> None:
     page.goto(url + "/new")
     fields = {"run.name": name, "model.name": "models/tiny", "data.path": "data/alpaca_sample.jsonl",
               "data.max_seq_len": "128", "data.val_split": "0.1", "train.iters": str(iters),
-              "train.batch_size": "1", "train.eval_every": "4", "train.save_every": "1000",
+              "train.batch_size": "1", "train.eval_every": str(max(4, iters // 10)), "train.save_every": "1000",
               "train.lr": lr, "lora.rank": "4"}
     for key, value in fields.items():
         page.locator(f"[id='f-{key}']").fill(value)
@@ -229,14 +229,16 @@ def test_train_stop_resume_export_chat_compare(browser: Any, tmp_path: Path) -> 
     # a tiny random Qwen2 initialised wide, so its greedy answers are words rather than one token
     shutil.copytree(lively_model(tmp_path, "qwen2"), root / "models" / "tiny")
     shots = Shots("proof")
-    iters = 24
+    # Enough steps that Stop lands part-way on an idle box too: the tiny model trains ~30 steps/s there
+    # (at 24 steps the whole run ended within a second, before the chart's second point arrived).
+    iters = 400
     with studio(root, tmp_path / "studio.log") as url:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
 
         # New run -> run page: the loss chart gains points while it trains
-        _start_run(page, url, "first", iters, "0.003")
+        _start_run(page, url, "first", iters, "0.0003")  # lr low enough that 400 steps leave the lively model answering in words
         status = page.locator("#run-status")
         expect(status).to_have_text("running", timeout=WAIT_MS)
         _wait_points(page, 1)
