@@ -13,7 +13,8 @@ verify.json's unchanged rule (qlocal.tool_calls: a call to a declared tool, argu
 holding every required field). Measured: 12 steps of 2 gave 10/18 (56%: multi-argument calls ran on
 into repeated keys until cut at 160 tokens); 24 steps of 2 (lr 1e-3 cosine, rank 16, all linear
 layers; loss 1.17 -> 0.07, val 0.056) gave 16/18 valid (89%; valid JSON 94%, names 94%, arguments
-exact 61%).
+exact 61%). The same GGUF behind `qlocal serve` then returns tool_calls to the official openai client,
+streaming and not (whole test: 1 passed in 419 s on the idle 2-core box, 2026-12-01).
 """
 
 from __future__ import annotations
@@ -56,3 +57,27 @@ def test_gemma_270m_tools_fine_tune_emits_valid_calls(tmp_path: Path) -> None:
     assert tc["valid_rate"] >= 0.8, json.dumps(tc, indent=1)
     # The Modelfile is the Hermes tool TEMPLATE, whose call tag is the one the preflight parsed with.
     assert ".ToolCalls" in (out / "Modelfile").read_text()
+
+    # The same GGUF behind `qlocal serve`: the official openai client gets tool_calls, streaming and not,
+    # for held-out chats whose expected call the preflight counted valid.
+    pytest.importorskip("openai", reason="the official client is in qlocal[dev]")
+    from openai import OpenAI
+
+    from infer_helpers import served
+
+    held_out = [json.loads(line) for line in (DATA / "val.jsonl").read_text(encoding="utf-8").splitlines()]
+    chat = next(c for c in held_out if c["messages"][1]["tool_calls"][0]["function"]["name"] == "get_weather")
+    want = chat["messages"][1]["tool_calls"][0]["function"]["name"]
+    with served(out, tmp_path / "serve.log") as base:
+        client = OpenAI(base_url=base, api_key="unused", max_retries=0)
+        ask = dict(model="tools", messages=chat["messages"][:1], tools=chat["tools"], temperature=0, max_tokens=160)
+        whole = client.chat.completions.create(**ask).choices[0]
+        assert whole.finish_reason == "tool_calls" and whole.message.tool_calls[0].function.name == want, whole
+        json.loads(whole.message.tool_calls[0].function.arguments)  # a JSON object, as OpenAI sends it
+        names, finish = "", None
+        for chunk in client.chat.completions.create(**ask, stream=True):
+            for tc in chunk.choices[0].delta.tool_calls or []:
+                if tc.function and tc.function.name:
+                    names += tc.function.name
+            finish = chunk.choices[0].finish_reason or finish
+        assert finish == "tool_calls" and names == want
