@@ -78,6 +78,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_answers(proc: subprocess.Popen, url: str, log_path: Path, guard_s: float) -> None:
+    """Poll `url` until it answers; fail with the process's log if it exits or `guard_s` passes (a hang guard)."""
+    deadline = time.monotonic() + guard_s
+    while True:
+        assert proc.poll() is None, "the server exited:\n" + log_path.read_text()
+        try:
+            urllib.request.urlopen(url, timeout=5).read()
+            return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            assert time.monotonic() < deadline, "the server did not come up:\n" + log_path.read_text()
+            time.sleep(0.2)  # poll interval while the port opens
+
+
 @contextlib.contextmanager
 def served(export_dir: Path, log_path: Path, *args: str) -> Iterator[str]:
     """`qlocal serve EXPORT_DIR` on a free loopback port, up once /v1/models answers; yields its /v1 URL.
@@ -94,15 +107,7 @@ def served(export_dir: Path, log_path: Path, *args: str) -> Iterator[str]:
                             stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.monotonic() + HANG_GUARD_S  # a hang guard: polling the port is the wait
-        while True:
-            assert proc.poll() is None, log_path.read_text()
-            try:
-                urllib.request.urlopen(f"{base}/models", timeout=5).read()
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                assert time.monotonic() < deadline, "server did not come up: " + log_path.read_text()
-                time.sleep(0.2)  # poll interval
+        wait_until_answers(proc, f"{base}/models", log_path, HANG_GUARD_S)
         yield base
     finally:
         proc.send_signal(signal.SIGINT)

@@ -17,9 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +24,7 @@ from typing import Any
 import pytest
 
 from conftest import OFFLINE_ENV, REPO
+from infer_helpers import free_port, wait_until_answers
 
 pytest.importorskip("fastapi", reason="needs the studio extra: pip install 'qlocal[studio]'")
 pytest.importorskip("playwright", reason="needs playwright (the dev extra): pip install playwright")
@@ -65,13 +63,6 @@ def browser() -> Iterator[Any]:
             b.close()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _kill_jobs(root: Path) -> None:
     """Kill the studio jobs still running (each is its own process group), so none outlives the test.
@@ -87,7 +78,7 @@ def _kill_jobs(root: Path) -> None:
 @contextlib.contextmanager
 def studio(root: Path, log_path: Path, token: str | None = None) -> Iterator[str]:
     """`qlocal studio --root ROOT [--token T]` on a free loopback port, up once /runs answers; yields its URL."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(REPO)}
     log = log_path.open("w")
     extra = ["--token", token] if token else []
@@ -95,15 +86,7 @@ def studio(root: Path, log_path: Path, token: str | None = None) -> Iterator[str
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        guard = time.monotonic() + HANG_GUARD_S
-        while True:
-            assert proc.poll() is None, "qlocal studio exited:\n" + log_path.read_text()
-            try:
-                urllib.request.urlopen(url + "/runs" + (f"?token={token}" if token else ""), timeout=5).read()
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                assert time.monotonic() < guard, "qlocal studio did not come up:\n" + log_path.read_text()
-                time.sleep(0.2)  # poll interval while the port opens
+        wait_until_answers(proc, url + "/runs" + (f"?token={token}" if token else ""), log_path, HANG_GUARD_S)
         yield url
     finally:
         proc.send_signal(signal.SIGINT)
