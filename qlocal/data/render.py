@@ -218,7 +218,8 @@ def span_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]],
     return _tokens_in_spans(offsets, spans, cut)
 
 
-def _runs(example: Example) -> list[tuple[int, list[int]]]:
+def mask_runs(example: Example) -> list[tuple[int, list[int]]]:
+    """The example's tokens as (mask, token ids) runs of equal mask, in order."""
     runs: list[tuple[int, list[int]]] = []
     for tok, m in zip(example.input_ids, example.loss_mask):
         if runs and runs[-1][0] == m:
@@ -231,7 +232,7 @@ def _runs(example: Example) -> list[tuple[int, list[int]]]:
 def render_for_display(example: Example, tokenizer: Any) -> str:
     """The decoded example with every trained span wrapped in [[ ... ]] (special tokens shown)."""
     parts = []
-    for on, ids in _runs(example):
+    for on, ids in mask_runs(example):
         text = tokenizer.decode(ids, skip_special_tokens=False)
         parts.append(f"{OPEN}{text}{CLOSE}" if on else text)
     out = "".join(parts)

@@ -19,7 +19,7 @@ def _cached(run_s: str, mtime: int, root_s: str) -> dict[str, Any]:
     from qlocal import rundir
     from qlocal.data.formats import load_samples
     from qlocal.data.mapping import mapping_from_config
-    from qlocal.data.render import render
+    from qlocal.data.render import mask_runs, render
     from qlocal.hf import load_tokenizer
 
     run, root = Path(run_s), Path(root_s)
@@ -37,13 +37,5 @@ def _cached(run_s: str, mtime: int, root_s: str) -> dict[str, Any]:
     shown = next((s for s in samples if any(m.get("tool_calls") for m in s.messages)), samples[0])
     ex = render(shown, tokenizer, template, dc.train_on_prompt, dc.max_seq_len,
                 train_on_reasoning=getattr(dc, "train_on_reasoning", True))
-    segments: list[list[Any]] = []
-    runs: list[tuple[int, list[int]]] = []
-    for tok, m in zip(ex.input_ids, ex.loss_mask):
-        if runs and runs[-1][0] == m:
-            runs[-1][1].append(tok)
-        else:
-            runs.append((m, [tok]))
-    for on, ids in runs:
-        segments.append([tokenizer.decode(ids, skip_special_tokens=False), bool(on)])
+    segments = [[tokenizer.decode(ids, skip_special_tokens=False), bool(on)] for on, ids in mask_runs(ex)]
     return {"where": shown.where, "segments": segments, "truncated": bool(ex.truncated)}
