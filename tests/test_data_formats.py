@@ -1,4 +1,4 @@
-"""Loading, format detection and normalisation of training records (qlocal.data.formats)."""
+"""Loading (qlocal.data.readers), format detection and normalisation (qlocal.data.formats) of training records."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-from qlocal.data.formats import Sample, detect_format, load_records, load_samples, looks_like_hub_id, normalise
+from qlocal.data.formats import Sample, detect_format, load_samples, normalise
+from qlocal.data.readers import load_records, looks_like_hub_id
 from qlocal.errors import UserError
 
 DATA = Path(__file__).resolve().parent.parent / "data"

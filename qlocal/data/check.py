@@ -34,8 +34,8 @@ def _tool_lines(samples: list[Sample], train_on_reasoning: bool) -> list[str]:
 
 
 def _is_preference(path: str, cfg_data: Any, method: str) -> bool:
-    from qlocal.data.formats import load_records
     from qlocal.data.pref_formats import PREF_COLUMNS, detect_preference
+    from qlocal.data.readers import load_records
 
     if method != "sft" or set(getattr(cfg_data, "columns", None) or {}) & (set(PREF_COLUMNS) - {"system", "tools"}):
         return True

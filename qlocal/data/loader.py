@@ -33,7 +33,7 @@ class Kind(Protocol):
 
 def read_all(path: str, records: list[tuple[dict, str]], skipped: list[str], fmt: str, fixed_where: str,
              kind: Kind, skip_bad_lines: bool) -> tuple[list[Any], dict[str, Any]]:
-    """Every record of `records` (from data.formats.load_records, which appended its own bad lines
+    """Every record of `records` (from data.readers.load_records, which appended its own bad lines
     to `skipped`) as a sample of `kind`. fmt "auto" takes the file's format from its first record;
     any other is fixed (named `fixed_where` in the mixed-file error). Returns (samples, stats), stats
     {"format": name, "counts": {name: n}, "skipped": n, "skipped_where": [first few locations]}.

@@ -23,7 +23,8 @@ import string
 from dataclasses import dataclass, field
 from typing import Any
 
-from qlocal.data.formats import SKIP_HINT, Sample
+from qlocal.data.formats import Sample
+from qlocal.data.loader import SKIP_HINT
 from qlocal.data.tools import parse_tools
 from qlocal.errors import UserError
 

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from qlocal.data.formats import load_records, parse_turns
+from qlocal.data.formats import parse_turns
 from qlocal.data.loader import SKIP_HINT, read_all
+from qlocal.data.readers import load_records
 from qlocal.data.preference import KTOSample, PairSample
 from qlocal.data.tools import load_tools_file, parse_tools
 from qlocal.errors import UserError
