@@ -44,15 +44,9 @@ def stop_token_ids(tokenizer: Any, template: str) -> list[int]:
 
 def prompt_ids(tokenizer: Any, template: str, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> list[int]:
     """Token ids of `messages` (+ `tools`) + the assistant header, tokenised as training renders examples."""
-    from qlocal.data.render import adds_bos
+    from qlocal.data.render import generation_ids
 
-    extra = {"tools": tools} if tools else {}
-    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True,
-                                         **extra)
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if adds_bos(tokenizer) and (not ids or ids[0] != tokenizer.bos_token_id):
-        ids = [tokenizer.bos_token_id] + ids
-    return ids
+    return generation_ids(tokenizer, messages, template, {"tools": tools} if tools else {})
 
 
 # --------------------------------------------------------------------------------------------

@@ -104,17 +104,12 @@ def schema_prompts(tools: list[dict]) -> list[ToolPrompt]:
 def prompt_ids(tokenizer: Any, template: str, p: ToolPrompt) -> list[int]:
     """Ids of the prompt with the assistant header, rendered as training renders (tools=, bos rule)."""
     from qlocal.data.formats import Sample
-    from qlocal.data.render import adds_bos, chat_inputs
+    from qlocal.data.render import chat_inputs, generation_ids
 
     messages, extra = chat_inputs(Sample(kind="chat", messages=p.messages, where=p.where, tools=p.tools), template)
     if "enable_thinking" in extra:
         extra["enable_thinking"] = p.thinks
-    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True,
-                                         **extra)
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if adds_bos(tokenizer) and (not ids or ids[0] != tokenizer.bos_token_id):
-        ids = [tokenizer.bos_token_id] + ids
-    return ids
+    return generation_ids(tokenizer, messages, template, extra)
 
 
 def _key(call: dict) -> tuple[str, str]:

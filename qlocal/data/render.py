@@ -203,6 +203,18 @@ def apply_template(tokenizer: Any, messages: list[dict[str, Any]], template: str
     return _apply(tokenizer, messages, template, add_generation_prompt, where, extra)
 
 
+def generation_ids(tokenizer: Any, messages: list[dict[str, Any]], template: str,
+                   extra: dict[str, Any] | None = None) -> list[int]:
+    """Token ids of `messages` + the assistant header, tokenised as `render` tokenises examples: the
+    template's own specials only, and bos in front when the tokenizer adds one and the template does not."""
+    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True,
+                                         **(extra or {}))
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if adds_bos(tokenizer) and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
 def chat_spans(sample: Sample, tokenizer: Any, template: str,
                train_on_reasoning: bool = True) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
     """The full render of a chat sample, the character span of each assistant turn (in order) and
