@@ -220,15 +220,9 @@ def _write_tokens_json(w: GGUFWriter, tj: dict[str, Any], tok_config: dict[str, 
         scores.append(score)
         types.append(int(ttype))
 
-    lookup = {t: i for i, t in reversed(list(enumerate(tokens)))}
+    lookup = _first_ids(tokens)
     if spm:
-        w.add_tokenizer_model("llama")
-        w.add_tokenizer_pre("default")
-        w.add_token_list(tokens)
-        w.add_token_scores(scores)
-        w.add_token_types(types)
-        w.add_add_space_prefix(_spm_space_prefix(tj))
-        info = VocabInfo("llama", None, n)
+        info = _add_spm(w, tokens, scores, types, _spm_space_prefix(tj))
     else:
         pre = pre or suggest_pre(tj)
         w.add_tokenizer_model("gpt2")
@@ -268,14 +262,25 @@ def _write_tokens_sentencepiece(w: GGUFWriter, hf_dir: Path,
         tokens.append(f"[PAD{i}]")
         scores.append(-1000.0)
         types.append(int(TokenType.UNUSED))
+    space_prefix = (bool(vocab.sentencepiece_tokenizer.get_add_dummy_prefix())
+                    if hasattr(vocab.sentencepiece_tokenizer, "get_add_dummy_prefix") else True)
+    return _add_spm(w, tokens, scores, types, space_prefix), _first_ids(tokens)
+
+
+def _add_spm(w: GGUFWriter, tokens: list[str], scores: list[float], types: list[int], space_prefix: bool) -> VocabInfo:
+    """The GGUF keys of a SentencePiece-style vocabulary (llama.cpp's "llama" tokenizer model)."""
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
     w.add_token_scores(scores)
     w.add_token_types(types)
-    w.add_add_space_prefix(bool(vocab.sentencepiece_tokenizer.get_add_dummy_prefix())
-                           if hasattr(vocab.sentencepiece_tokenizer, "get_add_dummy_prefix") else True)
-    return VocabInfo("llama", None, len(tokens)), {t: i for i, t in reversed(list(enumerate(tokens)))}
+    w.add_add_space_prefix(space_prefix)
+    return VocabInfo("llama", None, len(tokens))
+
+
+def _first_ids(tokens: list[str]) -> dict[str, int]:
+    """Token text -> the first id that has it (the specials' ids are looked up by text)."""
+    return {t: i for i, t in reversed(list(enumerate(tokens)))}
 
 
 def _write_specials(w: GGUFWriter, info: VocabInfo, tj: dict[str, Any], tok_config: dict[str, Any],
