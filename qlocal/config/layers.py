@@ -37,7 +37,7 @@ def _suggest(word: str, options: list[str]) -> str:
 def apply(cfg: Config, updates: dict[str, Any], source: str) -> Config:
     """Apply flat `section.key` -> value updates (or nested dicts) onto cfg, checking every key."""
     sections = _sections(cfg)
-    for dotted, value in _flatten(updates, source).items():
+    for dotted, value in _flatten(updates).items():
         if "." not in dotted:
             raise UserError(f"{source}: '{dotted}' is not a config key; keys look like section.key, e.g. lora.rank")
         sec_name, key = dotted.split(".", 1)
@@ -52,7 +52,7 @@ def apply(cfg: Config, updates: dict[str, Any], source: str) -> Config:
     return cfg
 
 
-def _flatten(updates: dict[str, Any], source: str) -> dict[str, Any]:
+def _flatten(updates: dict[str, Any]) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for k, v in updates.items():
         if isinstance(v, dict) and "." not in str(k):  # a section; "data.label_map": {..} is a value
