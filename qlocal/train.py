@@ -95,21 +95,47 @@ def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
     elif dist.is_main:
         rundir.create(run, cfg.run.overwrite)
     distributed.barrier()
-    try:
-        _run_loop(run, plan, backend, resumed=resume is not None, quiet=quiet or not dist.is_main)
-    except BaseException:
-        # A run that never reached its first checkpoint holds nothing worth resuming.
-        if dist.is_main and resume is None and not rundir.checkpoints(run):
-            shutil.rmtree(run, ignore_errors=True)
-        distributed.shutdown()
-        raise
-    # DDP's reducer holds the gloo process group; freed after a peer has exited, gloo's destructor
-    # can wait forever for it. So free it while every rank is still connected, then leave together.
-    del backend
-    gc.collect()
-    distributed.barrier()
-    distributed.shutdown()
+    # From here to the end of teardown a Ctrl-C is the flag's (qlocal.stop_flag), never a bare
+    # KeyboardInterrupt between the last step and the final save.
+    with StopFlag(shared=dist.enabled) as stop:
+        try:
+            _run_loop(run, plan, backend, stop, resumed=resume is not None, quiet=quiet or not dist.is_main)
+            # DDP's reducer holds the gloo process group; freed after a peer has exited, gloo's destructor
+            # can wait forever for it. So free it while every rank is still connected, then leave together.
+            del backend
+            gc.collect()
+            distributed.barrier()
+            distributed.shutdown()
+        except BaseException as e:
+            _interrupted(run, dist.is_main and resume is None, dist.is_main and isinstance(e, KeyboardInterrupt))
+            distributed.shutdown()
+            if isinstance(e, KeyboardInterrupt):
+                raise SystemExit(130) from None
+            raise
+    if stop.pending:  # Ctrl-C after the last step: the final save was let finish
+        if dist.is_main:
+            print(f"stopped after the last step; the run is complete: {run / 'adapter'}", file=sys.stderr)
+        raise SystemExit(130)
     return run
+
+
+def _interrupted(run: Path, may_remove: bool, say: bool) -> None:
+    """After a run ended early: remove a fresh run folder that holds nothing to resume or use (no
+    checkpoint, no adapter), and for an abort (second Ctrl-C) say in one line what is left."""
+    ckpts = rundir.checkpoints(run)
+    adapter = (run / "adapter" / "adapter_config.json").is_file()
+    removed = may_remove and not ckpts and not adapter
+    if removed:
+        shutil.rmtree(run, ignore_errors=True)
+    if not say:
+        return
+    if adapter:
+        line = f"aborted after the adapter was saved: {run / 'adapter'} is complete"
+    elif ckpts:
+        line = f"aborted; the last checkpoint is step {ckpts[-1][0]}; continue with: qlocal train --resume {run}"
+    else:
+        line = f"aborted before the first checkpoint; {run} " + ("removed" if removed else "has nothing to resume")
+    print(f"\n{line}", file=sys.stderr)
 
 
 @dataclass
@@ -126,7 +152,7 @@ class _Plan:
     objective: Objective
 
 
-def _run_loop(run: Path, plan: _Plan, backend: Backend, resumed: bool, quiet: bool) -> Path:
+def _run_loop(run: Path, plan: _Plan, backend: Backend, stop: StopFlag, resumed: bool, quiet: bool) -> Path:
     """Optimizer steps from the resume point to the end, then the adapter; Ctrl-C saves and exits 130."""
     main = distributed.current().is_main
     start, elapsed_before = _resume_point(run, backend, resumed)
@@ -138,12 +164,13 @@ def _run_loop(run: Path, plan: _Plan, backend: Backend, resumed: bool, quiet: bo
                 if main else tracking.Trackers())
     metrics.on_write = trackers.log
     with trackers.session(run):
-        return _steps(run, plan, backend, metrics, start, elapsed_before, quiet)
+        return _steps(run, plan, backend, stop, metrics, start, elapsed_before, quiet)
 
 
-def _steps(run: Path, plan: _Plan, backend: Backend, metrics: rundir.Metrics, start: int, elapsed_before: float,
-           quiet: bool) -> Path:
-    """The steps from `start` to the end, then the adapter and loss.png."""
+def _steps(run: Path, plan: _Plan, backend: Backend, stop: StopFlag, metrics: rundir.Metrics, start: int,
+           elapsed_before: float, quiet: bool) -> Path:
+    """The steps from `start` to the end, then the adapter and loss.png. A stop requested at the
+    last step (or after it) lets that save finish: train() then exits 130."""
     tc = plan.cfg.train
     main = distributed.current().is_main
     if not quiet:
@@ -152,7 +179,7 @@ def _steps(run: Path, plan: _Plan, backend: Backend, metrics: rundir.Metrics, st
     progress = Progress(plan.total, start, quiet)
     t_run = time.perf_counter()
     last_saved = start
-    with StopFlag() as stop:
+    try:
         for step in range(start, plan.total):
             done = step + 1
             record, stats, dt = _step(run, plan, backend, step, stop, progress)
@@ -164,22 +191,28 @@ def _steps(run: Path, plan: _Plan, backend: Backend, metrics: rundir.Metrics, st
                 metrics.write(record)
             progress.advance(stats, record["tokens"] / dt)
             if done % tc.save_every == 0 or done == plan.total or stop.requested:
-                _checkpoint(run, plan, backend, done, elapsed_before + time.perf_counter() - t_run)
+                with stop.saving():
+                    _checkpoint(run, plan, backend, done, elapsed_before + time.perf_counter() - t_run)
                 last_saved = done
-            if stop.requested:
+            if stop.requested and done < plan.total:
                 progress.close()
                 if main:
                     rundir.plot_losses(metrics, run / "loss.png", run.name)
                     print(f"stopped at step {done}/{plan.total}; continue with: qlocal train --resume {run}",
                           file=sys.stderr)
                 raise SystemExit(130)
+    except BaseException:
+        progress.close()  # the bar's last redraw before the closing line, not after it
+        raise
+    stop.after_steps = True
     progress.close()
     if last_saved != plan.total:  # the final step always checkpoints; the adapter must match it
         raise RuntimeError(f"{run}: the last checkpoint is step {last_saved}, not the final step {plan.total}")
     if main:
-        rundir.save_dir_atomic(run / "adapter", backend.save_adapter)
+        with stop.saving():
+            rundir.save_dir_atomic(run / "adapter", backend.save_adapter)
         rundir.plot_losses(metrics, run / "loss.png", run.name)
-    if not quiet:
+    if not quiet and not stop.pending:  # stopped: train() ends with its one line instead
         print_footer(run, metrics)
     return run
 
@@ -227,9 +260,9 @@ def _step(run: Path, plan: _Plan, backend: Backend, step: int, stop: StopFlag,
     _check_finite(run, stats, step + 1, tc.lr, progress)
     tokens, trained, stop_votes = distributed.all_sum([
         float(sum(int(b["attention_mask"].sum()) for b in micro)),
-        float(sum(count_targets(b) for b in micro)), float(stop.requested)])
+        float(sum(count_targets(b) for b in micro)), float(stop.pending)])
     tokens, trained = int(tokens), int(trained)
-    stop.requested = stop_votes > 0
+    stop.vote(stop_votes)  # never undoes a Ctrl-C that landed after `pending` was read: it counts next step
     record: dict[str, Any] = {
         "step": step + 1, "epoch": round(epoch_pos, 4), "loss": round(stats.loss, 6), "lr": lr,
         "grad_norm": round(stats.grad_norm, 6), "tokens": tokens, "trained_tokens": trained,
