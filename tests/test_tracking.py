@@ -298,6 +298,68 @@ def test_wandb_without_login_is_one_line(tmp_path: Path) -> None:
     assert "\n" not in msg and msg.startswith("wandb: ") and "wandb login" in msg and "WANDB_MODE=offline" in msg
 
 
+def test_wandb_online_without_api_key_is_one_line_before_training(tmp_path: Path) -> None:
+    """--report-to wandb, online, no credentials anywhere: the preflight says so (exit 2) before any
+    model loads (the model path does not even exist) and nothing is created; each way out passes it."""
+    pytest.importorskip("wandb")
+    from conftest import OFFLINE_ENV
+
+    from qlocal.tracking import check_available
+
+    home = tmp_path / "home"
+    home.mkdir()
+    clean = {k: v for k, v in os.environ.items()
+             if not (k.startswith("WANDB_") or k == "NETRC")}
+    env = {**clean, **OFFLINE_ENV, "HOME": str(home), "WANDB_CONFIG_DIR": str(home / "config"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+                                                       os.environ.get("PYTHONPATH")]))}
+    argv = [sys.executable, "-m", "qlocal", "train", "--model", str(tmp_path / "not-loaded"), "--data", str(DATA),
+            "--report-to", "wandb", "--output-dir", str(tmp_path / "outputs"), "--name", "run"]
+    bad = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2, bad.stderr
+    line = bad.stderr.strip()
+    assert "\n" not in line and line.startswith("error: train.report_to: wandb is online (")
+    assert "WANDB_API_KEY" in line and "`wandb login`" in line and "WANDB_MODE=offline" in line
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "wandb").exists()
+
+    import wandb
+
+    def check(**setenv: str) -> None:
+        wandb.teardown()  # wandb reads its environment once per process, into a singleton
+        try:
+            with pytest.MonkeyPatch.context() as mp:
+                for k in [k for k in os.environ if k.startswith("WANDB_") or k == "NETRC"]:
+                    mp.delenv(k)
+                mp.setenv("HOME", str(home))
+                mp.setenv("WANDB_CONFIG_DIR", str(home / "config"))
+                for k, v in setenv.items():
+                    mp.setenv(k, v)
+                check_available(["wandb"])
+        finally:
+            wandb.teardown()
+
+    with pytest.raises(UserError, match="has no API key"):
+        check()
+    check(WANDB_MODE="offline")
+    check(WANDB_MODE="disabled")
+    check(WANDB_API_KEY="k" * 40)
+    # `wandb login` writes the key to ~/.netrc under the API host's name
+    from urllib.parse import urlsplit
+
+    from wandb.sdk import wandb_setup
+
+    wandb.teardown()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_CONFIG_DIR", str(home / "config"))
+        mp.delenv("WANDB_BASE_URL", raising=False)
+        host = urlsplit(wandb_setup.singleton().settings.base_url).hostname
+    wandb.teardown()
+    netrc = home / ".netrc"
+    netrc.write_text(f"machine {host}\n  login user\n  password {'p' * 40}\n")
+    netrc.chmod(0o600)
+    check()
+
+
 def _tensorboard_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -52,8 +52,9 @@ class Tracker(Protocol):
 
 
 def check_available(names: list[str], run: Path | None = None) -> None:
-    """Fail before training (one line, exit 2) when a named tracker's library is not installed, or
-    MLflow's tracking server does not answer (MLflow itself retries for minutes before it says so).
+    """Fail before training (one line, exit 2) when a named tracker's library is not installed, online
+    W&B has no API key, or MLflow's tracking server does not answer (MLflow itself retries for minutes
+    before it says so).
     run: a run folder already tracked (resume, eval), whose tracking.json names its MLflow store."""
     for name in names:
         if name not in _NEEDS:
@@ -65,6 +66,8 @@ def check_available(names: list[str], run: Path | None = None) -> None:
             if importlib.util.find_spec(module) is None:
                 raise UserError(f"train.report_to: {name} needs {module}, which is not installed: "
                                 f"pip install 'qlocal[{extra}]' (or 'qlocal[tracking]' for all three)")
+        if name == "wandb":
+            _module("wandb").check_login()
         if name == "mlflow":
             recorded = read_state(run).get("mlflow", {}) if run is not None else {}
             if "tracking_uri" in recorded:  # a tracked run stays in its store (tracking.mlflow._store)

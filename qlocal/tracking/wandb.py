@@ -34,6 +34,36 @@ class WandbRun:
         self.run.finish(exit_code=_EXIT.get(status or "finished", 1))
 
 
+def check_login() -> None:
+    """Online W&B with no credentials fails before training (wandb.init would prompt in a terminal,
+    or fail after the model has loaded): one line naming the three ways out.
+
+    Asks wandb itself, as wandb.init does: its settings (WANDB_MODE, `wandb offline`) for the mode, and
+    its credential lookup (WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE, .netrc, settings) without a prompt.
+    A wandb whose internals moved is not checked here: wandb.init's own error still comes as one line."""
+    import wandb
+
+    try:
+        from wandb.sdk import wandb_setup
+        from wandb.sdk.lib import wbauth
+
+        settings = wandb_setup.singleton().settings
+        if settings._offline or settings._noop:
+            return
+        auth = wbauth.authenticate_session(host=settings.base_url, source="qlocal", prompt=False,
+                                           update_session=False)
+    except (ImportError, AttributeError, TypeError):
+        return
+    except wandb.errors.Error as e:  # e.g. a WANDB_API_KEY of the wrong shape
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"train.report_to: wandb: {first}; fix it, or set WANDB_MODE=offline to keep the run "
+                        "local") from None
+    if auth is None:
+        raise UserError(f"train.report_to: wandb is online ({settings.base_url}) but has no API key: set "
+                        "WANDB_API_KEY or run `wandb login`, or set WANDB_MODE=offline to keep the run local "
+                        "(`wandb sync` uploads it later)")
+
+
 def open_run(run: Path, state: dict[str, Any], params: dict[str, Any] | None, purge_from: int | None,
              skip_through: int) -> WandbRun:
     """Start (params given) or resume the W&B run recorded in `state`."""
