@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from html import unescape
 from pathlib import Path
 
@@ -78,6 +79,29 @@ def test_run_page_shows_config_evals_and_exports(root: Path, client) -> None:
     assert "verify: FAIL" in text and "FAIL: greedy text differs" in text and "PARAMETER stop <|im_end|>" in text
     for key in ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s"):
         assert f'id="chart-{key}"' in text
+
+
+def test_missing_run_page_is_the_html_error_page_naming_the_runs(root: Path, client) -> None:
+    """/runs/<mistyped> is the studio's 404 page listing the runs outputs/ holds (links to them);
+    the same missing run under /api/ stays JSON for the pages' scripts."""
+    make_run(root, "alpha", steps=2, total=4, checkpoints=(2,))
+    make_run(root, "beta", steps=4, total=4, checkpoints=(4,), adapter=True)
+    (root / "outputs" / "not-a-run").mkdir()  # no config.yaml: not listed
+    page = client.get("/runs/alpah")
+    assert page.status_code == 404 and page.headers["content-type"].startswith("text/html")
+    text = unescape(page.text)
+    assert '<nav>' in text and "no run 'alpah' in outputs/" in text
+    links = re.findall(r'<li><a href="(/runs/[^"]+)">([^<]+)</a></li>', page.text)
+    assert links == [("/runs/alpha", "alpha"), ("/runs/beta", "beta")]
+    assert client.get(links[0][0]).status_code == 200
+    api = client.get("/api/runs/alpah")
+    assert api.status_code == 404 and api.json() == {"detail": "no run 'alpah' in outputs/"}
+    # an unknown page is the same HTML page, without a run list; an empty outputs/ says how to start one
+    other = client.get("/nowhere")
+    assert other.status_code == 404 and "text/html" in other.headers["content-type"] and "known-runs" not in other.text
+    for name in ("alpha", "beta", "not-a-run"):
+        shutil.rmtree(root / "outputs" / name)
+    assert "outputs/ holds no runs yet" in client.get("/runs/alpha").text
 
 
 def test_metrics_polling_gets_new_lines_and_a_reset(root: Path, client) -> None:

@@ -43,12 +43,33 @@ def plotly_js() -> Path | None:
     return path if path.is_file() else None
 
 
+def error_page(request: Any, status: int, message: str, headers: dict[str, str] | None = None) -> Any:
+    """The studio's HTML error page; a missing run (404 under /runs/) lists the runs outputs/ holds,
+    as the CLI names them for a mistyped outputs/<run>."""
+    from http import HTTPStatus
+
+    studio = request.app.state.studio
+    runs = None
+    if status == 404 and request.url.path.startswith("/runs/"):
+        folder = studio.runs_dir
+        runs = sorted(p.name for p in folder.iterdir() if (p / "config.yaml").is_file()) if folder.is_dir() else []
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:
+        reason = "error"
+    return studio.templates.TemplateResponse(
+        request, "error.html", {"nav": "runs", "status": status, "reason": reason, "message": message, "runs": runs},
+        status_code=status, headers=headers)
+
+
 def create_app(root: Path, token: str | None) -> Any:
     """The studio over `root`'s working folders; with a token, every request must carry it."""
     from fastapi import FastAPI, HTTPException, Request
+    from fastapi.exception_handlers import http_exception_handler
     from fastapi.responses import FileResponse, PlainTextResponse, RedirectResponse, Response
     from fastapi.staticfiles import StaticFiles
     from fastapi.templating import Jinja2Templates
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from qlocal.studio import chat, exports, newrun, pages
     from qlocal.studio.security import Guard, PathRefused
@@ -56,6 +77,13 @@ def create_app(root: Path, token: str | None) -> Any:
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     app = FastAPI(title="qlocal studio", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.studio = Studio(root.resolve(), token, JobRunner(root), templates)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # The pages get the studio's own error page; /api/ (read by the pages' scripts) keeps JSON.
+        if request.url.path.startswith(("/api/", "/static/")):
+            return await http_exception_handler(request, exc)
+        return error_page(request, exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(PathRefused)
     async def _refused(request: Request, exc: PathRefused) -> PlainTextResponse:
