@@ -157,3 +157,91 @@ def test_layout_keeps_every_target_once() -> None:
     sel, valid = mlx_loss.target_rows(w)
     assert valid.sum() == w.sum() and len(sel) == mlx_loss.bucket(int(w.sum()))
     assert [mlx_loss.bucket(n) for n in (1, 32, 33, 100, 1000, 1025)] == [32, 32, 40, 112, 1024, 1280]
+
+
+def _window_copy(model_dir: Path, out: Path, window: int) -> Path:
+    """A copy of a tiny model folder whose sliding window is `window` (the fixture's is shared)."""
+    import json
+    import shutil
+
+    shutil.copytree(model_dir, out)
+    cfg = json.loads((out / "config.json").read_text())
+    for c in (cfg, cfg.get("text_config") or {}):
+        if "sliding_window" in c:
+            c["sliding_window"] = window
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma3"])
+def test_chunked_attention_equals_masked_attention(arch: str, tiny_model_dir, tmp_path: Path, monkeypatch) -> None:
+    """Attention in checkpointed chunks of 16 queries (mlx_attention) against mlx's attention with
+    the whole W x W mask, on packed and on padded rows: the same loss and gradients. Gemma 3's
+    sliding window is cut to 24 tokens, so its window layers cut key blocks too."""
+    from qlocal.backends import mlx_attention, mlx_packing
+    from qlocal.data.batching import collate, collate_packed
+
+    model_dir = tiny_model_dir(arch)
+    if arch == "gemma3":
+        model_dir = _window_copy(model_dir, tmp_path / "gemma3-w24", 24)
+    b = _backend(model_dir, tmp_path / "run")
+    assert b._plan.pack and b._plan.cached
+    ex = _examples(model_dir)
+    packed, padded = collate_packed(ex), collate(ex, 0)
+    assert packed["input_ids"].shape[1] > 4 * 16 and padded["input_ids"].shape[1] > 4 * 16  # several chunks
+    monkeypatch.setattr(mlx_attention, "SCORE_BUDGET", 1)  # every chunk: MIN_CHUNK (16) queries
+    calls: list[tuple[int, ...]] = []
+    real = mlx_attention.attend
+    monkeypatch.setattr(mlx_attention, "attend", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    chunked = [_loss_and_grads(b, packed), _loss_and_grads(b, padded)]
+    layers = len(b.model.layers)
+    assert len(calls) == 2 * layers  # every layer of both forwards went through the chunks
+    if arch == "gemma3":
+        from qlocal.backends.mlx_loss import _text_model
+
+        assert _text_model(b.model).model.window_size == 24
+    b._fns = None  # retrace with the masks applied by mlx's own attention
+    monkeypatch.setattr(mlx_packing.PackedCache, "attention_for", lambda self, mask: None)
+    masked = [_loss_and_grads(b, packed), _loss_and_grads(b, padded)]
+    assert len(calls) == 2 * layers
+    for got, want in zip(chunked, masked):
+        _assert_close(got, want)
+
+
+def test_chunked_attention_keeps_no_width_squared_scores(tiny_model_dir, tmp_path: Path, monkeypatch) -> None:
+    """The decoder's forward and backward over one packed row of two examples: at width 2,048 the
+    MLX allocator's peak above what it starts with stays under one layer's (heads, W, W) float32
+    scores, and doubling the width from 1,024 raises it at most 2.5x (linear plus a constant);
+    mlx's masked attention at width 1,024, measured beside it, keeps more than its W x W scores."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from qlocal.backends import mlx_attention, mlx_loss, mlx_packing
+
+    b = _backend(tiny_model_dir("qwen2"), tmp_path)
+    body = mlx_loss.split_head(b.model)[0]
+    monkeypatch.setattr(mlx_attention, "SCORE_BUDGET", 1 << 20)  # 4 MiB of scores per chunk
+
+    def peak(n: int) -> int:
+        rng = np.random.default_rng(0)
+        ids = mx.array(rng.integers(10, 1000, (1, n)), mx.int32)
+        pos = mx.array(np.r_[np.arange(n // 2), np.arange(n - n // 2)][None], mx.int32)
+        seg = mx.array(np.r_[np.zeros(n // 2), np.ones(n - n // 2)][None], mx.int32)
+        probe = mx.array(rng.normal(size=(1, n, b.model.args.hidden_size)), mx.float32)
+
+        def loss(model):  # type: ignore[no-untyped-def]
+            return (body(ids, mlx_packing.caches(model, pos, seg)) * probe).sum()
+
+        mx.eval(b.model.parameters(), ids, pos, seg, probe)
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        start = mx.get_active_memory()
+        mx.eval(nn.value_and_grad(b.model, loss)(b.model))
+        return mx.get_peak_memory() - start
+
+    scores = b.model.args.num_attention_heads * 1024 * 1024 * 4  # one layer's float32 scores at 1,024
+    short, long = peak(1024), peak(2048)
+    assert long < 4 * scores and long < 2.5 * short, (short, long, 4 * scores)
+    monkeypatch.setattr(mlx_packing.PackedCache, "attention_for", lambda self, mask: None)
+    masked = peak(1024)
+    assert masked > scores, (masked, scores)

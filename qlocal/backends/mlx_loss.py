@@ -113,24 +113,27 @@ def chunked_logprobs(h: Any, targets: Any, head_mod: Any, head: Callable[[Any, A
 
 @dataclass(frozen=True)
 class Plan:
-    """What one model allows, found once (setup / load): the head split, packing, the chunk."""
+    """What one model allows, found once (setup / load): the head split, packing, the chunk, and
+    whether padded rows too take the chunked attention (through mlx_packing's cache)."""
 
     split: bool
     pack: bool
     chunk: int
+    cached: bool = False
 
 
 def plan_for(model: Any, chunk: int) -> Plan:
     """Wrap the model's RoPE modules for per-token positions and check what works on it."""
-    from qlocal.backends.mlx_packing import packing_works, wrap_ropes
+    from qlocal.backends.mlx_packing import cache_works, packing_works, route_attention, wrap_ropes
 
     wrap_ropes(model)
+    route_attention(model)
     was_training = model.training
     model.eval()  # no dropout in the probes
     try:
         split = head_matches(model)
         body = split_head(model)[0] if split else (lambda ids, cache=None: model(ids, cache=cache))
-        return Plan(split=split, pack=packing_works(model, body), chunk=chunk)
+        return Plan(split=split, pack=packing_works(model, body), chunk=chunk, cached=cache_works(model, body))
     finally:
         model.train(was_training)
 
@@ -142,7 +145,10 @@ def target_logprobs(model: Any, ids: Any, aux: dict[str, Any], plan: Plan) -> An
 
     from qlocal.backends.mlx_packing import caches
 
-    cache = caches(model, aux["pos"], aux["seg"]) if "pos" in aux else None
+    if "pos" in aux:
+        cache = caches(model, aux["pos"], aux["seg"])
+    else:  # padded rows: the chunked attention too, where the model passed cache_works
+        cache = caches(model) if plan.cached else None
     r, w = ids.shape
     sel, valid = aux["sel"], aux["valid"]
     targets = ids[:, 1:].reshape(-1)[sel]

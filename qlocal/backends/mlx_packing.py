@@ -9,8 +9,13 @@ takes one offset per batch row, not per token, so `TokenRope` wraps each attenti
 module (whatever its scaling) and, given per-token positions, applies it to every token as a
 batch row of length 1 with its own offset. Nothing of the model's code is copied.
 
+The mask is only what the attention gets when it is not routed through mlx_attention
+(`route_attention`): routed attention recognises the cache's masks and attends in checkpointed
+chunks of queries instead, so no (rows, heads, W, W) scores are built or kept for the backward.
+
 `packing_works` checks on a few tokens, once per model, that a packed row gives the padded rows'
-hidden states; a model whose attention does something else gets one example per row (padded).
+hidden states (attending in chunks of PROBE_CHUNK); a model whose attention does something else
+gets one example per row (padded). `cache_works` checks the same for padded rows through the cache.
 
 A packed batch (one row of concatenated examples, qlocal.data.batching.collate_packed) is laid
 out again here as a few rows of one width (first-fit decreasing), so attention costs about
@@ -95,20 +100,37 @@ def layout(batch: dict[str, np.ndarray], pack: bool) -> dict[str, np.ndarray]:
 
 
 class PackedCache:
-    """A stand-in KV cache for one forward over packed rows: no storage, the packed mask and positions."""
+    """A stand-in KV cache for one forward: no storage; packed rows' mask and positions.
 
-    def __init__(self, pos: Any, seg: Any) -> None:
-        self.offset = pos  # TokenRope reads a 2-D offset as per-token positions
+    pos/seg None: plain (padded) rows, positions from 0 and a causal mask. Attention routed
+    through mlx_attention (route_attention) recognises the masks this cache handed out and
+    attends in chunks instead of applying them; any other attention gets the mask itself."""
+
+    def __init__(self, pos: Any = None, seg: Any = None, chunk: int | None = None) -> None:
+        self.offset = 0 if pos is None else pos  # TokenRope reads a 2-D offset as per-token positions
         self._seg = seg
+        self._chunk = chunk  # queries per attention chunk; None: mlx_attention.chunk_rows
+        self._masks: dict[int, tuple[Any, int | None]] = {}
 
     def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None, **_: Any) -> Any:
         import mlx.core as mx
 
         i = mx.arange(n)
-        keep = (i[:, None] >= i[None]) & (self._seg[:, None, :, None] == self._seg[:, None, None, :])
+        keep = i[:, None] >= i[None]
+        if self._seg is not None:
+            keep = keep & (self._seg[:, None, :, None] == self._seg[:, None, None, :])
         if window_size is not None:
             keep = keep & (i[:, None] < i[None] + window_size)
-        return keep  # (R, 1, W, W) bool: mlx's attention masks out False
+        # Lazy: never computed when the attention takes the chunked path instead.
+        self._masks[id(keep)] = (keep, window_size)
+        return keep  # (R, 1, W, W) (packed) or (W, W) bool: mlx's attention masks out False
+
+    def attention_for(self, mask: Any) -> tuple[Any, int | None, int | None] | None:
+        """(segments, window, chunk) for mlx_attention.attend if `mask` is one of this cache's."""
+        entry = self._masks.get(id(mask))
+        if entry is None or entry[0] is not mask:
+            return None
+        return self._seg, entry[1], self._chunk
 
     def update_and_fetch(self, keys: Any, values: Any) -> tuple[Any, Any]:
         return keys, values
@@ -149,10 +171,23 @@ def wrap_ropes(model: Any) -> int:
     return len(found)
 
 
-def caches(model: Any, pos: Any, seg: Any) -> list[PackedCache]:
-    """One PackedCache per layer (mlx-lm indexes caches by layer)."""
-    c = PackedCache(pos, seg)
+def route_attention(model: Any) -> int:
+    """Send this model's attention calls with a PackedCache through mlx_attention (chunked,
+    no W x W scores kept); returns how many attention modules go through it."""
+    import mlx.nn as nn
+
+    from qlocal.backends import mlx_attention
+
+    return mlx_attention.install([m for _, m in model.named_modules() if isinstance(m.get("rope"), nn.Module)])
+
+
+def caches(model: Any, pos: Any = None, seg: Any = None, chunk: int | None = None) -> list[PackedCache]:
+    """One PackedCache per layer (mlx-lm indexes caches by layer); pos/seg None: padded rows."""
+    c = PackedCache(pos, seg, chunk)
     return [c] * len(model.layers)
+
+
+PROBE_CHUNK = 4  # the probes attend in chunks this small, so more than one chunk is checked
 
 
 def packing_works(model: Any, body: Any) -> bool:
@@ -164,10 +199,24 @@ def packing_works(model: Any, body: Any) -> bool:
         packed = mx.array([a + b, b + a], mx.int32)  # two rows: masks must broadcast per row
         pos = mx.array([[*range(len(a)), *range(len(b))], [*range(len(b)), *range(len(a))]], mx.int32)
         seg = mx.array([[0] * len(a) + [1] * len(b), [0] * len(b) + [1] * len(a)], mx.int32)
-        got = body(packed, caches(model, pos, seg)).astype(mx.float32)
+        got = body(packed, caches(model, pos, seg, PROBE_CHUNK)).astype(mx.float32)
         ha, hb = body(mx.array([a], mx.int32))[0], body(mx.array([b], mx.int32))[0]
         want = mx.stack([mx.concatenate([ha, hb]), mx.concatenate([hb, ha])]).astype(mx.float32)
         tol = 1e-4 if got.dtype == mx.float32 and body(packed).dtype == mx.float32 else 3e-2
         return bool(mx.allclose(got, want, rtol=tol, atol=tol * float(mx.abs(want).max() + 1)).item())
     except Exception:  # a model that reads its cache some other way: no packing
+        return False
+
+
+def cache_works(model: Any, body: Any) -> bool:
+    """Do padded rows through a PackedCache (chunked attention) give the model's own hidden states?"""
+    import mlx.core as mx
+
+    try:
+        ids = mx.array([[3, 5, 7, 11, 13, 17, 19, 23, 29], [31, 37, 41, 43, 47, 0, 0, 0, 0]], mx.int32)
+        got, want = body(ids, caches(model, chunk=PROBE_CHUNK)), body(ids)
+        tol = 1e-4 if want.dtype == mx.float32 else 3e-2
+        return bool(mx.allclose(got.astype(mx.float32), want.astype(mx.float32), rtol=tol,
+                                atol=tol * float(mx.abs(want).max() + 1)).item())
+    except Exception:  # a model that reads its cache some other way: its own attention
         return False
