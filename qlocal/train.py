@@ -15,12 +15,13 @@ import math
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from qlocal import distributed, preference_run, reference, rundir, tracking
+from qlocal import distributed, pidfile, preference_run, reference, rundir, tracking
 from qlocal import hf
 from qlocal.backends.base import Backend, Batch, StepStats
 from qlocal.config import Config
@@ -96,8 +97,8 @@ def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
         rundir.create(run, cfg.run.overwrite)
     distributed.barrier()
     # From here to the end of teardown a Ctrl-C is the flag's (qlocal.stop_flag), never a bare
-    # KeyboardInterrupt between the last step and the final save.
-    with StopFlag(shared=dist.enabled) as stop:
+    # KeyboardInterrupt between the last step and the final save; train.pid tells the studio we run.
+    with StopFlag(shared=dist.enabled) as stop, pidfile.holding(run) if dist.is_main else nullcontext():
         try:
             _run_loop(run, plan, backend, stop, resumed=resume is not None, quiet=quiet or not dist.is_main)
             # DDP's reducer holds the gloo process group; freed after a peer has exited, gloo's destructor

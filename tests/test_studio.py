@@ -272,6 +272,95 @@ def test_studio_address_errors_are_one_line_before_anything_starts(root: Path, q
     assert not (root / ".qlocal-studio").exists()
 
 
+@pytest.fixture(params=["proc", "psutil", "ps"])
+def start_source(request, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    """Where qlocal.pidfile reads process start times: Linux's /proc, or (as on macOS) psutil, or POSIX ps."""
+    import sys
+
+    from qlocal import pidfile
+
+    if request.param == "proc" and not (pidfile.PROC / "self" / "stat").is_file():
+        pytest.skip("no /proc here")
+    if request.param != "proc":
+        monkeypatch.setattr(pidfile, "PROC", tmp_path / "no-proc")  # /proc use disabled
+    if request.param == "psutil":
+        pytest.importorskip("psutil")
+    if request.param == "ps":
+        monkeypatch.setitem(sys.modules, "psutil", None)  # what `import psutil` finds when it is not installed
+    return request.param
+
+
+def test_process_start_times_agree_across_sources(start_source: str) -> None:
+    import os
+    import subprocess
+    import time
+
+    from qlocal import pidfile
+
+    ours = pidfile.process_start(os.getpid())
+    assert ours is not None and ours <= time.time()
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        started = pidfile.process_start(child.pid)
+        assert started is not None and ours - 2 <= started <= time.time() + 1
+    finally:
+        child.kill()
+        child.wait()
+    assert pidfile.process_start(child.pid) is None  # reaped: gone
+
+
+def test_train_pid_file_says_live_only_for_the_process_that_wrote_it(start_source: str, tmp_path: Path) -> None:
+    """train.pid is trusted while its pid is alive and that process started before the file was written
+    (a later process that got the same pid is not the trainer), and only on the host that wrote it."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import time
+
+    from qlocal import pidfile
+
+    run = tmp_path / "run"
+    run.mkdir()
+    assert pidfile.live_pid(run) is None  # no file
+    with pidfile.holding(run):
+        assert json.loads((run / "train.pid").read_text())["pid"] == os.getpid()
+        assert pidfile.live_pid(run) == os.getpid()
+    assert not (run / "train.pid").exists()
+
+    def write(**record: object) -> None:
+        (run / "train.pid").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                   "written": time.time(), **record}))
+
+    write()
+    assert pidfile.live_pid(run) == os.getpid()
+    # this process started long after that file was written: its pid was reused, the trainer is gone
+    write(written=pidfile.process_start(os.getpid()) - 3600)
+    assert pidfile.live_pid(run) is None
+    write(host="some-other-host")
+    assert pidfile.live_pid(run) is None
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    write(pid=dead.pid)
+    assert pidfile.live_pid(run) is None
+    (run / "train.pid").write_text("{not json")
+    assert pidfile.live_pid(run) is None
+    # a file another trainer wrote meanwhile is not removed by this one's exit
+    with pidfile.holding(run):
+        write(pid=1)
+    assert json.loads((run / "train.pid").read_text())["pid"] == 1
+
+
+def test_a_live_train_pid_reads_as_running_without_proc(start_source: str, root: Path, client) -> None:
+    """The Runs table's status of a run trained from a terminal comes from train.pid (no /proc needed)."""
+    from qlocal import pidfile
+
+    make_run(root, "cli", steps=3, total=10)
+    with pidfile.holding(root / "outputs" / "cli"):
+        assert [(r["name"], r["status"], r["job"]) for r in client.get("/api/runs").json()] == [("cli", "running", None)]
+    assert client.get("/api/runs/cli").json()["status"] == "failed"  # no checkpoint, no adapter, no job
+
+
 def test_terminal_trainings_are_located_from_their_argv(tmp_path: Path) -> None:
     """qlocal.studio.procs: which run folder a `qlocal train` command line writes (the live-process
     side is in tests/test_studio_train.py)."""

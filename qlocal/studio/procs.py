@@ -1,11 +1,11 @@
 """Trainings started outside the studio (`qlocal train` in a terminal), found by their processes.
 
-train writes no pid file, so on Linux the studio reads /proc: a process whose argv is qlocal's
-`train`, its working folder, and its options give the run folder (`--resume RUN`, or
-`--output-dir`/`--name`, `--set run.*`, a `--config` file's run section). A run left to its default
-name (`<model>-<date>-<time>`, stamped when train starts) is the first such folder stamped at or
-after the process started. Elsewhere (no /proc) this finds nothing and such runs read as stopped
-until they finish.
+Everywhere, train's <run>/train.pid says a run is live once its folder exists (qlocal.pidfile, read by
+qlocal.studio.runs). On Linux the studio also reads /proc, which sees a training from its start: a
+process whose argv is qlocal's `train`, its working folder, and its options give the run folder
+(`--resume RUN`, or `--output-dir`/`--name`, `--set run.*`, a `--config` file's run section). A run
+left to its default name (`<model>-<date>-<time>`, stamped when train starts) is the first such
+folder stamped at or after the process started. Without /proc this finds nothing; train.pid does.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from qlocal import pidfile
 from qlocal.config import Config
 
 _STAMP = re.compile(r"-(\d{8}-\d{6})$")
@@ -66,16 +67,6 @@ def _from_config(cwd: Path, opts: dict[str, Any]) -> None:
             opts.setdefault(f"{sec}.{key}", str(value))
 
 
-def _started(pid: int) -> float | None:
-    """The process's start as a Unix time (from /proc/<pid>/stat and the boot time)."""
-    try:
-        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-        btime = next(int(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines() if ln.startswith("btime"))
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-    return btime + ticks / os.sysconf("SC_CLK_TCK")
-
-
 def _default_named(folder: Path, model: str, started: float | None) -> Path | None:
     """The run a default-named train made: `<model short>-<stamp>`, the first stamped since it started."""
     short = Path(model.rstrip("/")).name.replace("/", "-") or "model"
@@ -98,7 +89,7 @@ def _default_named(folder: Path, model: str, started: float | None) -> Path | No
 def cli_trainings() -> dict[Path, int]:
     """{resolved run folder: pid} of every live `qlocal train` process this user can read."""
     found: dict[Path, int] = {}
-    proc = Path("/proc")
+    proc = pidfile.PROC
     if not proc.is_dir():
         return found
     for entry in proc.iterdir():
@@ -118,8 +109,9 @@ def cli_trainings() -> dict[Path, int]:
         else:
             _from_config(cwd, opts)
             out = cwd / opts.get("run.output_dir", "outputs")
+            started = pidfile.process_start(int(entry.name))
             run = out / opts["run.name"] if opts.get("run.name") else \
-                _default_named(out, opts.get("model.name", Config().model.name), _started(int(entry.name)))
+                _default_named(out, opts.get("model.name", Config().model.name), started)
         if run is not None:
             found.setdefault(run.resolve(), int(entry.name))
     return found

@@ -6,8 +6,9 @@ Status of a run (what the Runs table shows):
   stopped   its last studio job exited 130 (Stop = SIGINT), or it has checkpoints and no adapter:
             `qlocal train --resume` continues it
   failed    its last job ended otherwise, or it has neither checkpoints nor adapter
-A run trained from a terminal (no studio job) is running while qlocal.studio.procs finds its
-`qlocal train` process (Linux: /proc); without /proc it reads as stopped until it finishes.
+A run trained from a terminal (no studio job) is running while its train.pid names a live trainer
+(qlocal.pidfile: any POSIX system), or qlocal.studio.procs finds its `qlocal train` process (Linux:
+/proc; it also sees a training whose run folder does not exist yet).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from qlocal import pidfile
 from qlocal.studio.jobs import Job, JobRunner
 from qlocal.studio.procs import cli_trainings
 
@@ -132,7 +134,8 @@ def run_info(run: Path, runner: JobRunner, root: Path, cli: dict[Path, int] | No
     rel = os.path.relpath(run, root)
     jobs = runner.for_run(rel)
     cli = cli_trainings() if cli is None else cli
-    status, job = run_status(run, total, jobs, cli.get(run.resolve()))
+    cli_pid = cli.get(run.resolve())
+    status, job = run_status(run, total, jobs, pidfile.live_pid(run) if cli_pid is None else cli_pid)
     rows, _ = read_metrics(run / "metrics.jsonl")
     info = RunInfo(name=run.name, path=run, config=doc, status=status, job=job, total_steps=total,
                    base_model=str((doc.get("model") or {}).get("name", "")),
