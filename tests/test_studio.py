@@ -351,6 +351,22 @@ def test_train_pid_file_says_live_only_for_the_process_that_wrote_it(start_sourc
     assert json.loads((run / "train.pid").read_text())["pid"] == 1
 
 
+def test_a_studio_job_pid_reused_later_is_not_alive(start_source: str, tmp_path: Path) -> None:
+    """A job record read after the studio restarted: its pid is the job only if that process started by
+    the job's launch (without /proc as with it)."""
+    import os
+    import time
+
+    from qlocal import pidfile
+    from qlocal.studio.jobs import Job, _proc_start
+
+    me = os.getpid()
+    ticks = _proc_start(me) if start_source == "proc" else None
+    assert Job("j", tmp_path, ["train"], None, time.time(), me, ticks).alive()
+    launched_before_me = pidfile.process_start(me) - 3600
+    assert not Job("j", tmp_path, ["train"], None, launched_before_me, me, None).alive()
+
+
 def test_a_live_train_pid_reads_as_running_without_proc(start_source: str, root: Path, client) -> None:
     """The Runs table's status of a run trained from a terminal comes from train.pid (no /proc needed)."""
     from qlocal import pidfile

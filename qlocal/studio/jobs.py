@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qlocal import atomic
+from qlocal import atomic, pidfile
 
 # The only subcommands a browser can have the studio start.
 ALLOWED_COMMANDS = ("train", "export", "eval")
@@ -60,7 +60,7 @@ class Job:
     def alive(self) -> bool:
         if self.returncode() is not None:
             return False
-        return _pid_alive(self.pid, self.proc_start)
+        return _pid_alive(self.pid, self.proc_start, self.started)
 
     def status(self) -> str:
         """running | finished | stopped | failed."""
@@ -89,22 +89,25 @@ class Job:
 
 def _proc_start(pid: int) -> str | None:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = (pidfile.PROC / str(pid) / "stat").read_text()
     except OSError:
         return None
     return stat.rsplit(")", 1)[1].split()[19]  # field 22: start time in clock ticks since boot
 
 
-def _pid_alive(pid: int, proc_start: str | None) -> bool:
+def _pid_alive(pid: int, proc_start: str | None, launched: float) -> bool:
+    """Whether the job's process still runs: its pid is alive and not reused. /proc's start ticks
+    say that exactly; elsewhere (macOS) the pid's process must have started by the job's launch time."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    if proc_start is not None and Path("/proc").is_dir():
+    if proc_start is not None and pidfile.PROC.is_dir():
         return _proc_start(pid) == proc_start
-    return True
+    started = pidfile.process_start(pid)
+    return started is None or started <= launched + 2.0  # start times are whole seconds
 
 
 def check_args(args: list[str]) -> None:
