@@ -241,6 +241,35 @@ def test_a_job_that_fails_shows_as_failed_with_its_error(root: Path, client) -> 
     assert not (root / "outputs" / "f1").exists()
 
 
+def test_stop_signals_a_job_once(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stop twice (a double click) is one SIGINT: the second would abort train mid-step (qlocal.stop_flag)."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from qlocal.studio import jobs as jobs_mod
+
+    runner = jobs_mod.JobRunner(root)
+    child = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        folder = runner.dir / "j1"
+        folder.mkdir(parents=True)
+        (folder / "job.json").write_text(json.dumps({"id": "j1", "args": ["train"], "run": "outputs/x",
+                                                     "started": time.time(), "pid": child.pid,
+                                                     "proc_start": jobs_mod._proc_start(child.pid)}))
+        sent: list[tuple[int, int]] = []
+        monkeypatch.setattr(os, "killpg", lambda pid, sig: sent.append((pid, sig)))
+        for _ in range(3):
+            runner.stop("j1")
+        assert sent == [(child.pid, signal.SIGINT)]
+        assert runner.get("j1").status() == "running" and runner.get("j1").stop_requested()
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_studio_command_help_and_lazy_imports(qlocal_cli) -> None:
     res = qlocal_cli("studio", "--help")
     assert res.returncode == 0

@@ -191,11 +191,12 @@ class JobRunner:
         return next((j for j in self.for_run(run) if j.alive()), None)
 
     def stop(self, job_id: str) -> Job:
-        """SIGINT to the job's process group, as Ctrl-C in its terminal would."""
+        """SIGINT to the job's process group, as Ctrl-C in its terminal would; once per job: a second
+        Stop (a double click) would be the second Ctrl-C, which aborts train mid-step."""
         job = self.get(job_id)
         if job is None:
             raise JobRefused(f"no job {job_id!r}")
-        if job.alive():
+        if job.alive() and not job.stop_requested():
             atomic.write_text(job.folder / "stop", str(time.time()))
             try:
                 os.killpg(job.pid, signal.SIGINT)
