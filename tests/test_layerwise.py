@@ -163,35 +163,56 @@ def test_greedy_from_a_draft_is_plain_greedy(arch: str, tiny_model_dir, tmp_path
             assert g.shape == w.shape and float(np.abs(g - w).max()) < _tol([w])
 
 
-def test_greedy_redrafts_after_a_miss(tiny_model_dir, tmp_path: Path) -> None:
-    """After a draft misses, `redraft` is asked for the rest from the model's own token: a right
-    redraft finishes in the next forward, a wrong one costs one forward per token; the result is
-    plain greedy's either way."""
-    base = tiny_model_dir("qwen2")
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_cached_steps_equal_whole_forwards(arch: str, tiny_model_dir, tmp_path: Path) -> None:
+    """After drafts that miss at different places (rows of the KV cache with gaps of different
+    widths), the cached steps give what whole forwards give; a sliding window the sequences
+    outgrow turns the cache off (greedy is then whole forwards, with the same result)."""
+    base = tiny_model_dir(arch)
     run = make_run(base, tmp_path / "run")
     ids = _probes(base, run)
     lm = layerwise.trained_lm(base, run / "adapter")
     want = lm.greedy(ids, N_GREEDY)
     vocab = want.step_logits[0].shape[1]
-    truth = {tuple(p): t for p, t in zip(ids, want.tokens)}
-
-    def oracle(seqs: list[list[int]]) -> list[list[int]]:
-        out = []
-        for s in seqs:
-            p = next(q for q in truth if list(q) == s[: len(q)])
-            out.append(truth[p][len(s) - len(p):])
-        return out
-
-    asked: list[int] = []
-
-    def wrong(seqs: list[list[int]]) -> list[list[int]]:
-        asked.append(len(seqs))
-        return [[(o[0] + 1) % vocab] * len(o) if o else [] for o in oracle(seqs)]
-
-    wrong_at_2 = [t[:2] + [(t[2] + 1) % vocab] + t[3:] for t in want.tokens]
-    for redraft, forwards in ((oracle, 2), (wrong, 1 + N_GREEDY - 3)):
-        got = lm.greedy(ids, N_GREEDY, wrong_at_2, redraft)
+    misses = [0, 2, N_GREEDY, 1][: len(ids)]
+    draft = [t[:m] + [(t[m] + 1) % vocab] + t[m + 1:] if m < N_GREEDY else t for t, m in zip(want.tokens, misses)]
+    widths = [len(p) + len(d) for p, d in zip(ids, draft)]
+    assert lm._cacheable(widths, N_GREEDY)
+    text = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    window = getattr(text, "sliding_window", None)
+    cases = [("cached", 1 + N_GREEDY - 1)]
+    if window:  # a window just under the longest padded row: the cache is not used
+        cases.append(("window", 1 + N_GREEDY - 1))
+    for case, forwards in cases:
+        if case == "window":
+            text.sliding_window = max(widths) + 1
+            assert not lm._cacheable(widths, N_GREEDY)
+        got = lm.greedy(ids, N_GREEDY, draft)
         assert got.tokens == want.tokens and got.forwards == forwards
         for g, w in zip(got.prompt_logits + got.step_logits, want.prompt_logits + want.step_logits):
             assert g.shape == w.shape and float(np.abs(g - w).max()) < _tol([w])
-    assert asked and all(n == len(ids) for n in asked)
+    if window:
+        text.sliding_window = window
+
+
+def test_pooled_reads_are_read_bit_for_bit(tiny_model_dir, tmp_path: Path) -> None:
+    """The layer reference's buffer pool returns exactly what the tensors' own read() does: bf16
+    widening, fp16/fp32 copies and the fp32 LoRA merge, whole or by rows, buffer reused."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlocal.export.merge import merged_tensors
+    from qlocal.export.weight_pool import WeightPool
+
+    base = tiny_model_dir("qwen2")
+    run = make_run(base, tmp_path / "run")
+    pool = WeightPool()
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        folder = tmp_path / str(dtype)
+        AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype).save_pretrained(folder)
+        for name, t in merged_tensors(folder, run / "adapter").items():
+            for src in (t, t.base):
+                assert np.array_equal(pool.read("same key", src), src.read()), (dtype, name)
+                if src.shape and src.shape[0] > 3:
+                    assert np.array_equal(pool.read("rows", src, 1, 3), src.read(1, 3))
+        assert any(t.lora_a is not None for t in merged_tensors(folder, run / "adapter").values())

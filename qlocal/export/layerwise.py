@@ -13,16 +13,13 @@ Sources: a folder's safetensors (gguf.index_safetensors), the streamed fp32 merg
 base with the LoRA adapter *unmerged*: y = W x + scale * B (A x) on each adapted Linear, as PEFT
 computes it, which is the trained model (base + adapter in fp32) the export is judged against.
 
-Greedy continuations are computed without a KV cache, one forward per new token, or from a draft
-(a GGUF's own greedy tokens) checked in one forward the way speculative decoding checks them, which
-gives the same tokens and logits in one pass over the weights when the draft is right.
+Greedy continuations (from a draft, then on a KV cache) are qlocal.export.ref_runs'; the weights
+a layer reads land in reused buffers (qlocal.export.weight_pool), exactly as `read()` gives them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import re
@@ -30,6 +27,8 @@ import re
 import numpy as np
 
 from qlocal.errors import missing_extra
+from qlocal.export.ref_runs import _Runs
+from qlocal.export.weight_pool import WeightPool
 
 LoraPair = tuple[np.ndarray, np.ndarray, float]  # A (r, in), B (out, r), PEFT scale
 _EXPERTS = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<proj>gate_up|down)_proj$")
@@ -38,114 +37,6 @@ _EXPERTS = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<proj>gate_up|down)_proj$")
 class Unsupported(Exception):
     """The model's parameters do not map one to one onto the checkpoint's tensors (e.g. experts that
     transformers stacks at load time); callers fall back to loading the whole model."""
-
-
-@dataclass
-class GreedyRun:
-    """Logits of the prompts, their greedy continuations and the logits that chose each token."""
-
-    prompt_logits: list[np.ndarray]  # (len(prompt), vocab) float32 per prompt
-    tokens: list[list[int]]
-    step_logits: list[np.ndarray]  # (n, vocab): row k is the distribution token k was taken from
-    forwards: int = 0  # forwards it took (passes over the weights, layer by layer)
-
-
-class _Runs:
-    """Batched forwards and greedy decoding over `self.model` (any causal LM taking logits_to_keep)."""
-
-    model: Any
-    config: Any
-    mode: str
-
-    def _forward(self, seqs: list[list[int]], keep: list[int] | None) -> Any:
-        """Logits (batch, positions, vocab) of right-padded `seqs` at positions `keep` (all if None).
-
-        Right padding needs no mask: attention is causal, so a real position never sees the pad
-        after it."""
-        import torch
-
-        width = max(len(s) for s in seqs)
-        ids = torch.tensor([s + [s[-1]] * (width - len(s)) for s in seqs])
-        to_keep: Any = 0 if keep is None else torch.tensor(keep)
-        with torch.no_grad():
-            return self.model(input_ids=ids, use_cache=False, logits_to_keep=to_keep).logits
-
-    def _groups(self, seqs: list[list[int]]) -> list[list[int]]:
-        """Indices of sequences that may share a forward. Rope types that switch on the sequence length
-        (LongRoPE, dynamic NTK) see the padded length, so sequences on both sides of that threshold
-        run apart."""
-        limit = _rope_length_threshold(self.config)
-        if limit is None:
-            return [list(range(len(seqs)))]
-        short = [i for i, s in enumerate(seqs) if len(s) <= limit]
-        long = [i for i, s in enumerate(seqs) if len(s) > limit]
-        return [g for g in (short, long) if g]
-
-    def logits(self, seqs: list[list[int]]) -> list[np.ndarray]:
-        """Float32 logits (len, vocab) for every position of each sequence.
-
-        Views into the padded batch, not copies: a copy would hold every logit twice at the peak (on a
-        152k vocabulary a batch of three 111-token probes is 200 MB)."""
-        out: list[np.ndarray | None] = [None] * len(seqs)
-        for group in self._groups(seqs):
-            batch = self._forward([seqs[i] for i in group], None).numpy()
-            for j, i in enumerate(group):
-                out[i] = batch[j, : len(seqs[i])]
-            del batch
-        return out  # type: ignore[return-value]
-
-    def greedy(self, prompts: list[list[int]], n: int, draft: list[list[int]] | None = None,
-               redraft: Callable[[list[list[int]]], list[list[int]]] | None = None) -> GreedyRun:
-        """The prompts' logits and `n` greedy tokens each (argmax, never stopping at EOS).
-
-        `draft` (optional, per prompt) is a guess of the continuation, e.g. a GGUF's own greedy
-        tokens. Each forward runs the prompt with what is accepted so far plus the rest of the draft,
-        and takes tokens while the model's argmax equals the draft, then the model's own token where
-        it differs (speculative decoding's rule). The tokens and logits are those of plain greedy
-        decoding whatever the draft is; a good draft only saves forwards (one pass over the weights
-        for a whole continuation instead of one per token). `redraft` (sequences so far -> a new
-        draft for each) is asked again after a miss, for the sequences still short of `n` tokens."""
-        limit = _rope_length_threshold(self.config)
-        seqs = [list(p) for p in prompts]
-        cands = [list(d[:n]) for d in draft] if draft is not None else [[] for _ in seqs]
-        prompt_logits: list[np.ndarray] = [np.empty(0, np.float32)] * len(seqs)
-        steps: list[list[np.ndarray]] = [[] for _ in seqs]
-        first, forwards = True, 0
-        while first or any(len(s) < n for s in steps):
-            todo = [i for i in range(len(seqs)) if first or len(steps[i]) < n]
-            if not first and redraft is not None:
-                for i, d in zip(todo, redraft([seqs[i] for i in todo])):
-                    cands[i] = list(d[: n - len(steps[i])])
-            if limit is not None:  # a draft must not carry a sequence over the rope's length switch
-                for i in todo:
-                    if len(seqs[i]) <= limit:
-                        cands[i] = cands[i][: max(0, limit - len(seqs[i]))]
-            full = [seqs[i] + cands[i] for i in todo]
-            for group in self._groups(full):
-                sub = [full[g] for g in group]
-                # Rows whose argmax is the next token after the accepted part, then after each draft token.
-                rows = {todo[g]: list(range(len(seqs[todo[g]]) - 1, len(full[g]))) for g in group}
-                keep = None if first else sorted({r for rs in rows.values() for r in rs})
-                batch = self._forward(sub, keep).numpy()
-                forwards += 1
-                for j, g in enumerate(group):
-                    i = todo[g]
-                    if first:
-                        prompt_logits[i] = batch[j, : len(prompts[i])]
-                    for k, r in enumerate(rows[i]):
-                        if len(steps[i]) >= n:
-                            break
-                        row = batch[j, r if keep is None else keep.index(r)].copy()
-                        steps[i].append(row)
-                        token = int(np.argmax(row))
-                        seqs[i].append(token)
-                        if k >= len(cands[i]) or token != cands[i][k]:
-                            break
-                    cands[i] = []  # the draft is used up or wrong from here on
-                del batch
-            first = False
-        return GreedyRun(prompt_logits, [s[len(p):] for s, p in zip(seqs, prompts)],
-                         [np.stack(r) if r else np.empty((0, 0), np.float32) for r in steps], forwards)
 
 
 class LayerwiseLM(_Runs):
@@ -173,6 +64,7 @@ class LayerwiseLM(_Runs):
         self.mode = "layer by layer"
         self.tensors = dict(tensors)
         self._hooks: list[Any] = []
+        self._pool = WeightPool()
         layers_name, layers = _decoder_layers(model, self.config)
         emb_name = _module_name(model, model.get_input_embeddings())
         head_name = _module_name(model, model.get_output_embeddings())
@@ -187,7 +79,8 @@ class LayerwiseLM(_Runs):
                 raise Unsupported(f"no tensor {head_key} and the embeddings are not tied")
             head_key = f"{emb_name}.weight"
         bias = self.tensors.get(f"{head_name}.bias")
-        _set_module(model, head_name, _chunked_head(self.tensors[head_key], bias, self.lora.pop(head_name, None)))
+        _set_module(model, head_name, _chunked_head(self.tensors[head_key], bias, self.lora.pop(head_name, None),
+                                                    self._pool))
         # What is left outside the layers (final norm, ...) is small: load it once.
         inside = (f"{layers_name}.", f"{emb_name}.", f"{head_name}.")
         for name, _ in list(model.named_parameters()):
@@ -235,7 +128,9 @@ class LayerwiseLM(_Runs):
             out.append(parts)
         return out
 
-    def _read(self, name: str) -> Any:
+    def _read(self, name: str, pool_key: str | None = None) -> Any:
+        """Parameter `name` as a float32 tensor; with `pool_key`, in the pool's buffer for that key
+        (decoder layers: the buffer is the next layer's once this one has run)."""
         import torch
 
         if name not in self.tensors:
@@ -243,7 +138,8 @@ class LayerwiseLM(_Runs):
             stacks = [np.stack([t.read() for t in parts]) for parts in groups]  # type: ignore[union-attr]
             return torch.from_numpy(np.concatenate(stacks, axis=1) if len(stacks) > 1 else stacks[0])
         t = self.tensors[self._key(name)]
-        return torch.from_numpy(np.ascontiguousarray(t.read()).reshape(t.shape))
+        x = t.read() if pool_key is None else self._pool.read(pool_key, t)
+        return torch.from_numpy(np.ascontiguousarray(x).reshape(t.shape))
 
     def _hook_layer(self, layer: Any, prefix: str) -> None:
         names = [n for n, _ in layer.named_parameters()]
@@ -252,7 +148,7 @@ class LayerwiseLM(_Runs):
 
         def load(mod: Any, args: Any) -> None:
             for n in names:
-                _set_param(mod, n, self._read(f"{prefix}.{n}"))
+                _set_param(mod, n, self._read(f"{prefix}.{n}", n))
 
         def drop(mod: Any, args: Any, out: Any) -> None:
             for n in names:
@@ -299,23 +195,26 @@ class LayerwiseLM(_Runs):
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        self._pool.clear()
 
 
-def _chunked_head(weight: Any, bias: Any, lora: LoraPair | None) -> Any:
-    """A stand-in for the output Linear: logits = h W^T (+ b) with W read a row chunk at a time."""
+def _chunked_head(weight: Any, bias: Any, lora: LoraPair | None, pool: WeightPool) -> Any:
+    """A stand-in for the output Linear: logits = h W^T (+ b) with W read a row chunk at a time
+    (merge.row_chunks' chunks, into the pool's buffer)."""
     import torch
     from torch.nn.functional import linear
 
-    from qlocal.export.merge import row_chunks
+    from qlocal.export.merge import CHUNK_BYTES
+
+    n_rows = weight.shape[0]
+    step = max(1, CHUNK_BYTES // (4 * int(np.prod(weight.shape[1:], dtype=np.int64))))
 
     class ChunkedHead(torch.nn.Module):
         def forward(self, h: Any) -> Any:
-            out = h.new_empty(*h.shape[:-1], weight.shape[0])
-            a = 0
-            for rows in row_chunks(weight):
-                w = torch.from_numpy(rows)
+            out = h.new_empty(*h.shape[:-1], n_rows)
+            for a in range(0, n_rows, step):
+                w = torch.from_numpy(pool.read("head", weight, a, min(a + step, n_rows)))
                 out[..., a: a + w.shape[0]] = linear(h, w)
-                a += w.shape[0]
             if bias is not None:
                 out += torch.from_numpy(bias.read().reshape(-1))
             if lora is not None:
@@ -378,16 +277,6 @@ def _set_param(root: Any, name: str, value: Any, shape: tuple[int, ...] | None =
 def _tied(config: Any) -> bool:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return bool(getattr(text, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)))
-
-
-def _rope_length_threshold(config: Any) -> int | None:
-    """The length above which the model's rope changes (LongRoPE, dynamic NTK), if it has one."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    params = getattr(text, "rope_parameters", None) or {}
-    kinds = params.values() if params and all(isinstance(v, dict) for v in params.values()) else [params]
-    if not any(isinstance(p, dict) and p.get("rope_type") in ("longrope", "dynamic") for p in kinds):
-        return None
-    return int(getattr(text, "original_max_position_embeddings", None) or text.max_position_embeddings)
 
 
 # ---------------------------------------------------------------- the three sources

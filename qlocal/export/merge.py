@@ -168,8 +168,9 @@ def vocab_size(tensors: dict[str, MergedTensor]) -> int | None:
     return next((t.shape[0] for t in tensors.values() if t.n_rows is not None), None)
 
 
-def row_chunks(t: Any) -> Iterator[np.ndarray]:
-    """A tensor's float32 rows in chunks of about CHUNK_BYTES."""
+def row_chunks(t: Any, pool: Any = None) -> Iterator[np.ndarray]:
+    """A tensor's float32 rows in chunks of about CHUNK_BYTES; with `pool` (a weight_pool.WeightPool)
+    each chunk is in its reused buffer, valid until the next chunk is read."""
     if not t.shape:
         yield t.read().reshape(())
         return
@@ -177,7 +178,7 @@ def row_chunks(t: Any) -> Iterator[np.ndarray]:
     row_bytes = 4 * int(np.prod(t.shape[1:], dtype=np.int64))
     step = max(1, CHUNK_BYTES // max(row_bytes, 1))
     for a in range(0, n_rows, step):
-        yield t.read(a, min(a + step, n_rows))
+        yield t.read(a, min(a + step, n_rows)) if pool is None else pool.read("chunk", t, a, min(a + step, n_rows))
 
 
 def encode(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -187,9 +188,18 @@ def encode(x: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "float16":
         return x.astype(np.float16)
     n = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    nan = (n & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-    rounded = (n + (np.uint32(0x7FFF) + ((n >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
-    return np.where(nan, (n >> np.uint32(16)) | np.uint32(64), rounded).astype(np.uint16)
+    # In place on one temporary (the fused folder writes every weight through here): n + 0x7FFF +
+    # (bit 16 of n), shifted down. Only NaNs can wrap; they are set apart below.
+    r = n >> np.uint32(16)
+    r &= np.uint32(1)
+    r += np.uint32(0x7FFF)
+    r += n
+    r >>= np.uint32(16)
+    out = r.astype(np.uint16)
+    nan = np.isnan(n.view(np.float32))
+    if nan.any():
+        out[nan] = ((n[nan] >> np.uint32(16)) | np.uint32(64)).astype(np.uint16)
+    return out
 
 
 def write_safetensors(tensors: dict[str, Any], base_path: Path, out_dir: Path, dtype: str) -> int:
@@ -197,6 +207,9 @@ def write_safetensors(tensors: dict[str, Any], base_path: Path, out_dir: Path, d
 
     The header is written first from the shapes, then each tensor chunk by chunk: peak memory is one
     chunk. Returns the total bytes of tensor data. `out_dir` is a folder being built atomically."""
+    from qlocal.export.weight_pool import WeightPool
+
+    pool = WeightPool()  # each chunk is encoded and written before the next is read
     itemsize = 4 if dtype == "float32" else 2
     by_file: dict[str, list[str]] = {}
     for name, t in tensors.items():
@@ -217,7 +230,7 @@ def write_safetensors(tensors: dict[str, Any], base_path: Path, out_dir: Path, d
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)
             for name in names:
-                for chunk in row_chunks(tensors[name]):
+                for chunk in row_chunks(tensors[name], pool):
                     encode(chunk, dtype).tofile(f)
         total += offset
     index = base_path / "model.safetensors.index.json"

@@ -18,7 +18,6 @@ beside), and the fused folder's tokenizer:
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,20 +91,18 @@ def threads() -> int:
     counted as one), at least 1 and at most 4. ggml's threads spin at every barrier, so more threads
     than free cores make each token wait for a descheduled thread: on a 2-core box at load 20, six
     greedy tokens of a 0.5B q8_0 file took 99 s with 2 threads and 7.7 s with 1."""
-    n = os.cpu_count() or 1
-    try:
-        busy = max(0.0, os.getloadavg()[0] - 1.0)
-    except OSError:  # no load average on this platform
-        busy = 0.0
-    return max(1, min(4, n, round(n - busy)))
+    from qlocal.export.ref_runs import free_cores
+
+    return free_cores(4)
 
 
-def load_llama(path: Path, lora: Path | None = None, n_ctx: int = 256) -> Any:
-    """llama-cpp-python model with logits for every position (CPU, quiet); a file llama.cpp
-    refuses is a one-line UserError naming llama.cpp's reason."""
+def load_llama(path: Path, lora: Path | None = None, n_ctx: int = 256, logits_all: bool = True) -> Any:
+    """llama-cpp-python model with logits for every position (CPU, quiet), or with `logits_all`
+    False for the last position only (the head then runs once per batch); a file llama.cpp refuses
+    is a one-line UserError naming llama.cpp's reason."""
     from qlocal.llamacpp import load_llama as load
 
-    kw: dict[str, Any] = {"n_ctx": n_ctx, "logits_all": True, "seed": 0, "n_threads": threads(),
+    kw: dict[str, Any] = {"n_ctx": n_ctx, "logits_all": logits_all, "seed": 0, "n_threads": threads(),
                           "n_threads_batch": threads()}
     if lora is not None:
         kw["lora_path"] = str(lora)
@@ -136,7 +133,7 @@ class HFReference:
 
     `draft` (a GGUF to verify, with `lora` on it) gives each probe's greedy continuation as llama.cpp
     sees it first (the file is then closed): the reference's greedy decoding checks it in one
-    forward (layerwise._Runs.greedy) instead of one forward per token, and gets the same tokens;
+    forward (ref_runs._Runs.greedy) instead of one forward per token, and gets the same tokens;
     after a miss (a near-tie the quantised file breaks the other way) the file is opened again to
     draft the rest from the reference's own token, between forwards, never during one.
     `fuse` (a FuseReport written without its figures) is completed from these same passes plus the
@@ -164,13 +161,10 @@ class HFReference:
         release()
         drafts = _drafts(draft, lora, self.chat_ids, GREEDY_TOKENS) if draft is not None else None
         release()  # the GGUF is unmapped before the reference runs
-
-        def redraft(seqs: list[list[int]]) -> list[list[int]]:
-            release()  # what the last forward freed, before llama.cpp maps the file again
-            return _drafts(draft, lora, seqs, GREEDY_TOKENS)  # type: ignore[arg-type]
-
+        self.drafted = (draft, lora, drafts) if draft is not None else None
+        """(file, lora, its greedy tokens per probe): verify_gguf takes that file's free greedy from it."""
         lm = reference_lm("trained", *trained) if trained is not None else reference_lm("folder", Path(hf_dir))
-        run = lm.greedy(self.chat_ids, GREEDY_TOKENS, drafts, redraft if draft is not None else None)
+        run = lm.greedy(self.chat_ids, GREEDY_TOKENS, drafts)
         lm.close()
         self.forwards = run.forwards
         """Forwards (passes over the weights) the greedy reference took: 1 when the draft was right."""
@@ -212,7 +206,7 @@ def _drafts(path: Path, lora: Path | None, prompts: list[list[int]], n: int) -> 
     """llama.cpp's greedy continuation of each prompt in the GGUF at `path`, `n` tokens (through any
     end-of-generation: the reference's greedy never stops either); the file is closed on return."""
     longest = max(len(p) for p in prompts) + n
-    llm = load_llama(path, lora, 64 * -(-(longest + 1) // 64))
+    llm = load_llama(path, lora, 64 * -(-(longest + 1) // 64), logits_all=False)
     try:
         out = []
         for ids in prompts:
@@ -239,15 +233,16 @@ def _fused_error(hf_dir: Path, fused: list[Any], ref: list[Any]) -> dict[str, An
 
 
 def _sq(a: Any, b: Any = None) -> float:
-    """sum((a - b)^2) (or sum(a^2)) in float64, one row at a time (the logits are vocab wide)."""
+    """sum((a - b)^2) (or sum(a^2)), one row at a time (the logits are vocab wide): each row's
+    difference and dot product in float32 (relative error ~1e-7 per row), summed in float64."""
     import numpy as np
 
     total = 0.0
     for k in range(len(a)):
-        x = np.asarray(a[k], dtype=np.float64)
+        x = np.asarray(a[k], dtype=np.float32)
         if b is not None:
-            x = x - np.asarray(b[k], dtype=np.float64)
-        total += float(x @ x)
+            x = x - np.asarray(b[k], dtype=np.float32)
+        total += float(np.dot(x, x))
     return total
 
 
@@ -288,8 +283,9 @@ def _check_stops(llm: Any, stops: list[str]) -> tuple[bool, dict[str, Any]]:
     return ok, detail
 
 
-def _free_greedy(llm: Any, ids: list[int], n: int) -> list[int]:
-    """llama.cpp's own greedy continuation of `ids`: at most `n` tokens, ending at end-of-generation.
+def _free_greedy(llm: Any, ids: list[int], n: int, drafted: list[int] | None = None) -> list[int]:
+    """llama.cpp's own greedy continuation of `ids`: at most `n` tokens, ending at end-of-generation;
+    from `drafted` (this file's greedy tokens from `ids`, through any end-of-generation) if given.
 
     Counted in tokens: create_completion keeps sampling past max_tokens while the text is an
     incomplete UTF-8 sequence (byte-fallback tokens), and then runs off the end of the context."""
@@ -297,7 +293,7 @@ def _free_greedy(llm: Any, ids: list[int], n: int) -> list[int]:
 
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     out: list[int] = []  # no reset: generate reuses the context's matching prefix (the probe just evaluated)
-    for t in llm.generate(ids, temp=0.0, top_k=1):
+    for t in drafted if drafted is not None else llm.generate(ids, temp=0.0, top_k=1):
         if len(out) >= n or llama_cpp.llama_vocab_is_eog(vocab, t):
             break
         out.append(t)
@@ -318,6 +314,8 @@ def verify_gguf(ref: HFReference, path: Path, quant: str, stops: list[str], lora
         num = den = 0.0
         agree = total = 0
         text_equal = True
+        # The file that drafted the reference's greedy has already generated its own from each probe.
+        own = list(ref.drafted[2]) if ref.drafted and ref.drafted[:2] == (path, lora) else None
         for ids, hf_logits, cont, hf_full in zip(ref.chat_ids, ref.logits, ref.greedy, ref.teacher):
             # One evaluation of prompt + HF's greedy continuation gives both the prompt's logits and
             # the teacher-forced ones (same prefix: compare argmax at each continuation step).
@@ -333,7 +331,7 @@ def verify_gguf(ref: HFReference, path: Path, quant: str, stops: list[str], lora
                     continue
                 total += 1
                 agree += int(np.argmax(h) == np.argmax(g))
-            free = _free_greedy(llm, ids, len(cont))
+            free = _free_greedy(llm, ids, len(cont), own.pop(0) if own else None)
             # Equal tokens, or (rarely) other tokens spelling the same text; llama.cpp's detokeniser
             # spells both, as the tokenizer check above proved its vocabulary is HF's.
             text_equal = text_equal and (free == cont or llm.detokenize(free, special=True)
