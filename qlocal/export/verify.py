@@ -134,8 +134,8 @@ class HFReference:
     `draft` (a GGUF to verify, with `lora` on it) gives each probe's greedy continuation as llama.cpp
     sees it first (the file is then closed): the reference's greedy decoding checks it in one
     forward (ref_runs._Runs.greedy) instead of one forward per token, and gets the same tokens;
-    after a miss (a near-tie the quantised file breaks the other way) the file is opened again to
-    draft the rest from the reference's own token, between forwards, never during one.
+    after a miss (a near-tie the quantised file breaks the other way) each further token is one
+    step on that forward's KV cache. verify_gguf reuses the draft as that file's free greedy.
     `fuse` (a FuseReport written without its figures) is completed from these same passes plus the
     fp32 merge's, so the export computes each reference once (fuse.complete_report)."""
 
