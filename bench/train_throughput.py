@@ -51,16 +51,17 @@ CASES: dict[str, dict[str, Any]] = {
                              vocab=152064, quantize="none", dtype="bfloat16", seq=2048, batch=2, accum=4),
 }
 RANK, ALPHA = 16, 32
-# qlocal rows of --ablation: label -> (train.fused_kernels, torch_fused pieces switched off)
-ABLATION: dict[str, tuple[bool, list[str]]] = {
-    "plain path": (False, ["threads"]),
-    "+ head grad in forward": (True, ["attention", "adamw", "lora", "threads"]),
-    "+ per-example attention": (True, ["adamw", "lora", "threads"]),
-    "+ fused AdamW": (True, ["lora", "threads"]),
-    "+ fused LoRA matmuls": (True, ["threads"]),
-    "+ threads from free cores (default)": (True, []),
+# qlocal rows of --ablation: label -> (train.fused_kernels, torch_fused pieces switched off, train.dtype:
+# None = the case's dtype, which the baseline uses too)
+ABLATION: dict[str, tuple[bool, list[str], str | None]] = {
+    "plain path": (False, [], None),
+    "+ head grad in forward": (True, ["attention", "adamw", "lora"], None),
+    "+ per-example attention": (True, ["adamw", "lora"], None),
+    "+ fused AdamW": (True, ["lora"], None),
+    "+ fused LoRA matmuls": (True, [], None),
+    "+ train.dtype auto (default)": (True, [], "auto"),
 }
-DEFAULT = "+ threads from free cores (default)"
+DEFAULT = "+ train.dtype auto (default)"
 
 
 def model_dir(case: dict[str, Any], workdir: Path) -> Path:
@@ -135,9 +136,9 @@ def run_qlocal(case: dict[str, Any], model: Path, steps: int, warmup: int) -> di
     from qlocal.data.batching import count_targets
     from qlocal.train_schedule import Schedule
 
-    fused, disabled = ABLATION[case.get("variant", DEFAULT)]
+    fused, disabled, dtype = ABLATION[case.get("variant", DEFAULT)]
     torch_fused.DISABLED.update(disabled)
-    cfg = config_mod.build(sets=[f"train.quantize={case['quantize']}", f"train.dtype={case['dtype']}",
+    cfg = config_mod.build(sets=[f"train.quantize={case['quantize']}", f"train.dtype={dtype or case['dtype']}",
                                  f"lora.rank={RANK}", f"lora.alpha={ALPHA}", f"train.fused_kernels={fused}",
                                  f"train.grad_checkpointing={case['device'] == 'cuda'}"])
     backend = TorchBackend()
@@ -158,7 +159,7 @@ def run_qlocal(case: dict[str, Any], model: Path, steps: int, warmup: int) -> di
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"tokens_per_s": tokens / dt, "trained_tokens_per_s": trained / dt, "peak_mb": peak_mb(case["device"]),
             "trained_per_cpu_s": trained / cpu,
-            "fused": info["fused_kernels"], "threads": info["cpu_threads"]}
+            "fused": info["fused_kernels"], "threads": info["cpu_threads"], "dtype": info["dtype"]}
 
 
 def run_baseline(case: dict[str, Any], model: Path, steps: int, warmup: int) -> dict[str, Any]:
@@ -224,9 +225,9 @@ def profile_step(case: dict[str, Any], model: Path, rows: int) -> None:
     from qlocal.backends.torch_backend import TorchBackend
     from qlocal.train_schedule import Schedule
 
-    fused, disabled = ABLATION[case.get("variant", DEFAULT)]
+    fused, disabled, dtype = ABLATION[case.get("variant", DEFAULT)]
     torch_fused.DISABLED.update(disabled)
-    cfg = config_mod.build(sets=[f"train.dtype={case['dtype']}", f"lora.rank={RANK}", f"lora.alpha={ALPHA}",
+    cfg = config_mod.build(sets=[f"train.dtype={dtype or case['dtype']}", f"lora.rank={RANK}", f"lora.alpha={ALPHA}",
                                  f"train.fused_kernels={fused}"])
     backend = TorchBackend()
     backend.setup(model, cfg)
@@ -257,7 +258,7 @@ def measure(which: str, case: dict[str, Any], steps: int, warmup: int, workdir: 
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         sys.exit(f"{which} failed on {case}:\n{out.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+    return {**json.loads(line[len("RESULT "):]), "load": round(os.getloadavg()[0], 1)}
 
 
 def main() -> None:
@@ -271,6 +272,9 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, help="override the case's vocabulary size")
     ap.add_argument("--min-len", type=float, help="shortest example as a fraction of seq (default 1/8)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="override the case's dtype (both sides)")
+    ap.add_argument("--baseline-dtype", action="append", choices=["float32", "bfloat16"],
+                    help="HF Trainer in this precision (bfloat16: bf16=True, CPU autocast); repeat for several "
+                         "baselines, each ratio printed (default: the case's dtype)")
     ap.add_argument("--ablation", action="store_true", help="qlocal once per ABLATION row (plain path first)")
     ap.add_argument("--variant", action="append", choices=list(ABLATION), help="these ABLATION rows only")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one qlocal step")
@@ -289,28 +293,35 @@ def main() -> None:
     overrides = {k: v for k, v in (("layers", a.layers), ("seq", a.seq), ("batch", a.batch), ("vocab", a.vocab),
                                    ("min_len", a.min_len), ("dtype", a.dtype)) if v is not None}
     variants = list(ABLATION) if a.ablation else a.variant or [DEFAULT]
-    summary, rows = [], []
+    summary: dict[str, tuple[float, float, float]] = {}  # the last variant's ratios per case and baseline
+    rows = []
     for name in names:
         case = {**CASES[name], **overrides}
         if a.profile:
             profile_step(case, build_model(case, model_dir(case, workdir)), 30)
             continue
-        b = measure("baseline", case, a.steps, a.warmup, workdir)
-        print(f"{name}: HF Trainer+PEFT {b['tokens_per_s']:.1f} tok/s ({b['trained_tokens_per_s']:.1f} trained), "
-              f"{b['peak_mb']:.0f} MB", flush=True)
+        baselines = {}
+        for bdtype in a.baseline_dtype or [case["dtype"]]:
+            b = baselines[bdtype] = measure("baseline", {**case, "dtype": bdtype}, a.steps, a.warmup, workdir)
+            print(f"{name}: HF Trainer+PEFT {bdtype} {b['tokens_per_s']:.1f} tok/s ({b['trained_tokens_per_s']:.1f} "
+                  f"trained, {b['trained_per_cpu_s']:.1f} per CPU-s), {b['peak_mb']:.0f} MB, load {b['load']}", flush=True)
         for variant in variants:
             q = measure("qlocal", {**case, "variant": variant}, a.steps, a.warmup, workdir)
-            speed = q["trained_tokens_per_s"] / b["trained_tokens_per_s"]
-            mem = q["peak_mb"] / b["peak_mb"]
-            rows.append({"case": name, **case, "variant": variant, "qlocal": q, "baseline": b,
-                         "speed": speed, "memory": mem})
-            per_cpu = q["trained_per_cpu_s"] / b["trained_per_cpu_s"]
-            print(f"{name} [{variant}]: qlocal {q['tokens_per_s']:.1f} tok/s ({q['trained_tokens_per_s']:.1f} trained), "
-                  f"{q['peak_mb']:.0f} MB | speed x{speed:.2f} (per CPU-second x{per_cpu:.2f}), memory x{mem:.2f}",
-                  flush=True)
-        summary.append((name, speed, mem))
+            print(f"{name} [{variant}]: qlocal {q['dtype']} {q['threads']} threads {q['tokens_per_s']:.1f} tok/s "
+                  f"({q['trained_tokens_per_s']:.1f} trained, {q['trained_per_cpu_s']:.1f} per CPU-s), "
+                  f"{q['peak_mb']:.0f} MB, load {q['load']}", flush=True)
+            for bdtype, b in baselines.items():
+                speed = q["trained_tokens_per_s"] / b["trained_tokens_per_s"]
+                mem = q["peak_mb"] / b["peak_mb"]
+                per_cpu = q["trained_per_cpu_s"] / b["trained_per_cpu_s"]
+                rows.append({"case": name, **case, "variant": variant, "qlocal": q, "baseline": b,
+                             "baseline_dtype": bdtype, "speed": speed, "speed_per_cpu_s": per_cpu, "memory": mem})
+                print(f"  vs HF {bdtype}: speed x{speed:.2f} (per CPU-second x{per_cpu:.2f}), memory x{mem:.2f}",
+                      flush=True)
+                summary[f"{name} vs HF {bdtype}"] = (speed, per_cpu, mem)
     if summary:
-        print("summary: " + "; ".join(f"{n} speed x{s:.2f} memory x{m:.2f}" for n, s, m in summary))
+        print("summary: " + "; ".join(f"{n} speed x{s:.2f} (per CPU-s x{c:.2f}) memory x{m:.2f}"
+                                      for n, (s, c, m) in summary.items()))
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
 

@@ -42,7 +42,8 @@ def print_header(run: Path, cfg: Config, resolved: dict[str, Any], data: Prepare
         f"run       {run}" + (f"  (resuming at step {start})" if start else ""),
         f"model     {cfg.model.name}  [{resolved['model_source']}: {resolved['model_path']}]",
         f"backend   {resolved['backend']} on {resolved.get('device', '?')} ({resolved['backend_reason']}), "
-        f"dtype {resolved.get('dtype')}, quantize {cfg.train.quantize}",
+        f"dtype {resolved.get('dtype')}" + (f" ({resolved['dtype_reason']})" if resolved.get("dtype_reason") else "")
+        + f", quantize {cfg.train.quantize}",
         f"data      {cfg.data.path}: {len(data.train)} train / {len(data.val)} val examples, format "
         f"{data.format}, template {data.template_name}, {data.truncated} truncated to {cfg.data.max_seq_len}",
         f"lora      rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, {resolved.get('trainable_params', 0):,} "

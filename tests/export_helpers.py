@@ -45,6 +45,7 @@ def make_run(base_dir: Path, run_dir: Path, seed: int = 0, b_std: float = 0.05, 
     cfg = Config()
     cfg.model.name = str(base_dir)
     cfg.lora.rank, cfg.lora.alpha = rank, alpha
+    cfg.train.dtype = "float32"  # what tests compare a run with is fp32 (torch's auto: bf16 on an AMX CPU)
     resolved = {"backend": "torch", "model_path": str(Path(base_dir).resolve()), "model_source": "local",
                 "chat_template": "model", "target_modules": targets}
     rundir.save_config_with_template(run_dir, cfg, resolved, tok.chat_template)

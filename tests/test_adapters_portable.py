@@ -68,7 +68,7 @@ frameworks = pytest.mark.skipif(
 
 def _cfg(model: Path, tmp: Path, backend: str, **lora: object) -> config_mod.Config:
     sets = {"model.name": str(model), "data.path": str(DATA), "run.output_dir": str(tmp), "train.backend": backend,
-            **{f"lora.{k}": v for k, v in lora.items()}}
+            **({"train.dtype": "float32"} if backend == "torch" else {}), **{f"lora.{k}": v for k, v in lora.items()}}
     return config_mod.build(sets=[f"{k}={v}" for k, v in sets.items()])
 
 

@@ -22,7 +22,7 @@ def _train_args(model: Path, out: Path, name: str, batch: int) -> list[str]:
     return ["train", "--backend", "torch", "--model", str(model), "--data", str(DATA),
             "--iters", "8", "--batch-size", str(batch), "--grad-accum", "2", "--lr", "5e-3", "--max-seq-len", "128",
             "--val-split", "0.1", "--eval-every", "4", "--save-every", "4", "--output-dir", str(out),
-            "--name", name, "--quiet"]
+            "--name", name, "--quiet", "--dtype", "float32"]
 
 
 def test_torchrun_two_ranks_match_one_process(tiny_model_dir, tmp_path: Path) -> None:

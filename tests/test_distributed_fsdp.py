@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow  # a training subprocess and two 2-rank launches
 def _train_args(model: Path, out: Path, name: str, batch: int) -> list[str]:
     return ["train", "--backend", "torch", "--model", str(model), "--data", str(DATA),
             "--iters", "8", "--batch-size", str(batch), "--grad-accum", "2", "--lr", "5e-3", "--max-seq-len", "128",
-            "--save-every", "4", "--output-dir", str(out), "--name", name, "--quiet",
+            "--save-every", "4", "--output-dir", str(out), "--name", name, "--quiet", "--dtype", "float32",
             "--set", "train.distributed=fsdp"]
 
 

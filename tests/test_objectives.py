@@ -36,7 +36,8 @@ class ScaledSFT:
 def _cfg(backend: str, model: Path, out: Path, **sets: object) -> config_mod.Config:
     base = {"model.name": model, "data.path": REPO / "data/alpaca_sample.jsonl", "run.output_dir": out,
             "run.name": backend, "train.backend": backend, "train.iters": 2, "train.batch_size": 4,
-            "data.max_seq_len": 128, "lora.dropout": 0.0, **sets}
+            "data.max_seq_len": 128, "lora.dropout": 0.0,
+            **({"train.dtype": "float32"} if backend == "torch" else {}), **sets}
     return config_mod.build(sets=[f"{k}={v}" for k, v in base.items()])
 
 

@@ -118,7 +118,8 @@ def _train(root: Path, base: Path, name: str, method: str, backend: str, val: Pa
 
     sets = {"model.name": base, "data.path": data, "data.val_path": val, "run.output_dir": root, "run.name": name,
             "train.backend": backend, "train.iters": 2, "train.batch_size": 4, "train.eval_every": 2,
-            "train.lr": 2e-3, "data.max_seq_len": 160, "lora.dropout": 0.0, "train.method": method}
+            "train.lr": 2e-3, "data.max_seq_len": 160, "lora.dropout": 0.0, "train.method": method,
+            **({"train.dtype": "float32"} if backend == "torch" else {})}
     return train(config_mod.build(sets=[f"{k}={v}" for k, v in sets.items()]), quiet=True)
 
 

@@ -28,7 +28,7 @@ OBJECTIVES = {"dpo": DPO(beta=0.3), "ipo": DPO(beta=0.3, loss_type="ipo"), "orpo
 
 def _cfg(backend: str, model: Path, **sets: Any) -> config_mod.Config:
     base = {"model.name": model, "data.path": "unused", "train.backend": backend, "lora.dropout": 0.0,
-            "train.max_grad_norm": 0, **sets}
+            "train.max_grad_norm": 0, **({"train.dtype": "float32"} if backend == "torch" else {}), **sets}
     return config_mod.build(sets=[f"{k}={v}" for k, v in base.items()])
 
 

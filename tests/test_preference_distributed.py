@@ -28,7 +28,7 @@ def _args(model: Path, out: Path, name: str, batch: int, *extra: str) -> list[st
     return ["-m", "qlocal", "train", "--backend", "torch", "--method", "dpo", "--model", str(model),
             "--data", str(PAIRS), "--iters", str(ITERS), "--batch-size", str(batch), "--lr", "3e-3",
             "--max-seq-len", "128", "--val-split", "0.1", "--eval-every", "6", "--save-every", "2",
-            "--keep-last", "2", "--output-dir", str(out), "--name", name, "--quiet", *extra]
+            "--keep-last", "2", "--output-dir", str(out), "--name", name, "--quiet", "--dtype", "float32", *extra]
 
 
 @pytest.mark.parametrize("precompute", [False, True])

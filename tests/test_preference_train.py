@@ -20,7 +20,8 @@ PAIRS = REPO / "data/prefs_sample.jsonl"
 def _cfg(backend: str, model: Path, out: Path, name: str, **sets: Any) -> config_mod.Config:
     base = {"model.name": model, "data.path": PAIRS, "run.output_dir": out, "run.name": name,
             "train.backend": backend, "train.iters": 3, "train.batch_size": 4, "data.max_seq_len": 160,
-            "lora.dropout": 0.0, "train.method": "dpo", **sets}
+            "lora.dropout": 0.0, "train.method": "dpo", **({"train.dtype": "float32"} if backend == "torch" else {}),
+            **sets}
     return config_mod.build(sets=[f"{k}={v}" for k, v in base.items()])
 
 

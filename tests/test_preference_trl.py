@@ -58,7 +58,8 @@ def setup(tiny_model_dir, tmp_path_factory) -> SimpleNamespace:
 
     model_dir = tiny_model_dir("qwen2")
     cfg = config_mod.build(sets=[f"model.name={model_dir}", "data.path=unused", "train.backend=torch",
-                                 "lora.dropout=0.0", "train.max_grad_norm=0", "train.weight_decay=0"])
+                                 "lora.dropout=0.0", "train.max_grad_norm=0", "train.weight_decay=0",
+                                 "train.dtype=float32"])  # TRL's side is fp32
     backend = TorchBackend()
     backend.setup(model_dir, cfg)
     torch.manual_seed(1)

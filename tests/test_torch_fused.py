@@ -122,15 +122,60 @@ def test_per_example_attention_never_builds_a_mask(tiny_model_dir, tmp_path: Pat
     assert seen == [(n, True, True) for n in lengths] * layers
 
 
-def test_cpu_threads_leave_busy_cores_alone(monkeypatch) -> None:
-    import os
+def test_cpu_threads_are_torch_default_unless_set(tiny_model_dir, tmp_path: Path) -> None:
+    """No guess from the load average (it starved a dedicated box right after another process):
+    torch's own count stands unless train.cpu_threads says otherwise."""
+    from qlocal.backends.torch_backend import TorchBackend
 
-    from qlocal.backends.torch_fused import cpu_threads
+    model_dir = tiny_model_dir("qwen2")
+    before = torch.get_num_threads()
+    try:
+        info = TorchBackend().setup(model_dir, train_cfg("torch", model_dir, tmp_path, "x"))
+        assert info["cpu_threads"] == before
+        info = TorchBackend().setup(model_dir, train_cfg("torch", model_dir, tmp_path, "x", cpu_threads=1))
+        assert info["cpu_threads"] == torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert cpu_threads() is None  # the user's setting stands
-    monkeypatch.delenv("OMP_NUM_THREADS")
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    for load, want in ((0.0, 8), (2.6, 5), (7.6, 1), (40.0, 1)):
-        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
-        assert cpu_threads() == want, load
+
+def test_fused_head_bf16_tracks_fp64_on_confident_and_unlikely_targets() -> None:
+    """The bf16 head (no fp32 copy of the logits) against fp64 from the same bf16 logits (their
+    rounding is bf16's, in HF as here): log-probs and d logp / d h to bf16's precision on ordinary
+    rows, on confident rows (p_target near 1, where bf16 p - 1 would round the gradient away) and
+    on rows whose target probability underflows bf16's softmax (recomputed in fp32)."""
+    from qlocal.backends.torch_fused import fused_target_logprobs
+
+    torch.manual_seed(0)
+    vocab, dim, n = 3000, 32, 48
+    head = torch.nn.Linear(dim, vocab, bias=False).to(torch.bfloat16).requires_grad_(False)
+    head.weight.normal_()
+    y = torch.randint(0, vocab, (n,))
+    h = torch.randn(n, dim) * 0.3
+    scales = torch.linspace(0.3, 0.8, 16)[:, None]
+    h[:16] = head.weight[y[:16]].float() * scales  # confident: the target's logit stands out
+    h[16:20] = -3.0 * head.weight[y[16:20]].float()  # the target's logit ~ -96 below the rest
+    h = h.to(torch.bfloat16).requires_grad_(True)
+    up = torch.rand(n) + 0.5
+
+    y64 = (h.detach() @ head.weight.t()).double().requires_grad_(True)
+    ref = torch.log_softmax(y64, -1)[torch.arange(n), y]
+    (g_y,) = torch.autograd.grad((ref * up.double()).sum(), y64)
+    g_ref = g_y @ head.weight.double()
+    got = fused_target_logprobs(h, y, head, None, 20)
+    (g_got,) = torch.autograd.grad((got * up).sum(), h)
+
+    p_t = ref.detach().exp()
+    confident = (p_t > 0.99) & (p_t < 1 - 1e-5)
+    assert confident.sum() >= 4 and (ref.detach()[16:20] < -69).all()  # the cases this test is about
+    assert torch.isfinite(got).all()
+    err = (got.double() - ref.detach()).abs()
+    assert (err <= 4e-3 * ref.detach().abs().clamp(min=1.0)).all(), err.max()
+    assert (err[confident] <= 1e-2 * ref.detach()[confident].abs()).all()
+    row_err = (g_got.double() - g_ref).norm(dim=-1) / g_ref.norm(dim=-1)
+    assert row_err.max() < 2e-2, row_err.max()
+    # the naive bf16 gradient (p - 1 at the target, in bf16) is what the precise sum avoids
+    p = torch.softmax(h.detach() @ head.weight.t(), -1)
+    p[torch.arange(n), y] -= 1.0
+    naive = -(p @ head.weight).double() * up.double()[:, None]
+    naive_err = (naive - g_ref).norm(dim=-1) / g_ref.norm(dim=-1)
+    assert naive_err[confident].max() > 10 * row_err[confident].max()

@@ -46,6 +46,8 @@ def train_cfg(backend: str, model: Path, out: Path, name: str, /, **kw: object) 
     sets = {"model.name": str(model), "data.path": str(DATA), "run.output_dir": str(out), "run.name": name,
             "train.backend": backend, "train.iters": 12, "train.batch_size": 4, "train.lr": 5e-3,
             "train.lr_schedule": "constant", "data.max_seq_len": 256, "train.save_every": 6}
+    if backend != "mlx":  # torch's auto is bf16 on a CPU with AMX/AVX512-BF16; the parity tests are fp32
+        sets["train.dtype"] = "float32"
     sets.update({f"train.{k}" if "." not in k else k: v for k, v in kw.items()})
     return config_mod.build(sets=[f"{k}={v}" for k, v in sets.items()])
 

@@ -10,6 +10,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from qlocal.backends import torch_fused, torch_infer
+from qlocal.backends.torch_dtype import pick_dtype
 from qlocal.backends.base import NEVER_ADAPT, Batch, Sampling, StepStats
 from qlocal.config import Config
 from qlocal.distributed import Dist
@@ -24,16 +25,6 @@ def _import_torch() -> Any:
     except ImportError:
         raise missing_extra("torch", "torch") from None
     return torch
-
-
-def pick_dtype(name: str, device: str) -> Any:
-    """Resolve the compute dtype: bf16 on CUDA when supported, fp32 on CPU (bf16 matmuls are slow there)."""
-    torch = _import_torch()
-    if name != "auto":
-        return getattr(torch, name)
-    if device == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
 
 
 def linear_module_names(model: Any) -> list[str]:
@@ -219,15 +210,16 @@ class TorchBackend:
             raise UserError(f"train.distributed=fsdp shards 16-bit LoRA; --quantize {tc.quantize} (QLoRA) "
                             "runs with train.distributed=ddp")
         self.device = f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"
-        dtype = pick_dtype(tc.dtype, self.device.split(":")[0])
+        dtype, dtype_reason = pick_dtype(tc.dtype, self.device.split(":")[0])
         if self.device == "cpu" and dtype == torch.float16:
             raise UserError("train.dtype=float16 is not supported on CPU; use float32 or bfloat16")
         kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.model.trust_remote_code}
         cuda = self.device.startswith("cuda")
         kernels = _cuda_kernels(model_path) if cuda and tc.fused_kernels else []
-        threads = torch_fused.cpu_threads() if not cuda and "threads" not in torch_fused.DISABLED else None
-        if threads is not None:
-            torch.set_num_threads(threads)
+        # torch's default (OMP_NUM_THREADS, else every core) unless set: a guess from the load average
+        # starved a dedicated box whenever the process before had just finished
+        if not cuda and tc.cpu_threads:
+            torch.set_num_threads(tc.cpu_threads)
         if "flash_attention_2" in kernels:
             kwargs["attn_implementation"] = "flash_attention_2"  # varlen: packed rows without a T x T mask
         if tc.quantize != "none":
@@ -303,6 +295,7 @@ class TorchBackend:
             "distributed": ("fsdp" if self.fsdp else "ddp") if self.dist.enabled else "none",
             "fused_kernels": kernels + [_FUSED_NAMES[k] for k in sorted(fused)],
             "dtype": str(dtype).replace("torch.", ""),
+            "dtype_reason": dtype_reason,
             "cpu_threads": None if cuda else torch.get_num_threads(),
             "target_modules": targets,
             "layers_adapted": layers or list(range(layers_total)),

@@ -7,7 +7,6 @@
   through SDPA's `is_causal` (no T x T mask, no cross-example blocks computed), registered as a
   transformers attention implementation that falls back to SDPA whenever no segments are given.
 - `fuse_lora`: PEFT's LoRA linear layers as three matmuls with no elementwise passes.
-- `cpu_threads`: intra-op threads from the cores other processes leave free.
 """
 
 from __future__ import annotations
@@ -17,26 +16,9 @@ import contextvars
 from typing import Any, Iterator
 
 PACKED_ATTENTION = "qlocal_packed_sdpa"
-# pieces a benchmark switches off to measure each: "head", "attention", "adamw", "lora", "threads"
+# pieces a benchmark switches off to measure each: "head", "attention", "adamw", "lora"
 DISABLED: set[str] = set()
 _CHUNK_BYTES = 256 * 2**20  # fp32 logits of one head chunk: bounds the step's largest transient
-
-
-def cpu_threads() -> int | None:
-    """Intra-op threads for a CPU step: the cores other processes leave free (1-minute load
-    average), at least 1; None when OMP_NUM_THREADS says already. OpenMP threads spin at every
-    barrier, so more threads than free cores make each op wait for a descheduled one: on the
-    2-core box at load 20, 20 small matmul + elementwise rounds took 11 s wall on 1 thread and 21 s on 2."""
-    import os
-
-    if os.environ.get("OMP_NUM_THREADS"):
-        return None
-    n = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:  # no load average on this platform
-        return None
-    return max(1, min(n, round(n - busy)))
 
 
 def chunk_rows(chunk: int, vocab: int) -> int:
@@ -88,31 +70,75 @@ def _forward(h: Any, targets: Any, weight: Any, bias: Any, softcap: float | None
     out = torch.empty(n, dtype=torch.float32, device=h.device)
     jac = torch.empty_like(h) if need_jac else None
     step = n if chunk <= 0 else chunk
+    # d logp / d y = onehot - p; each chunk builds p - onehot, and the sign and 1/divisor go on the
+    # (rows x hidden) product instead of a vocabulary-wide pass
+    scale = -1.0 / divisor if divisor else -1.0
+    low = weight.dtype == torch.bfloat16 and not softcap
     with torch.no_grad():
         for i in range(0, n, step):
             hc, tc = h[i:i + step], targets[i:i + step]
-            y = torch.nn.functional.linear(hc, weight, bias).float()
-            if divisor:
-                y.div_(divisor)
-            tanh = None
-            if softcap:
-                tanh = y.div_(softcap).tanh_()
-                y = tanh * softcap
-            logp = torch.log_softmax(y, -1)  # one fused pass; y is freed here unless softcapped
-            del y
             rows = torch.arange(tc.shape[0], device=h.device)
-            out[i:i + step] = logp[rows, tc]
-            if jac is None:
-                continue
-            # d logp / d y = onehot - softmax(y), built in logp's own storage
-            g = logp.exp_().neg_()
-            g[rows, tc] += 1.0
-            if tanh is not None:
-                g.mul_(1.0 - tanh * tanh)
-            if divisor:
-                g.div_(divisor)
-            jac[i:i + step] = g.to(weight.dtype) @ weight
+            if low:
+                out[i:i + step], g = _bf16_chunk(hc, tc, rows, weight, bias, divisor, need_jac)
+            else:
+                out[i:i + step], g = _fp32_chunk(hc, tc, rows, weight, bias, softcap, divisor, need_jac)
+            if jac is not None:
+                jac[i:i + step] = torch.mm(g.to(weight.dtype), weight).mul_(scale)
     return out, jac
+
+
+def _fp32_chunk(hc: Any, tc: Any, rows: Any, weight: Any, bias: Any, softcap: float | None,
+                divisor: float | None, need_jac: bool) -> tuple[Any, Any]:
+    """(log p[target] per row, p - onehot (times the softcap's derivative) or None) from fp32 logits."""
+    import torch
+
+    y = torch.nn.functional.linear(hc, weight, bias).float()
+    if divisor:
+        y.div_(divisor)
+    tanh = None
+    if softcap:
+        tanh = y.div_(softcap).tanh_()
+        y = tanh * softcap
+    logp = torch.log_softmax(y, -1)  # one fused pass; y is freed here unless softcapped
+    del y
+    out = logp[rows, tc]
+    if not need_jac:
+        return out, None
+    g = logp.exp_()  # built in logp's own storage
+    g[rows, tc] -= 1.0
+    if tanh is not None:
+        g.mul_(1.0 - tanh * tanh)
+    return out, g
+
+
+def _bf16_chunk(hc: Any, tc: Any, rows: Any, weight: Any, bias: Any, divisor: float | None,
+                need_jac: bool) -> tuple[Any, Any]:
+    """The same from bf16 logits without an fp32 copy of the chunk: softmax and sum read bf16 and
+    accumulate in fp32, rounding their result once. The target's own entry is 1 - p_t taken as the
+    sum of the other p (to bf16's relative precision), so a confident token (p_t near 1, where
+    bf16's spacing is 2^-8) keeps its small gradient and its log-prob: log p_t for p_t <= 1/2,
+    log1p(-(1 - p_t)) above."""
+    import torch
+
+    y = torch.nn.functional.linear(hc, weight, bias)
+    if divisor:
+        y.div_(divisor)
+    p = torch.softmax(y, -1)
+    del y
+    pt = p[rows, tc].float()
+    p[rows, tc] = 0.0
+    rest = p.sum(-1).float()  # 1 - p_t; an fp32 sum here would first copy the chunk to fp32
+    out = torch.where(pt > 0.5, torch.log1p(-rest), torch.log(pt))
+    tiny = pt < 1e-30  # underflowed (or subnormal) in the softmax: these rows again in fp32
+    if bool(tiny.any()):
+        yf = torch.nn.functional.linear(hc[tiny], weight, bias).float()
+        if divisor:
+            yf.div_(divisor)
+        out[tiny] = torch.log_softmax(yf, -1)[torch.arange(yf.shape[0], device=yf.device), tc[tiny]]
+    if not need_jac:
+        return out, None
+    p[rows, tc] = rest.neg().to(p.dtype)
+    return out, p
 
 
 # -- per-segment attention for packed rows ---------------------------------------------------------
@@ -221,8 +247,10 @@ def fuse_lora(model: Any) -> int:
     """Route every PEFT LoRA layer over a plain nn.Linear through `_lora_linear` (y = x W^T + b,
     then += s (x A^T) B^T in place; the backward sums both input gradients in one addmm), which
     saves PEFT's scaling multiply and sum, forward and backward. A call the fused form does not
-    cover (adapters off or merged, several adapters, dropout, DoRA, mixed dtypes) takes PEFT's own
-    forward. Returns how many layers were routed."""
+    cover (adapters off or merged, several adapters, dropout, DoRA, an input not in the base's
+    dtype) takes PEFT's own forward. LoRA weights may be fp32 over a bf16 base (PEFT keeps them
+    fp32): the matmuls then run in bf16 on bf16 copies and the gradients come back fp32 (fp32
+    master weights, bf16 compute). Returns how many layers were routed."""
     import torch
     from peft.tuners.lora.layer import Linear as LoraLinear
 
@@ -247,7 +275,7 @@ def _fused_forward(module: Any) -> Any:
         base = module.get_base_layer()
         if (name not in module.lora_A or name in module.lora_variant or base.weight.requires_grad
                 or not isinstance(module.lora_dropout[name], torch.nn.Identity)
-                or not x.dtype == base.weight.dtype == module.lora_A[name].weight.dtype):
+                or x.dtype != base.weight.dtype or not module.lora_A[name].weight.is_floating_point()):
             return plain(module, x, *args, **kwargs)
         return _lora_linear(x, base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight,
                             float(module.scaling[name]))
@@ -260,13 +288,14 @@ def _lora_linear(x: Any, w: Any, b: Any, a: Any, bb: Any, s: float) -> Any:
 
     class _LoraLinear(torch.autograd.Function):
         @staticmethod
-        def forward(ctx: Any, x: Any, a: Any, bb: Any) -> Any:  # type: ignore[override]
+        def forward(ctx: Any, x: Any, a_master: Any, bb_master: Any) -> Any:  # type: ignore[override]
             x2 = x.reshape(-1, x.shape[-1])
+            a, bb = a_master.to(x.dtype), bb_master.to(x.dtype)  # no copy when the dtypes agree
             xa = x2 @ a.t()
             y = torch.addmm(b, x2, w.t()) if b is not None else x2 @ w.t()
             y.addmm_(xa, bb.t(), alpha=s)
             ctx.save_for_backward(x2, xa, a, bb)
-            ctx.shape = x.shape
+            ctx.shape, ctx.master = x.shape, a_master.dtype
             return y.view(*x.shape[:-1], y.shape[-1])
 
         @staticmethod
@@ -279,6 +308,6 @@ def _lora_linear(x: Any, w: Any, b: Any, a: Any, bb: Any, s: float) -> Any:
             if ctx.needs_input_grad[0]:
                 gx = (g2 @ w).addmm_(gyb, a).view(ctx.shape)
             ga = gyb.t() @ x2 if ctx.needs_input_grad[1] else None
-            return gx, ga, gbb
+            return gx, *(None if g is None else g.to(ctx.master) for g in (ga, gbb))
 
     return _LoraLinear.apply(x, a, bb)

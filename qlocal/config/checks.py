@@ -57,6 +57,8 @@ def check_ranges(cfg: Config, source: str) -> None:
         raise UserError(f"{source}: 'data.val_split' must be in [0, 1), got {cfg.data.val_split}")
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise UserError(f"{source}: 'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
+    if cfg.train.cpu_threads < 0:
+        raise UserError(f"{source}: 'train.cpu_threads' must be >= 0 (0 = torch's default), got {cfg.train.cpu_threads}")
     if cfg.lora.layers is not None and cfg.lora.layers <= 0:
         raise UserError(f"{source}: 'lora.layers' must be positive, got {cfg.lora.layers}")
     _check_preference(cfg, source)

@@ -131,7 +131,10 @@ class TrainConfig:
     loss_chunk: int = 1024
     """Target positions per chunk of the output head + loss (0 = no chunking)."""
     dtype: str = "auto"
-    """Compute dtype: auto (bf16 on CUDA/MLX, fp32 on CPU), float32, bfloat16 or float16."""
+    """Compute dtype: auto (bf16 on CUDA/MLX and, on torch, on a CPU with AMX-BF16 or AVX512-BF16:
+    base weights bf16, LoRA weights and optimizer state fp32; else fp32), float32, bfloat16 or float16."""
+    cpu_threads: int = 0
+    """torch on CPU: intra-op threads; 0 = torch's default (OMP_NUM_THREADS when set, else every core)."""
     seed: int = 0
     """Seed for LoRA init, dropout and data order."""
     eval_every: int = 50
