@@ -138,7 +138,10 @@ class LayerwiseLM(_Runs):
             stacks = [np.stack([t.read() for t in parts]) for parts in groups]  # type: ignore[union-attr]
             return torch.from_numpy(np.concatenate(stacks, axis=1) if len(stacks) > 1 else stacks[0])
         t = self.tensors[self._key(name)]
-        x = t.read() if pool_key is None else self._pool.read(pool_key, t)
+        # A LoRA-merged tensor is read by its own read(): the fp32-merge check then runs the very
+        # code that feeds the GGUF writer, not the pool's copy of its arithmetic.
+        own = pool_key is None or getattr(t, "lora_a", None) is not None
+        x = t.read() if own else self._pool.read(pool_key, t)
         return torch.from_numpy(np.ascontiguousarray(x).reshape(t.shape))
 
     def _hook_layer(self, layer: Any, prefix: str) -> None:
