@@ -15,7 +15,7 @@ tokens (prompt masked on both sides). --vocab 151936 gives the head Qwen2's real
 generator of bench/train_throughput.py), so the work grows with the sequence length.
 
 Each side runs the batch list twice in one training call: the first pass compiles every shape,
-the second is timed, by the wall clock and by this process's CPU time (tok/cpu-s: far less disturbed when
+the second is timed (--no-warm-pass: one pass, timed, compilation included), by the wall clock and by this process's CPU time (tok/cpu-s: far less disturbed when
 other processes share the machine). Peak memory is MLX's allocator peak (mx.get_peak_memory) from model load on.
 Rounds alternate which side goes first; the median is reported.
 """
@@ -111,7 +111,8 @@ def _fresh_memory() -> None:
     mx.reset_peak_memory()
 
 
-def run_qlocal(model_dir: Path, batches: list[dict[str, np.ndarray]], rank: int, alpha: float) -> dict[str, float]:
+def run_qlocal(model_dir: Path, batches: list[dict[str, np.ndarray]], rank: int, alpha: float,
+               warm: bool = True) -> dict[str, float]:
     import mlx.core as mx
 
     from qlocal import config as config_mod
@@ -122,7 +123,7 @@ def run_qlocal(model_dir: Path, batches: list[dict[str, np.ndarray]], rank: int,
                                  "train.backend=mlx", "train.lr=1e-4"])
     backend = MLXBackend()
     backend.setup(model_dir, cfg)
-    for b in batches:  # pass 1: compiles every shape
+    for b in batches if warm else []:  # pass 1: compiles every shape
         backend.train_step([b], 1e-4)
     t0, c0 = time.perf_counter(), time.process_time()
     for b in batches:
@@ -157,7 +158,7 @@ def _mlx_lm_batches(batches: list[dict[str, np.ndarray]], max_len: int, padding:
 
 
 def run_mlx_lm(model_dir: Path, batches: list[dict[str, np.ndarray]], rank: int, alpha: float,
-               max_len: int, padding: str) -> dict[str, float]:
+               max_len: int, padding: str, warm: bool = True) -> dict[str, float]:
     import mlx.core as mx
     import mlx.optimizers as optim
     from mlx_lm.tuner.callbacks import TrainingCallback
@@ -177,16 +178,17 @@ def run_mlx_lm(model_dir: Path, batches: list[dict[str, np.ndarray]], rank: int,
             reports.append({**info, "cpu": time.process_time()})
 
     n = len(batches)
+    reports.append({"cpu": time.process_time()})  # without the warm pass: CPU from the train call on
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
-        args = TrainingArgs(batch_size=batches[0]["input_ids"].shape[0], iters=2 * n, steps_per_report=n,
+        args = TrainingArgs(batch_size=batches[0]["input_ids"].shape[0], iters=(1 + warm) * n, steps_per_report=n,
                             steps_per_save=10**9, max_seq_length=max_len + 1,
                             adapter_file=str(Path(tmp) / "adapters.safetensors"))
         train(model, optim.Adam(learning_rate=1e-4), train_dataset=list(range(n)), args=args,
               iterate_batches=_mlx_lm_batches(batches, max_len, padding), training_callback=Collect())
-    # The second report covers exactly the second pass (mlx-lm times only its step calls).
-    return {"seconds": n / reports[1]["iterations_per_second"], "cpu_seconds": reports[1]["cpu"] - reports[0]["cpu"],
+    # The last report covers exactly the last pass (mlx-lm times only its step calls).
+    return {"seconds": n / reports[-1]["iterations_per_second"], "cpu_seconds": reports[-1]["cpu"] - reports[-2]["cpu"],
             "peak_mb": mx.get_peak_memory() / 2**20,
-            "last_loss": reports[1]["train_loss"]}
+            "last_loss": reports[-1]["train_loss"]}
 
 
 def main() -> None:
@@ -202,6 +204,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=0, help="embedding/head rows (0: the tiny tokenizer's; 151936: Qwen2's)")
     ap.add_argument("--no-packing", action="store_true", help="give qlocal the padded batches mlx_lm gets")
     ap.add_argument("--synthetic", action="store_true", help="examples of 3/4 to all of max-seq-len tokens")
+    ap.add_argument("--no-warm-pass", action="store_true",
+                    help="time the first pass (compilation included) instead of a second one: half the run")
     ap.add_argument("--json", help="also write the medians here")
     ap.add_argument("--mlx-lm-padding", choices=["native", "qlocal"], default="native",
                     help="pad mlx_lm's batches its own way (default) or to qlocal's widths (identical FLOPs)")
@@ -222,9 +226,10 @@ def main() -> None:
             sides = ["mlx_lm", "qlocal"] if r % 2 == 0 else ["qlocal", "mlx_lm"]
             for side in sides:
                 if side == "qlocal":
-                    res = run_qlocal(model_dir, ours, a.rank, a.alpha)
+                    res = run_qlocal(model_dir, ours, a.rank, a.alpha, not a.no_warm_pass)
                 else:
-                    res = run_mlx_lm(model_dir, batches, a.rank, a.alpha, a.max_seq_len, a.mlx_lm_padding)
+                    res = run_mlx_lm(model_dir, batches, a.rank, a.alpha, a.max_seq_len, a.mlx_lm_padding,
+                                     not a.no_warm_pass)
                 res["tok_s"] = tokens / res["seconds"]
                 res["tok_cpu_s"] = tokens / res["cpu_seconds"]
                 res["trained_cpu_s"] = trained / res["cpu_seconds"]
@@ -241,7 +246,8 @@ def main() -> None:
           f"LoRA r{a.rank} a{a.alpha:g} all linear")
     print(f"data      {a.iters} batches x {a.batch_size} ({'synthetic' if a.synthetic else 'alpaca_sample'}, max_seq_len {a.max_seq_len}), "
           f"{tokens} real / {trained} trained tokens per pass; qlocal {'padded' if a.no_packing else 'packed'}, "
-          f"mlx_lm padding {a.mlx_lm_padding}; median of {a.rounds} rounds")
+          f"mlx_lm padding {a.mlx_lm_padding}; median of {a.rounds} rounds"
+          f"{'; first pass timed (compilation included)' if a.no_warm_pass else ''}")
     print(f"{'':10s}{'tokens/s':>12s}{'tok/cpu-s':>12s}{'trained/cpu-s':>14s}{'peak MB':>12s}")
     for s in ("qlocal", "mlx_lm"):
         print(f"{s:10s}{med[s]['tok_s']:12.1f}{med[s]['tok_cpu_s']:12.1f}{med[s]['trained_cpu_s']:14.1f}"

@@ -47,7 +47,7 @@ def mlx_row(seq: int, a: argparse.Namespace) -> dict[str, Any]:
         out = Path(tmp) / "mlx.json"
         cmd = [sys.executable, str(REPO / "bench/mlx_throughput.py"), "--synthetic", "--max-seq-len", str(seq),
                "--batch-size", str(a.batch), "--iters", str(a.steps), "--rounds", "1", "--layers", str(a.layers),
-               "--hidden", "512", "--vocab", str(a.vocab), "--json", str(out)]
+               "--hidden", "512", "--vocab", str(a.vocab), "--json", str(out)] + ["--no-warm-pass"] * (a.warmup == 0)
         res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if res.returncode != 0 or not out.is_file():
             sys.exit(f"mlx_throughput failed at seq {seq}:\n{res.stderr[-3000:]}")
@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=1, help="timed steps (torch) / batches per pass (MLX)")
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=1, help="warm-up steps (torch); MLX: 0 times its first pass")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--workdir", default=str(REPO / "bench/.work"))
     a = ap.parse_args()
