@@ -43,9 +43,14 @@ def cli() -> None:
     """Fine-tune an open LLM with LoRA/QLoRA on this machine and export it for Ollama / llama.cpp.
 
     \b
-      qlocal train --model gemma-3-270m --data data/alpaca_sample.jsonl
       qlocal data check data/alpaca_sample.jsonl --model gemma-3-270m
-      qlocal doctor
+      qlocal train --model gemma-3-270m --data data/alpaca_sample.jsonl   # writes outputs/<run>
+      qlocal chat outputs/<run>
+      qlocal export outputs/<run> --quant q4_k_m                         # writes export/<run>
+      ollama create my-model -f export/<run>/Modelfile
+      qlocal doctor                                                      # what this machine can run
+
+    `qlocal COMMAND --help` shows each command's options and defaults.
     """
 
 
@@ -54,7 +59,7 @@ def _opt(*names: str, **kw: Any) -> Any:
     return click.option(*names, **kw)
 
 
-@cli.command(context_settings={"show_default": False})
+@cli.command(context_settings={"show_default": False}, short_help="Fine-tune a LoRA/QLoRA adapter into outputs/<run>.")
 @_opt("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config file (sections model/data/lora/train/run).")
 @_opt("--set", "sets", multiple=True, default=(), metavar="KEY=VALUE", help="Override any config key, e.g. --set lora.rank=16. Repeatable.")
 @_opt("--resume", type=click.Path(file_okay=False), metavar="RUN_DIR", help="Continue a stopped run from its last checkpoint (its saved config is used).")
@@ -103,7 +108,14 @@ def _opt(*names: str, **kw: Any) -> Any:
 @_opt("--require-export", is_flag=True, default=None, help="Stop before training (exit 2) when the model will not export to GGUF; otherwise a warning.")
 @_opt("--quiet", is_flag=True, default=False, help="No header or progress bar.")
 def train(config_file: str | None, sets: tuple[str, ...], resume: str | None, quiet: bool, **flags: Any) -> None:
-    """Fine-tune a LoRA/QLoRA adapter; writes outputs/<run>/ (config.yaml, adapter/, metrics, loss.png)."""
+    """Fine-tune a LoRA/QLoRA adapter; writes outputs/<run>/ (config.yaml, adapter/, metrics, loss.png).
+
+    \b
+      qlocal train --model gemma-3-270m --data data/alpaca_sample.jsonl
+      qlocal train --model Qwen/Qwen2.5-0.5B-Instruct --data my.jsonl --quantize 4bit --iters 200
+      qlocal train --config configs/mapping_sentiment.yaml --set lora.rank=16
+      qlocal train --resume outputs/<run>            # after Ctrl-C: continue from the last checkpoint
+    """
     from qlocal import config as config_mod
     from qlocal.train import train as run_train
 
@@ -113,8 +125,9 @@ def train(config_file: str | None, sets: tuple[str, ...], resume: str | None, qu
             raise UserError("--resume uses the run's saved config.yaml; drop the other options "
                             f"({', '.join('--' + k.replace('_', '-') for k in given) or '--config/--set'})")
         if not Path(resume, "config.yaml").is_file():
-            from qlocal.rundir import not_a_run
+            from qlocal.rundir import check_exists, not_a_run
 
+            check_exists(resume)  # a mistyped outputs/<run>: the runs that are there
             raise not_a_run(Path(resume))
         run_train(config_mod.Config(), resume=Path(resume), quiet=quiet)
         return
@@ -128,7 +141,7 @@ def data() -> None:
     """Inspect training data."""
 
 
-@data.command("check")
+@data.command("check", short_help="Formats, token lengths and one rendered example of a data file.")
 @click.argument("file", required=False)
 @_opt("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config: its model and data section (path, format, field mapping) are used.")
 @_opt("--set", "sets", multiple=True, default=(), metavar="KEY=VALUE", help="Override a config key, e.g. --set data.label_field=y.")
@@ -149,13 +162,18 @@ def data_check(file: str | None, config_file: str | None, sets: tuple[str, ...],
     from qlocal import config as config_mod
     from qlocal.data.check import check_report
     from qlocal.data.templates import add_missing_markers, resolve_chat_template
-    from qlocal.models import resolve_model
+    from qlocal.data.readers import load_records
     from qlocal.hf import load_tokenizer
+    from qlocal.models import check_model_name, resolve_model
 
     if file is None and config_file is None:
         raise UserError("give a data FILE, or --config FILE.yaml whose data.path to check")
     flags["data"] = file
     cfg = config_mod.build(config_file, {TRAIN_FLAGS[k]: v for k, v in flags.items() if v is not None}, sets)
+    # The cheap checks first: the model name, then the file itself (missing, not JSON, ...), before
+    # an alias converts or a model downloads.
+    check_model_name(cfg.model.name, allow_pickle=cfg.model.allow_pickle)
+    load_records(cfg.data.path, cfg.data.split, [] if cfg.data.skip_bad_lines else None)
     resolved = resolve_model(cfg.model.name, cfg.model.revision)
     tokenizer = load_tokenizer(resolved.path, cfg.model.trust_remote_code, cfg.lora.new_tokens)
     choice = cfg.model.chat_template or resolved.default_chat_template
@@ -179,7 +197,7 @@ def _sampling_options(f: Any) -> Any:
     return f
 
 
-@cli.command()
+@cli.command(short_help="Answer a prompt or a JSONL file of prompts.")
 @click.argument("target")
 @_opt("--prompt", "-p", help="One user message to answer.")
 @_opt("--system", help="System prompt.")
@@ -190,8 +208,13 @@ def _sampling_options(f: Any) -> Any:
 def generate(target: str, prompt: str | None, system: str | None, input_file: str | None, output: str | None,
              tools_file: str | None, max_tokens: int, temperature: float, top_p: float, backend: str,
              chat_template: str | None) -> None:
-    """Answer a prompt (or a file of prompts) with a run, an export folder, a GGUF or an HF model."""
-    from qlocal.infer import ContextFull, Sampling, generate_file, open_generator
+    """Answer a prompt (or a file of prompts) with a run, an export folder, a GGUF or an HF model.
+
+    \b
+      qlocal generate outputs/<run> --prompt "What is the capital of Japan?"
+      qlocal generate export/<run> --input-file prompts.jsonl --output answers.jsonl
+    """
+    from qlocal.infer import ContextFull, Sampling, check_inputs, check_target, generate_file, open_generator
     from qlocal.tool_chat import assistant_turn, load_tools, tool_tag
 
     if (prompt is None) == (input_file is None):
@@ -199,6 +222,9 @@ def generate(target: str, prompt: str | None, system: str | None, input_file: st
     if input_file and not output:
         raise UserError("--input-file needs --output out.jsonl")
     tools = load_tools(tools_file) if tools_file else None  # a bad file fails before the model loads
+    check_target(target)
+    if input_file:
+        check_inputs(Path(input_file))  # a bad line too
     sampling = Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
     gen = open_generator(target, backend, chat_template)
     if input_file:
@@ -214,7 +240,7 @@ def generate(target: str, prompt: str | None, system: str | None, input_file: st
         click.echo()
 
 
-@cli.command()
+@cli.command(short_help="Chat with a run, an export, a GGUF or an HF model.")
 @click.argument("target")
 @_opt("--system", help="System prompt (kept across /reset).")
 @_opt("--tools", "tools_file", type=click.Path(dir_okay=False), help="JSON list of function schemas the model may call; each call is shown and you type its result.")
@@ -237,7 +263,7 @@ def chat(target: str, system: str | None, tools_file: str | None, max_tokens: in
     chat_loop(gen, Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p), system, tools=tools)
 
 
-@cli.command("eval")
+@cli.command("eval", short_help="Loss, perplexity and generation metrics on a test file.")
 @click.argument("target")
 @_opt("--data", "-d", required=True, help="Test data in any supported format (the run's field mapping applies).")
 @_opt("--generate/--no-generate", default=True, show_default=True, help="Also generate answers and score ROUGE-L, BLEU, exact match (and accuracy/F1 for labels).")
@@ -271,7 +297,7 @@ def eval_cmd(target: str, data: str, generate: bool, max_tokens: int, limit: int
     run_eval(target, opts, echo=click.echo, quiet=quiet)
 
 
-@cli.command("export")
+@cli.command("export", short_help="A run to GGUF (quantised, verified) and an Ollama Modelfile.")
 @click.argument("run_dir", type=click.Path())
 @_opt("--gguf/--no-gguf", default=True, help="Write GGUF files (default on); --no-gguf writes only the fused HF folder.")
 @_opt("--quant", default="q4_k_m", show_default=True, help="Comma list: f32,f16,bf16,q8_0,q4_k_m,q4_k_s,q5_k_m,q5_k_s,q6_k,q3_k_m,q4_0,q5_0. The first is what the Modelfile uses.")
@@ -290,8 +316,11 @@ def export(run_dir: str, gguf: bool, quant: str, out: str | None, ollama_name: s
       qlocal export outputs/<run> --gguf --quant q4_k_m,q8_0
       qlocal export outputs/<run> --ollama-create my-model
     """
+    from qlocal import rundir
     from qlocal.export.pipeline import ExportOptions, export_run
 
+    rundir.check_exists(run_dir)  # a mistyped outputs/<run>: the runs that are there
+    rundir.check_finished(Path(run_dir))  # still training, or stopped before its adapter/
     result = export_run(Path(run_dir), ExportOptions(
         quants=quant.split(","), out_dir=Path(out) if out else None, gguf=gguf, verify=not no_verify,
         adapter_only=adapter_only, system=system, ollama_name=ollama_name,
@@ -301,7 +330,7 @@ def export(run_dir: str, gguf: bool, quant: str, out: str | None, ollama_name: s
         sys.exit(1)
 
 
-@cli.command()
+@cli.command(short_help="Serve a GGUF or export folder as an OpenAI-compatible API.")
 @click.argument("target")
 @_opt("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @_opt("--host", default="127.0.0.1", show_default=True, help="0.0.0.0 to accept other machines (no authentication!).")
@@ -320,7 +349,7 @@ def serve(target: str, port: int, host: str, n_ctx: int, alias: str | None) -> N
     run_server(target, host=host, port=port, n_ctx=n_ctx, alias=alias)
 
 
-@cli.command()
+@cli.command(short_help="Local web UI: runs, charts, new runs, exports, chat.")
 @_opt("--host", default="127.0.0.1", show_default=True, help="Bind address; any non-loopback host requires a token.")
 @_opt("--port", type=click.IntRange(1, 65535), default=7860, show_default=True)
 @_opt("--token", help="Token every request must carry. [default: none on 127.0.0.1, generated and printed otherwise]")
@@ -337,7 +366,7 @@ def studio(host: str, port: int, token: str | None, root: str) -> None:
     run_studio(Path(root), host=host, port=port, token=token, echo=click.echo)
 
 
-@cli.command()
+@cli.command(short_help="Platform, accelerators, extras, and the backend auto picks.")
 @_opt("--model", "-m", help="Also say whether this model (folder, hub id or alias) will export to GGUF.")
 def doctor(model: str | None) -> None:
     """Print the platform, accelerators, installed extras and which backend `auto` picks and why."""

@@ -165,6 +165,20 @@ def _data_config(target: Path, config_file: str | None, run_cfg: Any) -> Any:
     return config_mod.Config()
 
 
+def target_config(target: str, opts: EvalOptions) -> Any:
+    """The Config whose data section applies to `target`, the target checked on the way (a
+    mistyped run, an unfinished one, a model name of no kind) without loading any model."""
+    from qlocal import rundir
+    from qlocal.infer import check_target
+
+    path = Path(target)
+    check_target(target)
+    if find_gguf(path) is not None and not (path / "config.yaml").is_file():
+        return _data_config(path, opts.config_file, None)
+    run_cfg = rundir.load_config(path)[0] if (path / "config.yaml").is_file() else None
+    return _data_config(path, opts.config_file, run_cfg)
+
+
 def open_scorer(target: str, opts: EvalOptions) -> tuple[Any, str, Any]:
     """(scorer, kind, Config whose data section applies) for a run, an HF model or a GGUF."""
     from qlocal.infer import open_backend, resolve_hf_source
@@ -230,12 +244,15 @@ def evaluate(target: str, opts: EvalOptions, quiet: bool = False) -> dict[str, A
     from qlocal.metrics_text import bleu_tokenizer, label_set, sources
     from qlocal.tool_eval import prompts_from_samples
 
-    scorer, kind, cfg = open_scorer(target, opts)
-    from qlocal.pref_eval import evaluate_preference, preference_method
+    from qlocal.pref_eval import evaluate_preference, load_eval_data, preference_method
 
+    # The target and every data record are checked before any model loads (or converts, or downloads).
+    cfg = target_config(target, opts)
     method = preference_method(opts.data, opts.split, cfg)
     if method is not None:  # pairs / KTO answers: rewards and the method's loss (qlocal.pref_eval)
-        report = evaluate_preference(scorer, kind, cfg, opts, method, target)
+        loaded = load_eval_data(cfg, opts, method)
+        scorer, kind, cfg = open_scorer(target, opts)
+        report = evaluate_preference(scorer, kind, cfg, opts, method, target, loaded)
         if opts.report is not None:
             write_report(report, opts.report)
         return report
@@ -245,6 +262,7 @@ def evaluate(target: str, opts: EvalOptions, quiet: bool = False) -> dict[str, A
     skip = dc.skip_bad_lines or opts.skip_bad_lines
     samples, stats = load_samples(opts.data, "auto", opts.split, skip_bad_lines=skip, mapping=mapping,
                                   tools=getattr(dc, "tools", None), for_eval=True)
+    scorer, kind, cfg = open_scorer(target, opts)
     examples, truncated, dropped = [], 0, 0
     drop_long = getattr(dc, "drop_long", False)  # as training treats examples longer than max_seq_len
     if scorer.tokenizer is not None:

@@ -67,29 +67,15 @@ class HFSource:
     run: Path | None = None
 
 
-def check_mistyped_folder(path: Path) -> None:
-    """A missing outputs/<run> or export/<run>: say so and name the runs/exports that are there
-    (the model-name rules would call it a missing model folder)."""
-    if path.exists() or path.parent == Path(".") or not path.parent.is_dir():
-        return
-    near = sorted(p.name for p in path.parent.iterdir()
-                  if (p / "config.yaml").is_file() or (p / "export.json").is_file())
-    if near:
-        shown = ", ".join(near[:8]) + (", ..." if len(near) > 8 else "")
-        raise UserError(f"{path}: no such folder; {path.parent}/ holds {shown}")
-
-
 def resolve_hf_source(target: str, chat_template: str | None = None) -> HFSource:
     """A run folder (config.yaml + adapter/) or an HF model folder / hub id / alias."""
+    from qlocal import rundir
 
     path = Path(target)
-    check_mistyped_folder(path)
+    rundir.check_exists(target)
     if (path / "config.yaml").is_file():
-        from qlocal import rundir
-
         cfg, resolved = rundir.load_config(path)
-        if not (path / "adapter" / "adapter_config.json").is_file():
-            raise UserError(f"{path}: has no finished adapter/ yet; finish it with qlocal train --resume {path}")
+        rundir.check_finished(path)
         base = Path(resolved.get("model_path", ""))
         if not (base / "config.json").is_file():
             raise UserError(f"{path}: its base model {base} is gone; restore it or retrain")
@@ -219,8 +205,32 @@ class GGUFGenerator:
             raise ContextFull(self.path.name, self.llm.n_ctx()) from None
 
 
+def check_target(target: str) -> None:
+    """Raise what opening `target` would refuse, found without loading, converting or downloading
+    a model: a mistyped run or export path, an unfinished run, an export with no GGUF, a file that
+    is no GGUF, a model name of no kind. Commands run it before reading their data files."""
+    from qlocal import rundir
+    from qlocal.models import check_model_name
+
+    path = Path(target)
+    if (path / "config.yaml").is_file():
+        resolve_hf_source(target)  # a run: its config, adapter, base and template, all cheap
+        return
+    if find_gguf(path) is not None:
+        return
+    rundir.check_exists(target)
+    if path.is_file():
+        raise UserError(f"{target}: not a run folder (config.yaml), export folder, HF model folder or .gguf file")
+    if (path / "export.json").is_file() and not (path / "config.json").is_file():
+        fused = f"{path / 'fused'} (an HF model folder), " if (path / "fused" / "config.json").is_file() else ""
+        raise UserError(f"{target}: an export folder with no GGUF in it; give {fused}the run it came from, "
+                        "or export again with --gguf")
+    check_model_name(target)
+
+
 def open_generator(target: str, backend: str | None = None, chat_template: str | None = None) -> Generator:
     """A run folder, an export folder, a .gguf file, or an HF model folder / hub id / alias."""
+    check_target(target)
     path = Path(target)
     if path.exists() and not (path / "config.yaml").is_file():
         found = find_gguf(path)
@@ -256,6 +266,17 @@ def _records(input_file: Path) -> Iterator[tuple[str, dict, list[dict]]]:
         else:
             raise UserError(f"{where}: expected {{\"prompt\": ...}} or {{\"messages\": [...]}}")
         yield where, rec, messages
+
+
+def check_inputs(input_file: Path) -> None:
+    """Read every line of a generate input file (a bad one is named), before any model loads."""
+    from qlocal.tool_calls import check_tools
+
+    for where, rec, _ in _records(input_file):
+        try:
+            check_tools(rec.get("tools"))
+        except ValueError as e:
+            raise UserError(f"{where}: {e}") from None
 
 
 def generate_file(gen: Generator, input_file: Path, output: Path, sampling: Sampling,

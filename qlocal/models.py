@@ -67,16 +67,35 @@ def resolve_model(name: str, revision: str | None = None, models_dir: Path = Pat
 
     Pickle `.bin` weights are refused unless allow_pickle (loading pickle can run code).
     """
+    check_model_name(name, models_dir, allow_pickle)
     if name in ALIASES:
         return _resolve_alias(name, ALIASES[name], Path(models_dir))
     path = Path(name).expanduser()
     if path.exists():
         # Absolute, so a run folder that records it works from any directory.
-        return ResolvedModel(_check_local(path, allow_pickle).resolve(), "local", name)
-    if looks_like_hub_id(name):
-        return _resolve_hub(name, revision, allow_pickle)
-    raise UserError(f"{name}: no such model folder; give a local HF folder, a hub id like "
-                    f"Qwen/Qwen2.5-0.5B-Instruct, or an alias ({', '.join(ALIASES)})")
+        return ResolvedModel(path.resolve(), "local", name)
+    return _resolve_hub(name, revision, allow_pickle)
+
+
+def check_model_name(name: str, models_dir: Path = Path("models"), allow_pickle: bool = False) -> None:
+    """Raise what resolve_model would refuse without converting an alias or downloading anything: a
+    missing or unusable local folder, an alias whose package is not installed, a name of no kind.
+    Cheap, so commands run it before their other checks and any slow work."""
+    if name in ALIASES:
+        alias = ALIASES[name]
+        if not (Path(models_dir).resolve() / name / "hf" / SOURCE_FILE).is_file():
+            import importlib.util
+
+            if importlib.util.find_spec(alias.package) is None:
+                _import_package(alias)  # its one-line install hint
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        _check_local(path, allow_pickle)
+        return
+    if not looks_like_hub_id(name):
+        raise UserError(f"{name}: no such model folder; give a local HF folder, a hub id like "
+                        f"Qwen/Qwen2.5-0.5B-Instruct, or an alias ({', '.join(ALIASES)})")
 
 
 def fingerprint(path: Path) -> str:

@@ -90,8 +90,20 @@ def score(backend: Any, batches: list[dict[str, np.ndarray]], objective: Any, ba
     return {"loss": loss / n, **summarize(objective, {k: v / n for k, v in sums.items()}), "count": count}
 
 
-def evaluate_preference(scorer: Any, kind: str, cfg: Any, opts: Any, method: str, target: str) -> dict[str, Any]:
-    """The eval report of `target` on opts.data, a preference file (see the module docstring)."""
+def load_eval_data(cfg: Any, opts: Any, method: str) -> tuple[list[Any], dict[str, Any]]:
+    """opts.data's preference records as `method` reads them: (samples, stats); no model needed, so
+    eval reads them (and names a bad line) before any model loads."""
+    from qlocal.data.pref_formats import load_preference
+
+    dc = _data_config(cfg, opts.split, getattr(cfg.train, "method", "sft") != "sft")
+    dc.skip_bad_lines = dc.skip_bad_lines or getattr(opts, "skip_bad_lines", False)
+    return load_preference(opts.data, method, dc)
+
+
+def evaluate_preference(scorer: Any, kind: str, cfg: Any, opts: Any, method: str, target: str,
+                        loaded: tuple[list[Any], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The eval report of `target` on opts.data, a preference file (see the module docstring);
+    `loaded` is load_eval_data's result when the caller read the records already."""
     from dataclasses import asdict
 
     from qlocal import preference_run
@@ -109,7 +121,7 @@ def evaluate_preference(scorer: Any, kind: str, cfg: Any, opts: Any, method: str
     cfg.train.method = method
     dc = cfg.data = _data_config(cfg, opts.split, pref_run)
     dc.skip_bad_lines = dc.skip_bad_lines or getattr(opts, "skip_bad_lines", False)
-    samples, stats = load_preference(opts.data, method, dc)
+    samples, stats = loaded or load_preference(opts.data, method, dc)
     examples, counts = render_preference(samples, scorer.tokenizer, scorer.template, dc.max_seq_len,
                                          dc.train_on_reasoning, dc.drop_long)
     if not examples:

@@ -25,26 +25,36 @@ def is_preference(cfg: Config) -> bool:
     return cfg.train.method != "sft"
 
 
-def prepare(cfg: Config, tokenizer: Any, template: str) -> tuple[list[Any], list[Any], str, int, int]:
-    """Load, split and render the preference data: (train, val, format, truncated, dropped_long).
-
-    KTO examples get their KL rows' answers (assign_kl, TRL's rotation within groups of the
-    micro-batch size) before batching, so a precomputed reference covers them too.
-    """
+def load(cfg: Config) -> tuple[list[Any], list[Any], str]:
+    """Read and split the preference records, no tokenizer needed: (train, val, format)."""
     from qlocal.data.pref_formats import load_preference
-    from qlocal.data.preference import assign_kl, render_preference
     from qlocal.data.split import split_validation
 
     dc, method = cfg.data, cfg.train.method
     samples, stats = load_preference(dc.path, method, dc)
-    main = distributed.from_env().is_main
-    if stats.get("skipped") and main:
+    if stats.get("skipped") and distributed.from_env().is_main:
         print(f"warning: skipped {stats['skipped']} bad records in {dc.path} "
               f"(first: {', '.join(stats.get('skipped_where', []))})", file=sys.stderr)
     if dc.val_path:
         val_samples, _ = load_preference(dc.val_path, method, dc)
     else:
         samples, val_samples = split_validation(samples, dc.val_split, cfg.train.seed)
+    return samples, val_samples, str(stats.get("format", "?"))
+
+
+def prepare(cfg: Config, tokenizer: Any, template: str, samples: list[Any] | None = None,
+            val_samples: list[Any] | None = None) -> tuple[list[Any], list[Any], int, int]:
+    """Render the preference records `load` read (read here when not given): (train, val, truncated, dropped_long).
+
+    KTO examples get their KL rows' answers (assign_kl, TRL's rotation within groups of the
+    micro-batch size) before batching, so a precomputed reference covers them too.
+    """
+    from qlocal.data.preference import assign_kl, render_preference
+
+    dc, method = cfg.data, cfg.train.method
+    main = distributed.from_env().is_main
+    if samples is None or val_samples is None:
+        samples, val_samples, _ = load(cfg)
 
     def render(items: list[Any]) -> tuple[list[Any], dict[str, int]]:
         return render_preference(items, tokenizer, template, dc.max_seq_len, dc.train_on_reasoning, dc.drop_long)
@@ -61,7 +71,7 @@ def prepare(cfg: Config, tokenizer: Any, template: str) -> tuple[list[Any], list
         what = f"dropped {dropped}" if dropped else f"truncated {truncated}"
         print(f"warning: {what} preference records longer than data.max_seq_len={dc.max_seq_len} "
               "(prompt start and answer ends cut); raise --max-seq-len to keep them whole", file=sys.stderr)
-    return train, val, str(stats.get("format", "?")), truncated, dropped
+    return train, val, truncated, dropped
 
 
 def collate_fn(cfg: Config, pad_id: int) -> Collate:

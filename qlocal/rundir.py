@@ -49,6 +49,50 @@ def create(path: Path, overwrite: bool) -> None:
         raise UserError(f"{path}: cannot create run folder ({e.strerror}); choose another --output-dir") from None
 
 
+def looks_like_path(target: str) -> bool:
+    """Whether a command's TARGET is meant as a local path, not a hub id: outputs/..., export/...,
+    ./, ../, /, ~, three or more parts, or a first part that is a local folder."""
+    parts = Path(target).parts
+    return (target.startswith(("outputs/", "export/", "./", "../", "/", "~")) or len(parts) > 2
+            or (len(parts) == 2 and Path(parts[0]).is_dir()))
+
+
+def check_exists(target: str | Path) -> None:
+    """A run or export path that does not exist: one line naming the runs and exports its folder
+    holds (every command taking outputs/<run> or export/<run> says it the same way)."""
+    path = Path(target).expanduser()
+    if path.exists() or not looks_like_path(str(target)):
+        return
+    kind = {"export": "export folder", "outputs": "run folder"}.get(path.parts[0], "folder")
+    folder = path.parent
+    if not folder.is_dir():
+        how = {"run folder": "; train one with qlocal train", "export folder": "; make one with qlocal export outputs/<run>"}
+        raise UserError(f"{target}: no such {kind}, and {folder}/ does not exist here{how.get(kind, '')}")
+    near = sorted(p.name for p in folder.iterdir() if (p / "config.yaml").is_file() or (p / "export.json").is_file())
+    if not near:
+        raise UserError(f"{target}: no such {kind}" + (f"; {folder}/ holds no runs or exports" if kind != "folder" else ""))
+    shown = ", ".join(near[:8]) + (", ..." if len(near) > 8 else "")
+    raise UserError(f"{target}: no such {kind}; {folder}/ holds {shown}")
+
+
+def check_finished(run: Path) -> None:
+    """A run folder whose adapter/ is not written yet: say whether it is still training (its
+    train.pid) or was stopped (its last checkpoint), and what to do."""
+    from qlocal import pidfile
+
+    if (run / "adapter" / "adapter_config.json").is_file() or not (run / "config.yaml").is_file():
+        return
+    pid = pidfile.live_pid(run)
+    if pid is not None:
+        raise UserError(f"{run}: is still training (pid {pid}); its adapter/ is written when training ends, "
+                        "so wait for it (or stop it with Ctrl-C and finish it later with --resume)")
+    ckpts = checkpoints(run)
+    if ckpts:
+        raise UserError(f"{run}: training stopped at step {ckpts[-1][0]} before the end, so there is no adapter/ "
+                        f"yet; finish it with: qlocal train --resume {run}")
+    raise UserError(f"{run}: training ended before its first checkpoint, so there is nothing to use; train it again")
+
+
 def not_a_run(path: Path) -> UserError:
     """The error for a folder without config.yaml; an export folder (export.json) names its run."""
     try:

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 from qlocal.errors import UserError, missing_extra
-from qlocal.infer import check_mistyped_folder, find_gguf, gguf_context_length
+from qlocal.infer import find_gguf, gguf_context_length
+from qlocal.rundir import check_exists
 
 
 def _check_port(host: str, port: int) -> None:
@@ -34,7 +35,7 @@ def build_app(target: str, n_ctx: int = 4096, alias: str | None = None) -> tuple
     """(ASGI app, model alias, GGUF path) for a .gguf file or an export folder."""
     found = find_gguf(Path(target))
     if found is None:
-        check_mistyped_folder(Path(target))
+        check_exists(target)
         raise UserError(f"{target}: not a .gguf file or an export folder with a GGUF; "
                         "make one with qlocal export outputs/<run> --gguf")
     gguf, lora = found

@@ -30,7 +30,7 @@ from qlocal.objectives import SFT, Objective
 from qlocal.preference_losses import objective_for, summarize
 from qlocal.progress import Progress, print_footer, print_header
 from qlocal.stop_flag import StopFlag
-from qlocal.train_data import PreparedData, prepare_data
+from qlocal.train_data import PreparedData, load_data, prepare_data
 from qlocal.train_schedule import Schedule, lr_at
 
 
@@ -44,7 +44,7 @@ def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
     from qlocal.backends.select import create_backend, select_backend
     from qlocal.data.templates import add_missing_markers
     from qlocal.export.preflight import preflight
-    from qlocal.models import fingerprint, resolve_model
+    from qlocal.models import check_model_name, fingerprint, resolve_model
 
     recorded: dict[str, Any] = {}
     if resume is not None:
@@ -52,7 +52,11 @@ def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
     else:
         run = Path(cfg.run.output_dir) / (cfg.run.name or _default_run_name(cfg.model.name))
         rundir.check_available(run, cfg.run.overwrite)
+    # Every cheap check before any slow work (an alias's conversion, a download, a model load):
+    # every data record, the trackers, the model name, then the backend.
+    loaded = load_data(cfg)
     tracking.check_available(cfg.train.report_to, resume)  # a missing library or server stops us before any loading
+    check_model_name(cfg.model.name, allow_pickle=cfg.model.allow_pickle)
     backend_name, reason = select_backend(cfg.train.backend)
     model = resolve_model(cfg.model.name, cfg.model.revision, allow_pickle=cfg.model.allow_pickle)
     model_id = fingerprint(model.path)
@@ -67,7 +71,7 @@ def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
     cfg.lora.new_tokens = [*cfg.lora.new_tokens, *added]
     if line and distributed.from_env().is_main:
         print(line, file=sys.stderr)
-    data = prepare_data(cfg, tokenizer, choice)
+    data = prepare_data(cfg, tokenizer, choice, loaded)
 
     tc = cfg.train
     backend = create_backend(backend_name)

@@ -24,18 +24,24 @@ class PreparedData:
     dropped: int = 0
 
 
-def prepare_data(cfg: Config, tokenizer: Any, template_choice: str | None) -> PreparedData:
-    """Load, normalise and render the training (and validation) data into Examples."""
+@dataclass
+class LoadedData:
+    """A run's records read, normalised and split, before any tokenizer: every bad line is found here."""
+
+    train: list[Any]
+    val: list[Any]
+    format: str
+
+
+def load_data(cfg: Config) -> LoadedData:
+    """Read, normalise and split the training (and validation) records; cheap, so train runs it
+    before any model is resolved, converted or downloaded (a wrong path fails in well under a second)."""
+    if preference_run.is_preference(cfg):  # pairs or labelled answers: qlocal.data.preference
+        return LoadedData(*preference_run.load(cfg))
     from qlocal.data.formats import load_samples
     from qlocal.data.mapping import mapping_from_config
-    from qlocal.data.render import render
     from qlocal.data.split import split_validation
-    from qlocal.data.templates import resolve_chat_template
 
-    template, template_name = resolve_chat_template(tokenizer, template_choice)
-    if preference_run.is_preference(cfg):  # pairs or labelled answers: qlocal.data.preference
-        train, val, fmt, truncated, dropped = preference_run.prepare(cfg, tokenizer, template)
-        return PreparedData(train, val, fmt, truncated, template_name, template, dropped)
     dc = cfg.data
     mapping = mapping_from_config(dc)  # None unless the config maps another dataset shape
     samples, stats = load_samples(dc.path, dc.format, dc.split, skip_bad_lines=dc.skip_bad_lines, mapping=mapping,
@@ -49,6 +55,22 @@ def prepare_data(cfg: Config, tokenizer: Any, template_choice: str | None) -> Pr
                                       mapping=mapping, tools=dc.tools)
     else:  # the rule export and eval use to find the held-out records again (qlocal.data.split)
         samples, val_samples = split_validation(samples, dc.val_split, cfg.train.seed)
+    return LoadedData(samples, val_samples, str(stats.get("format", "?")))
+
+
+def prepare_data(cfg: Config, tokenizer: Any, template_choice: str | None,
+                 loaded: LoadedData | None = None) -> PreparedData:
+    """Render the loaded records (`loaded`, else load_data(cfg)) into Examples."""
+    from qlocal.data.render import render
+    from qlocal.data.templates import resolve_chat_template
+
+    template, template_name = resolve_chat_template(tokenizer, template_choice)
+    loaded = loaded or load_data(cfg)
+    if preference_run.is_preference(cfg):
+        train, val, truncated, dropped = preference_run.prepare(cfg, tokenizer, template, loaded.train, loaded.val)
+        return PreparedData(train, val, loaded.format, truncated, template_name, template, dropped)
+    dc = cfg.data
+    samples, val_samples = loaded.train, loaded.val
 
     def render_all(items: list[Any]) -> list[Any]:
         return [render(s, tokenizer, template, train_on_prompt=dc.train_on_prompt, max_seq_len=dc.max_seq_len,
@@ -69,4 +91,4 @@ def prepare_data(cfg: Config, tokenizer: Any, template_choice: str | None) -> Pr
         fix = "" if dropped else " (or --drop-long to leave them out)"
         print(f"warning: {what} examples longer than data.max_seq_len={dc.max_seq_len}; "
               f"raise --max-seq-len to keep them whole{fix}", file=sys.stderr)
-    return PreparedData(train, val, stats.get("format", "?"), truncated, template_name, template, dropped)
+    return PreparedData(train, val, loaded.format, truncated, template_name, template, dropped)

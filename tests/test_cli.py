@@ -98,8 +98,9 @@ def test_cli_errors_are_one_line_exit_2(qlocal_cli, tmp_path: Path) -> None:
     for args in (("chat", "outputs/r2"), ("generate", "outputs/r2", "--prompt", "hi"), ("serve", "export/r2"),
                  ("eval", "outputs/r2", "--data", SAMPLE)):
         line = _one_line_error(qlocal_cli(*args, cwd=tmp_path))
-        assert line == (f"error: {args[1]}: no such folder; "
-                        + ("outputs/ holds r1" if "outputs" in args[1] else "export/ holds r"))
+        assert line == (f"error: {args[1]}: "
+                        + ("no such run folder; outputs/ holds r1" if "outputs" in args[1]
+                           else "no such export folder; export/ holds r"))
     res = qlocal_cli("serve", str(tmp_path), "--port", "99999")  # was socket's OverflowError traceback
     assert res.returncode == 2 and "Traceback" not in res.stderr and "1<=x<=65535" in res.stderr
 

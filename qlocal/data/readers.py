@@ -74,7 +74,7 @@ def _load_json(lines: list[str], path: str, skipped: list[str] | None) -> list[t
     return [(doc, f"{path}:1")]
 
 
-def _load_csv(lines: list[str], path: str) -> list[tuple[Any, str]]:
+def _load_csv(lines: list[str], path: str, skipped: list[str] | None = None) -> list[tuple[Any, str]]:
     reader = csv.DictReader(io.StringIO("\n".join(lines)))
     out = []
     start = 2  # line 1 is the header
@@ -82,7 +82,14 @@ def _load_csv(lines: list[str], path: str) -> list[tuple[Any, str]]:
         for row in reader:
             if None in row:  # more cells than header columns
                 raise UserError(f"{path}:{start}: more cells than the header has columns; quote cells that contain commas")
-            out.append(({k: v for k, v in row.items() if k is not None}, f"{path}:{start}"))
+            short = [k for k, v in row.items() if v is None]  # fewer cells: DictReader leaves the rest None
+            if short and skipped is not None:
+                skipped.append(f"{path}:{start}")
+            elif short:
+                raise UserError(f"{path}:{start}: fewer cells than the header has columns (no {', '.join(short)}); "
+                                "add the missing cells (empty ones too: `a,` has two) or pass --skip-bad-lines")
+            else:
+                out.append(({k: v for k, v in row.items() if k is not None}, f"{path}:{start}"))
             start = reader.line_num + 1  # quoted cells may span lines
     except csv.Error as e:
         raise UserError(f"{path}:{reader.line_num}: not valid CSV ({e}); fix the line") from None
@@ -170,7 +177,7 @@ def load_records(path: str, split: str = "train", skipped: list[str] | None = No
             elif suffix == ".json":
                 pairs = _load_json(lines, path, skipped)
             else:
-                pairs = _load_csv(lines, path)
+                pairs = _load_csv(lines, path, skipped)
     out = []
     for rec, where in pairs:
         if not isinstance(rec, dict):
