@@ -248,6 +248,11 @@ def evaluate(target: str, opts: EvalOptions, quiet: bool = False) -> dict[str, A
 
     # The target and every data record are checked before any model loads (or converts, or downloads).
     cfg = target_config(target, opts)
+    if opts.compare_base and not (Path(target) / "config.yaml").is_file():
+        gguf = find_gguf(Path(target)) is not None
+        raise UserError(f"{target} is {'a GGUF' if gguf else 'a base model already'}; --compare-base needs a run "
+                        "folder (its base is known and the adapter can be switched off)"
+                        + ("; eval the base model separately" if gguf else ""))
     method = preference_method(opts.data, opts.split, cfg)
     if method is not None:  # pairs / KTO answers: rewards and the method's loss (qlocal.pref_eval)
         loaded = load_eval_data(cfg, opts, method)

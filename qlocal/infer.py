@@ -219,6 +219,8 @@ def check_target(target: str) -> None:
     if find_gguf(path) is not None:
         return
     rundir.check_exists(target)
+    if target.endswith(".gguf") and not path.exists():
+        raise UserError(f"{target}: no such file; give a .gguf file, or the export folder that holds one")
     if path.is_file():
         raise UserError(f"{target}: not a run folder (config.yaml), export folder, HF model folder or .gguf file")
     if (path / "export.json").is_file() and not (path / "config.json").is_file():

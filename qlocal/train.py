@@ -53,10 +53,10 @@ def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
         run = Path(cfg.run.output_dir) / (cfg.run.name or _default_run_name(cfg.model.name))
         rundir.check_available(run, cfg.run.overwrite)
     # Every cheap check before any slow work (an alias's conversion, a download, a model load):
-    # every data record, the trackers, the model name, then the backend.
-    loaded = load_data(cfg)
+    # the trackers, the model name, every data record, then the backend.
     tracking.check_available(cfg.train.report_to, resume)  # a missing library or server stops us before any loading
     check_model_name(cfg.model.name, allow_pickle=cfg.model.allow_pickle)
+    loaded = load_data(cfg)
     backend_name, reason = select_backend(cfg.train.backend)
     model = resolve_model(cfg.model.name, cfg.model.revision, allow_pickle=cfg.model.allow_pickle)
     model_id = fingerprint(model.path)

@@ -38,6 +38,10 @@ def _error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     return lines[0]
 
 
+needs_alias = pytest.mark.skipif(
+    importlib.util.find_spec(models.ALIASES["gemma-3-270m"].package) is None,
+    reason="the alias's package (qlocal[quickstart]) is not installed: its install hint comes first")
+
 ALIAS_COMMANDS = [
     ("train", "--model", "gemma-3-270m", "--data"),
     ("eval", "gemma-3-270m", "--data"),
@@ -45,8 +49,7 @@ ALIAS_COMMANDS = [
 ]
 
 
-@pytest.mark.skipif(importlib.util.find_spec(models.ALIASES["gemma-3-270m"].package) is None,
-                    reason="the alias's package (qlocal[quickstart]) is not installed: its install hint comes first")
+@needs_alias
 @pytest.mark.parametrize("argv", ALIAS_COMMANDS, ids=lambda a: a[0])
 def test_data_errors_come_before_the_alias_converts(argv: tuple[str, ...], empty_folder: Path, capsys) -> None:
     assert _error(capsys, *argv, "my.jsonl").startswith("error: my.jsonl: file not found; check data.path")
@@ -56,6 +59,7 @@ def test_data_errors_come_before_the_alias_converts(argv: tuple[str, ...], empty
     assert sorted(p.name for p in empty_folder.iterdir()) == ["bad.jsonl"]  # no models/, outputs/, nothing
 
 
+@needs_alias
 def test_csv_missing_column_and_format_error_before_the_model(empty_folder: Path, capsys) -> None:
     Path("d.csv").write_text("instruction,answer\nhi,there\n")
     line = _error(capsys, "train", "--model", "gemma-3-270m", "--data", "d.csv")
@@ -63,8 +67,8 @@ def test_csv_missing_column_and_format_error_before_the_model(empty_folder: Path
     assert not Path("models").exists() and not Path("outputs").exists()
 
 
-def test_train_model_name_of_no_kind_before_the_backend(empty_folder: Path, capsys) -> None:
-    line = _error(capsys, "train", "--model", "./my-model", "--data", SAMPLE)
+def test_train_model_name_of_no_kind_before_the_data(empty_folder: Path, capsys) -> None:
+    line = _error(capsys, "train", "--model", "./my-model", "--data", "my.jsonl")
     assert line == ("error: ./my-model: no such model folder; give a local HF folder, a hub id like "
                     "Qwen/Qwen2.5-0.5B-Instruct, or an alias (gemma-3-270m)")
 
@@ -160,6 +164,7 @@ def test_help_is_whole_and_every_command_shows_an_example() -> None:
         assert f"qlocal {' '.join(argv)} " in out.split("Options:")[0], f"{argv}: no example in --help"
 
 
+@needs_alias
 def test_generate_input_file_bad_line_before_the_model(empty_folder: Path, capsys) -> None:
     Path("in.jsonl").write_text('{"prompt": "hi"}\n\n{"question": "hi"}\n')
     line = _error(capsys, "generate", "gemma-3-270m", "--input-file", "in.jsonl", "--output", "out.jsonl")
@@ -180,3 +185,18 @@ def test_csv_row_with_too_few_cells_is_named(tmp_path: Path) -> None:
     samples, stats = load_samples(str(path), skip_bad_lines=True)
     assert [s.messages[-1]["content"] for s in samples] == ["a1", "a3"]
     assert stats["skipped"] == 1 and stats["skipped_where"] == [f"{path}:3"]
+
+
+@needs_alias
+def test_compare_base_on_a_model_before_it_loads(empty_folder: Path, capsys) -> None:
+    Path("t.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    assert _error(capsys, "eval", "gemma-3-270m", "--data", "t.jsonl", "--compare-base") == (
+        "error: gemma-3-270m is a base model already; --compare-base needs a run folder (its base is known and "
+        "the adapter can be switched off)")
+
+
+def test_a_missing_gguf_file_is_a_missing_file(empty_folder: Path, capsys) -> None:
+    assert _error(capsys, "chat", "model.gguf") == ("error: model.gguf: no such file; give a .gguf file, or the "
+                                                    "export folder that holds one")
+    assert _error(capsys, "serve", "model.gguf") == ("error: model.gguf: not a .gguf file or an export folder with "
+                                                     "a GGUF; make one with qlocal export outputs/<run> --gguf")
