@@ -59,9 +59,9 @@ ABLATION: dict[str, tuple[bool, list[str], str | None]] = {
     "+ per-example attention": (True, ["adamw", "lora"], None),
     "+ fused AdamW": (True, ["lora"], None),
     "+ fused LoRA matmuls": (True, [], None),
-    "+ train.dtype auto (default)": (True, [], "auto"),
+    "+ --dtype bfloat16": (True, [], "bfloat16"),
 }
-DEFAULT = "+ train.dtype auto (default)"
+DEFAULT = "+ fused LoRA matmuls"
 
 
 def model_dir(case: dict[str, Any], workdir: Path) -> Path:

@@ -10,7 +10,7 @@ import pytest
 from train_helpers import sample_batches, train_cfg
 
 
-def test_auto_takes_bf16_only_where_the_cpu_has_a_bf16_matmul(tmp_path: Path, monkeypatch) -> None:
+def test_auto_is_fp32_on_cpu_and_names_bf16_where_the_cpu_has_a_bf16_matmul(tmp_path: Path, monkeypatch) -> None:
     torch = pytest.importorskip("torch")
     from qlocal.backends import torch_dtype
 
@@ -25,10 +25,11 @@ def test_auto_takes_bf16_only_where_the_cpu_has_a_bf16_matmul(tmp_path: Path, mo
     monkeypatch.setattr(sys, "platform", "darwin")
     assert torch_dtype.cpu_bf16_flag(info) is None  # no /proc there: fp32 (a Mac trains on MLX)
 
-    for flag, want in (("amx_bf16", torch.bfloat16), (None, torch.float32)):
+    for flag in ("amx_bf16", None):
         monkeypatch.setattr(torch_dtype, "cpu_bf16_flag", lambda flag=flag: flag)
         dtype, why = torch_dtype.pick_dtype("auto", "cpu")
-        assert dtype == want and why.startswith("auto:") and (flag or "without") in why
+        assert dtype == torch.float32 and why.startswith("auto:") and (flag or "without") in why
+        assert ("--dtype bfloat16" in why) == bool(flag)  # the faster setting is named where it is native
         assert torch_dtype.pick_dtype("float32", "cpu") == (torch.float32, "train.dtype")  # a setting stands
 
 

@@ -131,8 +131,9 @@ class TrainConfig:
     loss_chunk: int = 1024
     """Target positions per chunk of the output head + loss (0 = no chunking)."""
     dtype: str = "auto"
-    """Compute dtype: auto (bf16 on CUDA/MLX and, on torch, on a CPU with AMX-BF16 or AVX512-BF16:
-    base weights bf16, LoRA weights and optimizer state fp32; else fp32), float32, bfloat16 or float16."""
+    """Compute dtype: auto (bf16 on CUDA/MLX, fp32 on a torch CPU), float32, bfloat16 or float16.
+    bfloat16 on a CPU with AMX-BF16 or AVX512-BF16 keeps LoRA weights and optimizer state fp32 and
+    trains ~2x faster there; auto does not pick it (see backends/torch_dtype.py)."""
     cpu_threads: int = 0
     """torch on CPU: intra-op threads; 0 = torch's default (OMP_NUM_THREADS when set, else every core)."""
     seed: int = 0
