@@ -40,9 +40,10 @@ def pick_dtype(name: str, device: str) -> tuple[Any, str]:
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16, "auto: CUDA bf16"
         return torch.float16, "auto: CUDA without bf16"
-    # fp32 even where bf16 is native: the one end-to-end check of bf16 CPU training (the quickstart's
-    # Gemma, one seed) answered right but never learned to end its turn, where fp32 did. bf16 stays
-    # one flag away and is named here, since it trains ~2x faster on such a CPU (bench/RESULTS.md).
+    # fp32 even where bf16 is native: the quickstart's Gemma trained in bf16 ends its turn from the
+    # run itself (seeds 0-2), but its Q4_K_M GGUF (seed 0) rambled past <end_of_turn> where fp32's
+    # stops: a narrower end-of-turn margin. bf16 stays one flag away and is named here, since it
+    # trains ~2x faster on such a CPU (bench/RESULTS.md).
     flag = cpu_bf16_flag()
     if flag:
         return torch.float32, f"auto: fp32 on CPU (this CPU has {flag}: --dtype bfloat16 trains faster)"
