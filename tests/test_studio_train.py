@@ -7,7 +7,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -114,20 +118,12 @@ def _assert_example_matches_data_check(root: Path, example: dict) -> None:
     assert shown.rstrip("\n") == page.rstrip("\n")
 
 
-@pytest.mark.slow
-def test_a_training_started_in_a_terminal_reads_as_running(tiny_model_dir, tmp_path: Path) -> None:
-    """No studio job, a default run name: the studio finds the `qlocal train` process (/proc)."""
-    import signal
-    import subprocess
-    import sys
-
-    from fastapi.testclient import TestClient
-
-    from qlocal.studio.app import create_app
+@contextmanager
+def _terminal_training(tiny_model_dir, tmp_path: Path) -> Iterator[tuple[Path, Path, subprocess.Popen[str]]]:
+    """(work root, run folder, process) of a `qlocal train` started as from a terminal (not a studio
+    job), once it has written its first step; killed on the way out if still running."""
     from train_helpers import reached_step, subprocess_env
 
-    if not Path("/proc/self/cmdline").is_file():
-        pytest.skip("finding terminal trainings needs /proc")
     root = tmp_path / "work"
     (root / "outputs").mkdir(parents=True)
     shutil.copytree(tiny_model_dir("qwen2"), root / "models" / "tiny")
@@ -141,19 +137,34 @@ def test_a_training_started_in_a_terminal_reads_as_running(tiny_model_dir, tmp_p
             assert time.monotonic() < guard, "training never wrote its first step"
             time.sleep(0.05)  # poll interval
         (run,) = runs
-        with TestClient(create_app(root, None), base_url="http://127.0.0.1") as client:
-            listed = client.get("/api/runs").json()
-            assert [(r["name"], r["status"], r["job"]) for r in listed] == [(run.name, "running", None)]
-            assert 'id="stop-button" hidden' in client.get(f"/runs/{run.name}").text  # Ctrl-C is in its terminal
-            proc.send_signal(signal.SIGINT)
-            _, err = proc.communicate(timeout=HANG_GUARD_S)
-            assert proc.returncode == 130, err
-            after = client.get(f"/api/runs/{run.name}").json()
-            assert (after["status"], after["resumable"]) == ("stopped", True)
+        yield root, run, proc
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.slow
+def test_a_training_started_in_a_terminal_reads_as_running(tiny_model_dir, tmp_path: Path) -> None:
+    """No studio job, a default run name: the studio finds the `qlocal train` process (/proc)."""
+    import signal
+
+    from fastapi.testclient import TestClient
+
+    from qlocal.studio.app import create_app
+
+    if not Path("/proc/self/cmdline").is_file():
+        pytest.skip("finding terminal trainings needs /proc")
+    with _terminal_training(tiny_model_dir, tmp_path) as (root, run, proc), \
+            TestClient(create_app(root, None), base_url="http://127.0.0.1") as client:
+        listed = client.get("/api/runs").json()
+        assert [(r["name"], r["status"], r["job"]) for r in listed] == [(run.name, "running", None)]
+        assert 'id="stop-button" hidden' in client.get(f"/runs/{run.name}").text  # Ctrl-C is in its terminal
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=HANG_GUARD_S)
+        assert proc.returncode == 130, err
+        after = client.get(f"/api/runs/{run.name}").json()
+        assert (after["status"], after["resumable"]) == ("stopped", True)
 
 
 @pytest.mark.slow
@@ -163,45 +174,26 @@ def test_a_terminal_training_reads_as_running_without_proc(tiny_model_dir, tmp_p
     train.pid (start time through psutil, and through POSIX ps without psutil); after Ctrl-C the
     file is gone and the run reads as stopped, resumable."""
     import signal
-    import subprocess
-    import sys
 
     from fastapi.testclient import TestClient
 
     from qlocal import pidfile
     from qlocal.studio.app import create_app
-    from train_helpers import reached_step, subprocess_env
 
     monkeypatch.setattr(pidfile, "PROC", tmp_path / "no-proc")
-    root = tmp_path / "work"
-    (root / "outputs").mkdir(parents=True)
-    shutil.copytree(tiny_model_dir("qwen2"), root / "models" / "tiny")
-    argv = [sys.executable, "-m", "qlocal", "train", "--model", "models/tiny", "--data", str(DATA), "--backend", "torch",
-            "--iters", str(ITERS), "--batch-size", "2", "--max-seq-len", "128", "--save-every", "1000", "--quiet"]
-    proc = subprocess.Popen(argv, cwd=root, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
-    try:
-        guard = time.monotonic() + HANG_GUARD_S
-        while not (runs := list((root / "outputs").glob("tiny-*"))) or reached_step(runs[0]) < 1:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < guard, "training never wrote its first step"
-            time.sleep(0.05)  # poll interval
-        (run,) = runs
-        with TestClient(create_app(root, None), base_url="http://127.0.0.1") as client:
-            def status() -> list[tuple[str, str, object]]:
-                return [(r["name"], r["status"], r["job"]) for r in client.get("/api/runs").json()]
+    with _terminal_training(tiny_model_dir, tmp_path) as (root, run, proc), \
+            TestClient(create_app(root, None), base_url="http://127.0.0.1") as client:
+        def status() -> list[tuple[str, str, object]]:
+            return [(r["name"], r["status"], r["job"]) for r in client.get("/api/runs").json()]
 
-            if importlib.util.find_spec("psutil") is not None:
-                assert status() == [(run.name, "running", None)]
-            with monkeypatch.context() as mp:
-                mp.setitem(sys.modules, "psutil", None)  # `ps -o etime=` instead
-                assert status() == [(run.name, "running", None)]
-            proc.send_signal(signal.SIGINT)
-            _, err = proc.communicate(timeout=HANG_GUARD_S)
-            assert proc.returncode == 130, err
-            assert not (run / "train.pid").exists()
-            after = client.get(f"/api/runs/{run.name}").json()
-            assert (after["status"], after["resumable"]) == ("stopped", True)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if importlib.util.find_spec("psutil") is not None:
+            assert status() == [(run.name, "running", None)]
+        with monkeypatch.context() as mp:
+            mp.setitem(sys.modules, "psutil", None)  # `ps -o etime=` instead
+            assert status() == [(run.name, "running", None)]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=HANG_GUARD_S)
+        assert proc.returncode == 130, err
+        assert not (run / "train.pid").exists()
+        after = client.get(f"/api/runs/{run.name}").json()
+        assert (after["status"], after["resumable"]) == ("stopped", True)
