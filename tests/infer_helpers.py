@@ -71,6 +71,20 @@ def export_folder(root: Path, run: Path) -> Path:
     return _CACHE[key]
 
 
+def greedy_answer(gguf: Path, question: str, max_tokens: int) -> dict:
+    """llama.cpp's own chat completion of one user question, greedy (seed 0, n_ctx 512): the first
+    choice, with its finish_reason ("stop" when the model ended its turn inside max_tokens)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(gguf), n_ctx=512, verbose=False, seed=0)
+    try:
+        res = llm.create_chat_completion([{"role": "user", "content": question}],
+                                         max_tokens=max_tokens, temperature=0.0)
+    finally:
+        llm.close()
+    return res["choices"][0]
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

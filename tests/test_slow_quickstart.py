@@ -40,16 +40,10 @@ def test_quickstart_script_answers_tokyo_and_stops(tmp_path: Path) -> None:
     assert verify["passed"], verify
     assert 'PARAMETER stop "<end_of_turn>"' in (out / "Modelfile").read_text(encoding="utf-8")
 
-    import llama_cpp
+    from infer_helpers import greedy_answer
 
     # The script's answer again, with the reason generation ended: the fine-tune taught the base
     # model (not instruction-tuned) to end its turn, so it stops well inside the token budget.
-    llm = llama_cpp.Llama(str(out / "model-q4_k_m.gguf"), n_ctx=512, verbose=False, seed=0)
-    try:
-        res = llm.create_chat_completion([{"role": "user", "content": "What is the capital of Japan?"}],
-                                         max_tokens=64, temperature=0.0)
-    finally:
-        llm.close()
-    choice = res["choices"][0]
-    assert "Tokyo" in choice["message"]["content"], res
+    choice = greedy_answer(out / "model-q4_k_m.gguf", "What is the capital of Japan?", 64)
+    assert "Tokyo" in choice["message"]["content"], choice
     assert choice["finish_reason"] == "stop", f"did not stop within 64 tokens: {choice['message']['content']!r}"
