@@ -75,22 +75,24 @@ def check_exists(target: str | Path) -> None:
     raise UserError(f"{target}: no such {kind}; {folder}/ holds {shown}")
 
 
-def check_finished(run: Path) -> None:
+def check_finished(run: Path, shown: str | None = None) -> None:
     """A run folder whose adapter/ is not written yet: say whether it is still training (its
-    train.pid) or was stopped (its last checkpoint), and what to do."""
+    train.pid) or was stopped (its last checkpoint), and what to do. `shown` is the run as the
+    user should type it (the studio passes outputs/<name> for its absolute path)."""
     from qlocal import pidfile
 
     if (run / "adapter" / "adapter_config.json").is_file() or not (run / "config.yaml").is_file():
         return
+    name = shown or str(run)
     pid = pidfile.live_pid(run)
     if pid is not None:
-        raise UserError(f"{run}: is still training (pid {pid}); its adapter/ is written when training ends, "
+        raise UserError(f"{name}: is still training (pid {pid}); its adapter/ is written when training ends, "
                         "so wait for it (or stop it with Ctrl-C and finish it later with --resume)")
     ckpts = checkpoints(run)
     if ckpts:
-        raise UserError(f"{run}: training stopped at step {ckpts[-1][0]} before the end, so there is no adapter/ "
-                        f"yet; finish it with: qlocal train --resume {run}")
-    raise UserError(f"{run}: training ended before its first checkpoint, so there is nothing to use; train it again")
+        raise UserError(f"{name}: training stopped at step {ckpts[-1][0]} before the end, so there is no adapter/ "
+                        f"yet; finish it with: qlocal train --resume {name}")
+    raise UserError(f"{name}: training ended before its first checkpoint, so there is nothing to use; train it again")
 
 
 def not_a_run(path: Path) -> UserError:

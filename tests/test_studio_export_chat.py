@@ -65,8 +65,7 @@ def test_export_args_are_the_clis_and_refusals_use_its_messages(tmp_path: Path) 
     with pytest.raises(UserError) as cli:
         parse_quants(["q9_z"])
     assert str(bad.value) == str(cli.value)  # the message `qlocal export --quant q9_z` prints
-    with pytest.raises(UserError, match="no finished adapter"):
-        export_args(studio, "half", ["f16"], "")
+    _unfinished_runs_refused_as_the_cli_says(root, lambda name: export_args(studio, name, ["f16"], ""))
     with pytest.raises(UserError, match="at least one quant"):
         export_args(studio, "done", [], "")
     with pytest.raises(UserError, match="one line"):
@@ -74,6 +73,30 @@ def test_export_args_are_the_clis_and_refusals_use_its_messages(tmp_path: Path) 
     for name in ("../done", "/etc", "done/../../x", ".hidden"):
         with pytest.raises(PathRefused):
             export_args(studio, name, ["f16"], "")
+
+
+def _unfinished_runs_refused_as_the_cli_says(root: Path, use: Any) -> None:
+    """`use(name)` on an unfinished run raises qlocal.rundir.check_finished's line for outputs/<name>:
+    never checkpointed, stopped at its last checkpoint (--resume), still training (its train.pid)."""
+    import os
+
+    from qlocal import pidfile
+
+    with pytest.raises(UserError) as never:
+        use("half")
+    assert str(never.value) == ("outputs/half: training ended before its first checkpoint, so there is nothing "
+                                "to use; train it again")
+    stopped = _fake_finished_run(root, "stopped", adapter=False)
+    (stopped / "checkpoints" / "step-00000004").mkdir(parents=True)
+    (stopped / "checkpoints" / "step-00000004" / "state.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(UserError) as stop:
+        use("stopped")
+    assert str(stop.value) == ("outputs/stopped: training stopped at step 4 before the end, so there is no adapter/ "
+                               "yet; finish it with: qlocal train --resume outputs/stopped")
+    running = _fake_finished_run(root, "running", adapter=False)
+    with pidfile.holding(running), pytest.raises(UserError) as live:  # what train holds while it runs
+        use("running")
+    assert str(live.value).startswith(f"outputs/running: is still training (pid {os.getpid()}); its adapter/ is written")
 
 
 def test_export_form_shows_errors_and_starts_nothing(tmp_path: Path) -> None:
@@ -88,6 +111,9 @@ def test_export_form_shows_errors_and_starts_nothing(tmp_path: Path) -> None:
     assert r.status_code == 400 and "--quant &#39;bogus&#39; is not supported" in r.text
     r = client.post("/export", data={"run": "nope", "quant": ["f16"]}, headers=ORIGIN, follow_redirects=False)
     assert r.status_code == 404 and "no run" in r.text
+    _fake_finished_run(root, "half", adapter=False)  # the form again, with rundir.check_finished's line
+    r = client.post("/export", data={"run": "half", "quant": ["f16"]}, headers=ORIGIN, follow_redirects=False)
+    assert r.status_code == 400 and "outputs/half: training ended before its first checkpoint" in r.text
     r = client.post("/export", data={"run": "../../etc", "quant": ["f16"]}, headers=ORIGIN, follow_redirects=False)
     assert r.status_code == 403
     assert client.app.state.studio.jobs.list() == []  # no refused form reached a subprocess
@@ -106,6 +132,9 @@ def test_chat_requests_are_confined_and_checked(tmp_path: Path) -> None:
         assert r.status_code == 403, (target, r.text)
     r = client.post("/api/chat", json={"target": "outputs/nope", "messages": user}, headers=ORIGIN)
     assert r.status_code == 400 and "not a finished run" in r.json()["detail"]
+    _fake_finished_run(root, "half", adapter=False)  # an unfinished run: rundir.check_finished's line, as JSON
+    r = client.post("/api/chat", json={"target": "outputs/half", "messages": user}, headers=ORIGIN)
+    assert r.status_code == 400 and r.json()["detail"].startswith("outputs/half: training ended before its first")
     r = client.post("/api/chat", json={"target": "outputs/done", "messages": user, "temperature": 9}, headers=ORIGIN)
     assert r.status_code == 400 and "temperature" in r.json()["detail"]
     assert client.post("/api/chat", json={"target": "outputs/done", "messages": user}).status_code == 403  # no Origin

@@ -70,6 +70,10 @@ def resolve_target(root: Path, value: str) -> Target:
     for t in list_targets(root):
         if t.path.resolve() == path:
             return t
+    if path.parent == (root / "outputs").resolve():  # an unfinished run: still training or stopped, as the CLI says
+        from qlocal import rundir
+
+        rundir.check_finished(path, f"outputs/{path.name}")
     raise UserError(f"{value}: not a finished run in outputs/ or an export with a GGUF in export/")
 
 

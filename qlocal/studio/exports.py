@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
+from qlocal import rundir
 from qlocal.errors import UserError
 from qlocal.studio import runs as runs_mod
 from qlocal.studio.jobs import JobRefused
@@ -36,18 +37,23 @@ def export_args(studio: Any, run: str, quants: list[str], system: str = "") -> t
     from qlocal.export.quantize import parse_quants
 
     path = run_path(studio, run)  # one name inside outputs/ (PathRefused -> 403, missing -> 404)
-    if not (path / "adapter" / "adapter_config.json").is_file():
-        raise UserError(f"outputs/{path.name}: has no finished adapter/ yet; let it finish (or resume it) first")
+    rel = f"outputs/{path.name}"
+    rundir.check_finished(path, rel)  # the CLI's message: still training (its pid), stopped (--resume), never saved
+    if not (path / "adapter" / "adapter_config.json").is_file():  # a studio job's run before its config.yaml
+        if studio.jobs.active_for(rel) is not None:
+            raise UserError(f"{rel}: is still starting (no config.yaml yet); its adapter/ is written when training ends")
+        raise UserError(f"{rel}: its training ended before writing config.yaml (its log on the run page says why); "
+                        "train it again")
     if not quants:
         raise UserError(f"choose at least one quant ({', '.join(quant_choices())})")
     parsed = parse_quants(quants)  # the CLI's own check and message for an unknown quant
-    args = ["export", f"outputs/{path.name}", "--quant", ",".join(parsed)]
+    args = ["export", rel, "--quant", ",".join(parsed)]
     system = system.strip()
     if system:
         if any(c in system for c in "\r\n\x00"):
             raise UserError("system prompt: one line of text, please (the Modelfile's SYSTEM line)")
         args += ["--system", system]
-    return args, f"outputs/{path.name}"
+    return args, rel
 
 
 def _exportable(studio: Any) -> list[runs_mod.RunInfo]:
