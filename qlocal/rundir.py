@@ -57,6 +57,16 @@ def looks_like_path(target: str) -> bool:
             or (len(parts) == 2 and Path(parts[0]).is_dir()))
 
 
+def run_names(folder: Path, exports: bool = False) -> list[str]:
+    """Names of the run folders (config.yaml) directly inside `folder`, sorted by name; with
+    `exports`, export folders (export.json) too. Hidden names (atomic temps) never count."""
+    if not folder.is_dir():
+        return []
+    marks = ("config.yaml", "export.json") if exports else ("config.yaml",)
+    return sorted(p.name for p in folder.iterdir()
+                  if not p.name.startswith(".") and any((p / m).is_file() for m in marks))
+
+
 def check_exists(target: str | Path) -> None:
     """A run or export path that does not exist: one line naming the runs and exports its folder
     holds (every command taking outputs/<run> or export/<run> says it the same way)."""
@@ -68,7 +78,7 @@ def check_exists(target: str | Path) -> None:
     if not folder.is_dir():
         how = {"run folder": "; train one with qlocal train", "export folder": "; make one with qlocal export outputs/<run>"}
         raise UserError(f"{target}: no such {kind}, and {folder}/ does not exist here{how.get(kind, '')}")
-    near = sorted(p.name for p in folder.iterdir() if (p / "config.yaml").is_file() or (p / "export.json").is_file())
+    near = run_names(folder, exports=True)
     if not near:
         raise UserError(f"{target}: no such {kind}" + (f"; {folder}/ holds no runs or exports" if kind != "folder" else ""))
     shown = ", ".join(near[:8]) + (", ..." if len(near) > 8 else "")

@@ -99,6 +99,31 @@ def _unfinished_runs_refused_as_the_cli_says(root: Path, use: Any) -> None:
     assert str(live.value).startswith(f"outputs/running: is still training (pid {os.getpid()}); its adapter/ is written")
 
 
+def test_every_run_listing_is_rundir_run_names(tmp_path: Path) -> None:
+    """The CLI's 'outputs/ holds ...', the studio's Runs table, its 404 page and Chat's targets list
+    the same folders: config.yaml present, hidden (an atomic temp) never."""
+    import re
+
+    from qlocal import rundir
+    from qlocal.studio.chat import list_targets
+
+    root = _root(tmp_path)
+    for name in ("b", "a", ".a.tmp-123"):
+        _fake_finished_run(root, name)
+    (root / "outputs" / "plain").mkdir()  # no config.yaml: not a run
+    (root / "export" / "a").mkdir()
+    (root / "export" / "a" / "export.json").write_text("{}", encoding="utf-8")
+    assert rundir.run_names(root / "outputs") == ["a", "b"]
+    assert rundir.run_names(root / "export") == [] and rundir.run_names(root / "export", exports=True) == ["a"]
+    assert rundir.run_names(root / "nowhere") == []
+    with pytest.raises(UserError, match=r"holds a, b$"):
+        rundir.check_exists(root / "outputs" / "x")
+    client = _client(root)
+    assert sorted(r["name"] for r in client.get("/api/runs").json()) == ["a", "b"]
+    assert re.findall(r'<li><a href="/runs/([^"]+)">', client.get("/runs/x").text) == ["a", "b"]
+    assert sorted(t.rel for t in list_targets(root)) == ["outputs/a", "outputs/b"]
+
+
 def test_export_form_shows_errors_and_starts_nothing(tmp_path: Path) -> None:
     root = _root(tmp_path)
     _fake_finished_run(root, "done")

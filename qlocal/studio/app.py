@@ -51,8 +51,9 @@ def error_page(request: Any, status: int, message: str, headers: dict[str, str] 
     studio = request.app.state.studio
     runs = None
     if status == 404 and request.url.path.startswith("/runs/"):
-        folder = studio.runs_dir
-        runs = sorted(p.name for p in folder.iterdir() if (p / "config.yaml").is_file()) if folder.is_dir() else []
+        from qlocal import rundir
+
+        runs = rundir.run_names(studio.runs_dir)
     try:
         reason = HTTPStatus(status).phrase
     except ValueError:

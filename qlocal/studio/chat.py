@@ -50,17 +50,17 @@ class Target:
 
 def list_targets(root: Path) -> list[Target]:
     """Finished runs (adapter saved) and export folders with a GGUF, newest first within each."""
+    from qlocal import rundir
     from qlocal.infer import find_gguf
 
-    def newest(folder: Path) -> list[Path]:
-        if not folder.is_dir():
-            return []
-        dirs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
-        return sorted(dirs, key=lambda p: p.stat().st_mtime, reverse=True)
+    def newest(paths: list[Path]) -> list[Path]:
+        return sorted(paths, key=lambda p: p.stat().st_mtime, reverse=True)
 
-    runs = [Target("run", f"outputs/{p.name}", p) for p in newest(root / "outputs")
-            if (p / "config.yaml").is_file() and (p / "adapter" / "adapter_config.json").is_file()]
-    exports = [Target("export", f"export/{p.name}", p) for p in newest(root / "export") if find_gguf(p) is not None]
+    outputs, export = root / "outputs", root / "export"
+    finished = [outputs / n for n in rundir.run_names(outputs) if (outputs / n / "adapter" / "adapter_config.json").is_file()]
+    runs = [Target("run", f"outputs/{p.name}", p) for p in newest(finished)]
+    dirs = [p for p in export.iterdir() if p.is_dir() and not p.name.startswith(".")] if export.is_dir() else []
+    exports = [Target("export", f"export/{p.name}", p) for p in newest(dirs) if find_gguf(p) is not None]
     return exports + runs
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from qlocal import pidfile
+from qlocal import pidfile, rundir
 from qlocal.studio.jobs import Job, JobRunner
 from qlocal.studio.procs import cli_trainings
 
@@ -168,10 +168,8 @@ def list_runs(runs_dir: Path, runner: JobRunner, root: Path) -> list[RunInfo]:
     on the run page says why)."""
     found: dict[str, RunInfo] = {}
     cli = cli_trainings()
-    if runs_dir.is_dir():
-        for p in sorted(runs_dir.iterdir()):
-            if p.is_dir() and not p.name.startswith(".") and (p / "config.yaml").is_file():
-                found[p.name] = run_info(p, runner, root, cli)
+    for name in rundir.run_names(runs_dir):
+        found[name] = run_info(runs_dir / name, runner, root, cli)
     for job in runner.list():  # newest first: the latest job of a run decides
         if job.kind == "train" and job.run:
             p = root / job.run
