@@ -29,9 +29,33 @@ def _field_types(section: Any) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(section)}
 
 
-def _suggest(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(options))})"
+def _all_keys(sections: dict[str, Any]) -> list[str]:
+    return [f"{name}.{key}" for name, section in sections.items() for key in _field_types(section)]
+
+
+def _owners(key: str, sections: dict[str, Any]) -> str:
+    """"did you mean 'model.name' or 'run.name'?" for a key some section has, else ''."""
+    found = [f"'{k}'" for k in _all_keys(sections) if k.split(".", 1)[1] == key]
+    return f"did you mean {' or '.join(found)}?" if found else ""
+
+
+def _suggest_key(sec_name: str, key: str, sections: dict[str, Any]) -> str:
+    """' (did you mean 'lora.rank'?)': always the whole dotted key to type: the sections that have
+    this key (`train.rank` -> lora.rank), else the closest key of the closest section; else the
+    section's keys."""
+    elsewhere = _owners(key, sections)  # the exact key in another section beats a near one here
+    if elsewhere:
+        return f" ({elsewhere})"
+    close_secs = [sec_name] if sec_name in sections else difflib.get_close_matches(sec_name, list(sections), n=1)
+    for sec in close_secs:
+        close = difflib.get_close_matches(key, list(_field_types(sections[sec])), n=1)
+        if close:
+            return f" (did you mean '{sec}.{close[0]}'?)"
+    if close_secs:
+        if sec_name not in sections:
+            return f" (did you mean '{close_secs[0]}'?)"
+        return f" (known: {', '.join(sorted(f'{sec_name}.{k}' for k in _field_types(sections[sec_name])))})"
+    return f" (known sections: {', '.join(sorted(sections))})"
 
 
 def apply(cfg: Config, updates: dict[str, Any], source: str) -> Config:
@@ -39,14 +63,15 @@ def apply(cfg: Config, updates: dict[str, Any], source: str) -> Config:
     sections = _sections(cfg)
     for dotted, value in _flatten(updates).items():
         if "." not in dotted:
-            raise UserError(f"{source}: '{dotted}' is not a config key; keys look like section.key, e.g. lora.rank")
+            hint = _owners(dotted, sections) or "e.g. lora.rank"
+            raise UserError(f"{source}: '{dotted}' is not a config key; keys look like section.key ({hint})")
         sec_name, key = dotted.split(".", 1)
         if sec_name not in sections:
-            raise UserError(f"{source}: unknown config section '{sec_name}'{_suggest(sec_name, list(sections))}")
+            raise UserError(f"{source}: unknown config section '{sec_name}'{_suggest_key(sec_name, key, sections)}")
         section = sections[sec_name]
         types = _field_types(section)
         if key not in types:
-            raise UserError(f"{source}: unknown config key '{dotted}'{_suggest(key, list(types))}")
+            raise UserError(f"{source}: unknown config key '{dotted}'{_suggest_key(sec_name, key, sections)}")
         setattr(section, key, check_choice(dotted, coerce(dotted, value, types[key], source), source))
     check_ranges(cfg, source)
     return cfg
