@@ -49,13 +49,24 @@ def load_data(cfg: Config) -> LoadedData:
     if stats.get("skipped") and distributed.from_env().is_main:
         print(f"warning: skipped {stats['skipped']} bad records in {dc.path} "
               f"(first: {', '.join(stats.get('skipped_where', []))})", file=sys.stderr)
+    _warn_empty_answers(dc.path, samples)
     val_samples: list[Any] = []
     if dc.val_path:
         val_samples, _ = load_samples(dc.val_path, dc.format, dc.split, skip_bad_lines=dc.skip_bad_lines,
                                       mapping=mapping, tools=dc.tools)
+        _warn_empty_answers(dc.val_path, val_samples)
     else:  # the rule export and eval use to find the held-out records again (qlocal.data.split)
         samples, val_samples = split_validation(samples, dc.val_split, cfg.train.seed)
     return LoadedData(samples, val_samples, str(stats.get("format", "?")))
+
+
+def _warn_empty_answers(path: str, samples: list[Any]) -> None:
+    """Trained as written (as LLaMA-Factory and mlx-lm do), but said: an empty answer is a data bug."""
+    from qlocal.data.formats import empty_answer_warning, empty_answers
+
+    wheres = empty_answers(samples)
+    if wheres and distributed.from_env().is_main:
+        print(empty_answer_warning(path, wheres), file=sys.stderr)
 
 
 def prepare_data(cfg: Config, tokenizer: Any, template_choice: str | None,

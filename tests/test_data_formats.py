@@ -174,6 +174,43 @@ def test_no_assistant_turn(tmp_path: Path) -> None:
         load_samples(path)
 
 
+def test_empty_answers_are_found_and_train_warns_with_file_line(tmp_path: Path, capsys) -> None:
+    """A blank assistant turn (alpaca output, completion, any chat turn) is named by file:line, and
+    train's data loading prints one warning line per file; calls, reasoning and real answers are fine."""
+    from qlocal import config as config_mod
+    from qlocal.data.formats import empty_answers
+    from qlocal.train_data import load_data
+
+    path = write(tmp_path, "a.jsonl", jsonl({"instruction": "q", "output": "a"}, {"instruction": "q", "output": ""},
+                                            {"instruction": "q", "output": " \n\t"},
+                                            {"instruction": "q", "output": "a", "history": [["h", ""]]}))
+    samples, _ = load_samples(path)
+    assert empty_answers(samples) == [f"{path}:2", f"{path}:3", f"{path}:4"]
+    chats = write(tmp_path, "m.jsonl", jsonl(
+        {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "  "}]},
+        {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": None,
+                                                          "tool_calls": [{"name": "f", "arguments": {}}]},
+                      {"role": "tool", "content": "1"}, {"role": "assistant", "content": "one"}]},
+        {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "<think>hm</think>"}]},
+        {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"},
+                      {"role": "user", "content": "v"}, {"role": "assistant", "content": ""}]}))
+    samples, _ = load_samples(chats)
+    assert empty_answers(samples) == [f"{chats}:1", f"{chats}:4"]  # a call or reasoning alone is an answer
+    for name, record in (("c.jsonl", {"prompt": "p", "completion": ""}),
+                         ("s.jsonl", {"conversations": [{"from": "human", "value": "u"}, {"from": "gpt", "value": ""}]})):
+        assert empty_answers(load_samples(write(tmp_path, name, jsonl(record)))[0]) == [f"{tmp_path / name}:1"]
+    cfg = config_mod.build(flags={"data.path": path, "data.val_path": chats})
+    load_data(cfg)  # trains them as written: a warning, not an error
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert err == [
+        f"warning: 3 records in {path} have an empty assistant answer ({path}:2, {path}:3, {path}:4); training "
+        "teaches the model to answer those with nothing: write the answer (alpaca 'output', the assistant turn's "
+        "content) or remove the record",
+        f"warning: 2 records in {chats} have an empty assistant answer ({chats}:1, {chats}:4); training teaches the "
+        "model to answer those with nothing: write the answer (alpaca 'output', the assistant turn's content) or "
+        "remove the record"]
+
+
 def test_mixed_formats(tmp_path: Path) -> None:
     path = write(tmp_path, "mix.jsonl", jsonl({"instruction": "q", "output": "a"}, {"instruction": "q2", "output": "b"},
                                                {"text": "t"}, {"instruction": "q3", "output": "c"}))

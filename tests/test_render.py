@@ -218,3 +218,24 @@ def test_check_report() -> None:
     assert "input " in report and "trained " in report and "p95" in report
     assert "exceed max_seq_len=64 and will be truncated" in report
     assert "[[" in report and "]]" in report
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_an_empty_answer_trains_only_the_end_of_turn_and_data_check_warns(name: str, tmp_path: Path) -> None:
+    """Why an empty answer is worth a warning: its example still trains the end of turn right after
+    the prompt (answer nothing); `qlocal data check` names its file:line."""
+    import json
+
+    from qlocal.config import DataConfig
+    from qlocal.data.check import check_report
+
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ({"instruction": "q", "output": "a"},
+                                                           {"instruction": "Say hi.", "output": " "})))
+    t = tok(name)
+    template = resolve_chat_template(t, None)[0]
+    samples, _ = load_samples(str(path))
+    trained = "".join(trained_spans(render(samples[1], t, template), t))
+    assert trained.strip() == END[name].strip()
+    report = check_report(str(path), t, template, DataConfig(max_seq_len=64))
+    assert f"  warning: 1 record in {path} has an empty assistant answer ({path}:2); training teaches" in report

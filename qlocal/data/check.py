@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from qlocal.data.formats import Sample, load_samples
+from qlocal.data.formats import Sample, empty_answer_warning, empty_answers, load_samples
 from qlocal.data.render import Example, render, render_for_display
 from qlocal.data.tools import tool_stats
 
@@ -89,6 +89,9 @@ def check_report(path: str, tokenizer: Any, template: str, cfg_data: Any, method
     no_targets = [s.where for s, n in zip(samples, targets) if n == 0]
     if no_targets:
         lines.append(f"  {len(no_targets)} examples have no trained tokens (first: {no_targets[0]})")
+    empty = empty_answers(samples)
+    if empty:
+        lines.append(f"  {empty_answer_warning(path, empty)}")
     lines += _tool_lines(samples, reasoning)
     shown = next((s for s in samples if any(m.get("tool_calls") for m in s.messages)), samples[0])
     first = render(shown, tokenizer, template, cfg_data.train_on_prompt, max_len, train_on_reasoning=reasoning)

@@ -162,6 +162,24 @@ def normalise(record: dict, fmt: str, where: str) -> Sample:
     return Sample("chat", messages=messages, where=where)
 
 
+def empty_answers(samples: list[Sample]) -> list[str]:
+    """Where each chat with a blank assistant turn is (no text, no tool call, no reasoning): such a
+    turn is still trained (its end-of-turn tokens), so it teaches the model to answer nothing."""
+    def blank(m: dict[str, Any]) -> bool:
+        return (m["role"] == "assistant" and not str(m.get("content") or "").strip()
+                and not m.get("tool_calls") and not m.get("reasoning_content"))
+
+    return [s.where for s in samples if s.kind == "chat" and any(blank(m) for m in s.messages)]
+
+
+def empty_answer_warning(path: str, wheres: list[str]) -> str:
+    """The one line `qlocal train` and `qlocal data check` print for empty_answers' records."""
+    shown = ", ".join(wheres[:3]) + (", ..." if len(wheres) > 3 else "")
+    which = f"1 record in {path} has" if len(wheres) == 1 else f"{len(wheres)} records in {path} have"
+    return (f"warning: {which} an empty assistant answer ({shown}); training teaches the model to answer "
+            "those with nothing: write the answer (alpaca 'output', the assistant turn's content) or remove the record")
+
+
 def load_samples(path: str, fmt: str = "auto", split: str = "train", skip_bad_lines: bool = False,
                  mapping: Any = None, tools: str | None = None,
                  for_eval: bool = False) -> tuple[list[Sample], dict[str, Any]]:
