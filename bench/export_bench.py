@@ -46,6 +46,28 @@ MIB = 2**20
 EXPORT_VS_CONVERSION = 8.0  # issue 17: the whole export at most this many bare conversions
 BARE = ("import sys; from pathlib import Path; from qlocal.export import convert_hf_to_gguf; "
         "convert_hf_to_gguf(Path(sys.argv[1]), Path(sys.argv[2]), outtype=sys.argv[3])")
+# llama.cpp's converter knows BPE pre-tokenizers only by the hash of one text's tokens under a known hub
+# tokenizer, and refuses the tests' small Qwen2-style one; where it would, the bench hands it the
+# name qlocal's behaviour check gives that tokenizer, so its tensor work can be timed beside ours
+LLAMA_CPP_PRE = {"qwen05b-peft": "qwen2"}
+LLAMA_CPP_RUNNER = """
+import runpy, sys
+from pathlib import Path
+conv, pre = Path(sys.argv[1]), sys.argv[2]
+sys.path.insert(0, str(conv))
+if (conv / "gguf-py").is_dir():
+    sys.path.insert(1, str(conv / "gguf-py"))
+sys.argv = [str(conv / "convert_hf_to_gguf.py"), *sys.argv[3:]]
+import conversion.base as base
+known = base.TextModel.get_vocab_base_pre
+def pinned(self, tokenizer):
+    try:
+        return known(self, tokenizer)
+    except NotImplementedError:
+        return pre
+base.TextModel.get_vocab_base_pre = pinned
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 QWEN05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
                rope_theta=1_000_000.0, rms_norm_eps=1e-6, hidden_act="silu")
@@ -136,16 +158,38 @@ def make_case(case: str, work: Path, models_dir: Path) -> tuple[Path, Path]:
     return base, run
 
 
-def llama_cpp_convert(llama_cpp: Path, hf_dir: Path, out: Path, outtype: str) -> dict[str, Any]:
-    """llama.cpp's convert_hf_to_gguf.py on `hf_dir` in its own process."""
+def llama_cpp_convert(llama_cpp: Path, hf_dir: Path, out: Path, outtype: str, pre: str | None = None) -> dict[str, Any]:
+    """llama.cpp's convert_hf_to_gguf.py on `hf_dir` in its own process; `pre` names the BPE
+    pre-tokenizer it falls back to where it does not recognise the tokenizer (LLAMA_CPP_PRE)."""
     # Its own gguf-py when one lies beside it (the converter puts it on sys.path itself), else the
     # installed gguf package.
-    m = measure([sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile", str(out),
-                 "--outtype", outtype])
+    args = [str(hf_dir), "--outfile", str(out), "--outtype", outtype]
+    if pre:
+        m = measure([sys.executable, "-c", LLAMA_CPP_RUNNER, str(llama_cpp), pre, *args])
+    else:
+        m = measure([sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), *args])
     m["gguf"] = "its own gguf-py" if (llama_cpp / "gguf-py").is_dir() else "the installed gguf"
     m["bytes"] = out.stat().st_size if out.is_file() else 0
+    m["pre"] = pre
     out.unlink(missing_ok=True)
     return m
+
+
+def compare_f16(llama_cpp: Path, case: str, hf_dir: Path, work: Path) -> dict[str, Any]:
+    """issue 17's conversion target: qlocal's converter against llama.cpp's on `hf_dir` at F16."""
+    ours = bare_convert(hf_dir, work / f"{case}-bare-f16.gguf", "f16")
+    ref = llama_cpp_convert(llama_cpp, hf_dir, work / f"{case}-llamacpp-f16.gguf", "f16", LLAMA_CPP_PRE.get(case))
+    row = {"case": case, "qlocal": {k: ours[k] for k in ("seconds", "cpu_s", "peak_mib", "bytes", "load")},
+           "llama_cpp": {k: ref[k] for k in ("rc", "seconds", "cpu_s", "peak_mib", "bytes", "load", "pre")}}
+    if ref["rc"] != 0:
+        print(f"{case} F16: llama.cpp's converter failed: {ref['output'].strip().splitlines()[-1:]}", flush=True)
+        return row
+    print(f"{case} F16 conversion: qlocal {ours['seconds']:.1f} s ({ours['cpu_s']:.1f} CPU-s, {ours['peak_mib']:.0f} MiB), "
+          f"llama.cpp {ref['seconds']:.1f} s ({ref['cpu_s']:.1f} CPU-s, {ref['peak_mib']:.0f} MiB"
+          f"{', pre-tokenizer ' + repr(ref['pre']) + ' given' if ref['pre'] else ''}): "
+          f"{ref['seconds'] / ours['seconds']:.2f}x faster wall, {ref['cpu_s'] / ours['cpu_s']:.2f}x CPU, "
+          f"{ours['peak_mib'] / ref['peak_mib']:.2f}x its peak RSS; load {ours['load']}-{ref['load']}", flush=True)
+    return row
 
 
 def main() -> None:
@@ -154,6 +198,8 @@ def main() -> None:
     ap.add_argument("--quant", default="q8_0")
     ap.add_argument("--models-dir", type=Path, default=REPO / "models", help="where the Gemma alias is cached")
     ap.add_argument("--llama-cpp", type=Path, help="folder holding llama.cpp's convert_hf_to_gguf.py")
+    ap.add_argument("--f16", action="store_true",
+                    help="also convert each fused/ folder at F16 with qlocal and llama.cpp (needs --llama-cpp)")
     ap.add_argument("--work", type=Path, default=REPO / "bench" / ".work", help="scratch folder (kept: bases, runs)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
@@ -183,10 +229,13 @@ def main() -> None:
         row["export_vs_bare"] = m["seconds"] / bare["seconds"]
         row["export_vs_bare_cpu"] = m["cpu_s"] / bare["cpu_s"]
         if args.llama_cpp:
-            ref = llama_cpp_convert(args.llama_cpp, out / "fused", args.work / f"{case}-llamacpp.gguf", args.quant)
+            ref = llama_cpp_convert(args.llama_cpp, out / "fused", args.work / f"{case}-llamacpp.gguf", args.quant,
+                                    LLAMA_CPP_PRE.get(case))
             row["llama_cpp"] = {k: ref[k] for k in ("rc", "peak_mib", "seconds", "cpu_s", "bytes", "gguf", "load")}
             if ref["rc"] != 0:
                 row["llama_cpp"]["error"] = ref["output"].strip().splitlines()[-1:]
+        if args.llama_cpp and args.f16:
+            row["f16"] = compare_f16(args.llama_cpp, case, out / "fused", args.work)
         rows.append(row)
         _print(rows)
     if args.json:

@@ -182,10 +182,10 @@ def test_full_disk_is_one_line_and_leaves_nothing(qwen_run: Path, tmp_path: Path
     from qlocal import cli
     from qlocal.export import gguf
 
-    def full(writer, t):
-        raise OSError(errno.ENOSPC, "No space left on device", str(writer.path if hasattr(writer, "path") else t))
+    def full(writer, t, written):  # after the first tensor's data, with the encoder thread ahead of it
+        raise OSError(errno.ENOSPC, "No space left on device", str(t.name))
 
-    monkeypatch.setattr(gguf, "_write_tensor", full)
+    monkeypatch.setattr(gguf, "_end_tensor", full)
     out = tmp_path / "x"
     with pytest.raises(SystemExit) as stop:
         cli.main(["export", str(qwen_run), "--quant", "f16", "--out", str(out)])

@@ -57,7 +57,9 @@ class StTensor:
             raw = np.fromfile(f, dtype=np_dtype, count=count,
                               offset=self.offset + row_start * row_elems * np_dtype.itemsize)
         if self.dtype == "BF16":
-            out = (raw.astype(np.uint32) << 16).view(np.float32)
+            out = np.empty(raw.shape, np.uint32)  # widened in one pass, not a cast then a shifted copy
+            np.left_shift(raw, 16, out=out, dtype=np.uint32)
+            out = out.view(np.float32)
         else:
             out = raw.astype(np.float32, copy=False)
         return out.reshape((row_stop - row_start, *shape[1:]) if self.shape else ())
@@ -228,8 +230,7 @@ def convert_hf_to_gguf(hf_dir: Path, out_path: Path, outtype: str = "f16",
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for t in plan:
-            _write_tensor(writer, t)
+        _write_tensors(writer, plan)
     return out_path
 
 
@@ -253,19 +254,71 @@ def _file_type(outtype: str) -> int:
     return int({"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0}[outtype])
 
 
-def _write_tensor(writer: Any, t: PlannedTensor) -> None:
-    """Append one tensor's data, row chunk by row chunk, with GGUF's alignment padding."""
+def _write_tensors(writer: Any, plan: list[PlannedTensor]) -> None:
+    """Append every tensor's data, row chunk by row chunk, with GGUF's alignment padding. Chunks are
+    read and encoded one step ahead in a thread while the last one is written: file reads and writes
+    release the GIL, so on a 2-core box the disk time hides behind the conversion."""
     fout = writer.fout[0]
-    writer.write_padding(fout, fout.tell())
-    written = 0
-    for chunk in _chunks(t):
-        enc = _encode(chunk, t.qtype)
+    current, written = None, 0
+    for t, enc in _prefetched(((t, _encode(chunk, t.qtype)) for t in plan for chunk in _chunks(t)), depth=2):
+        if t is not current:
+            if current is not None:
+                _end_tensor(writer, current, written)
+            current, written = t, 0
+            writer.write_padding(fout, fout.tell())
         enc.tofile(fout)
         written += enc.nbytes
+    if current is not None:
+        _end_tensor(writer, current, written)
+
+
+def _end_tensor(writer: Any, t: PlannedTensor, written: int) -> None:
     expected = _nbytes(t.shape, t.qtype)
     if written != expected:
         raise RuntimeError(f"{t.name}: wrote {written} bytes, planned {expected}")
-    writer.write_padding(fout, written)
+    writer.write_padding(writer.fout[0], written)
+
+
+def _prefetched(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """`items`, produced by a thread at most `depth` ahead of the consumer. The producer's error is
+    raised here; if the consumer stops early (an error while writing), the producer stops too."""
+    import queue
+    import threading
+
+    q: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def send(item: tuple[bool, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not send((True, item)):
+                    return
+            send((False, None))
+        except BaseException as e:  # handed to the consumer, which raises it
+            send((False, e))
+
+    thread = threading.Thread(target=produce, name="gguf-encode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            more, item = q.get()
+            if not more:
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _chunks(t: PlannedTensor) -> Iterator[np.ndarray]:
