@@ -12,7 +12,10 @@ beside), and the fused folder's tokenizer:
   cascade): all of them at 16/32-bit, at least GREEDY_MIN for quantised files;
 * the stop set ends generation: each Modelfile stop string is one token that llama.cpp treats as
   end-of-generation, EOS/EOT are in the set, and a completion pushed onto that token stops there
-  with finish_reason "stop" (tiny random models never choose it on their own).
+  with finish_reason "stop" (tiny random models never choose it on their own);
+* each file ends its turn where the reference does: where the reference's greedy emits an
+  end-of-generation token at position k, the file's own greedy must emit one by k + slack
+  (qlocal.export.end_of_turn; a probe where the reference runs on is "not applicable").
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from qlocal import atomic
+from qlocal.export import end_of_turn
 from qlocal.export.fuse import PROBE_CONVERSATIONS, render_chat
 
 NMSE_LIMITS: dict[str, float] = {
@@ -80,6 +84,9 @@ class FileCheck:
     tool_calls: dict[str, Any] | None = None
     """Tool-call preflight (qlocal.tool_eval): held-out tool prompts answered by this file; reported,
     not part of `passed` (it measures what the model learned, not whether the file serves it)."""
+    ends_turn: dict[str, Any] | None = None
+    """Where the reference and this file first emit end-of-generation per probe (end_of_turn.judge);
+    `passed` None when the reference ended on no probe."""
 
 
 def _limit(quant: str) -> float:
@@ -189,7 +196,7 @@ class HFReference:
         release()
         # llama.cpp keeps n_ctx x vocab floats twice (its output buffer, llama-cpp-python's scores):
         # a context just long enough for the probes, their continuations and the stop checks.
-        longest = max(len(i) + len(c) for i, c in zip(self.chat_ids, self.greedy))
+        longest = max(len(i) + end_of_turn.needed(len(c) - 1, len(c)) for i, c in zip(self.chat_ids, self.greedy))
         self.n_ctx = 64 * -(-(longest + 16) // 64)
 
     @property
@@ -255,49 +262,28 @@ def _check_tokens(ref: HFReference, llm: Any) -> list[str]:
     return bad
 
 
-def _check_stops(llm: Any, stops: list[str]) -> tuple[bool, dict[str, Any]]:
-    import llama_cpp
-
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    detail: dict[str, Any] = {"stops": {}, "eos": None, "eot": None}
-    ok = True
-    stop_ids = set()
-    for s in stops:
-        ids = llm.tokenize(s.encode("utf-8"), add_bos=False, special=True)
-        is_eog = len(ids) == 1 and bool(llama_cpp.llama_vocab_is_eog(vocab, ids[0]))
-        stopped = False
-        if is_eog:
-            stop_ids.add(ids[0])
-            # Push the model onto this token: generation must end there, with no text.
-            prompt = llm.tokenize(b"Hello", add_bos=True, special=True)
-            out = llm.create_completion(prompt, max_tokens=8, temperature=0.0, logit_bias={ids[0]: 1e4})
-            choice = out["choices"][0]
-            stopped = choice["finish_reason"] == "stop" and choice["text"] == ""
-        detail["stops"][s] = {"ids": ids, "eog": is_eog, "ends_generation": stopped}
-        ok = ok and is_eog and stopped
-    for key, fn in (("eos", llama_cpp.llama_vocab_eos), ("eot", llama_cpp.llama_vocab_eot)):
-        tid = int(fn(vocab))
-        if tid >= 0:
-            detail[key] = {"id": tid, "in_stop_set": tid in stop_ids}
-            ok = ok and tid in stop_ids
-    return ok, detail
-
-
-def _free_greedy(llm: Any, ids: list[int], n: int, drafted: list[int] | None = None) -> list[int]:
-    """llama.cpp's own greedy continuation of `ids`: at most `n` tokens, ending at end-of-generation;
-    from `drafted` (this file's greedy tokens from `ids`, through any end-of-generation) if given.
+def _free_greedy(llm: Any, ids: list[int], n: int, drafted: list[int] | None = None) -> tuple[list[int], int | None]:
+    """llama.cpp's own greedy continuation of `ids`: at most `n` tokens, ending at end-of-generation,
+    and the position of that end-of-generation token (None if none came within `n`); from `drafted`
+    (this file's greedy tokens from `ids`, through any end-of-generation) as far as it goes.
 
     Counted in tokens: create_completion keeps sampling past max_tokens while the text is an
     incomplete UTF-8 sequence (byte-fallback tokens), and then runs off the end of the context."""
-    import llama_cpp
+    is_eog = end_of_turn.eog_test(llm)
 
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    out: list[int] = []  # no reset: generate reuses the context's matching prefix (the probe just evaluated)
-    for t in drafted if drafted is not None else llm.generate(ids, temp=0.0, top_k=1):
-        if len(out) >= n or llama_cpp.llama_vocab_is_eog(vocab, t):
-            break
-        out.append(t)
-    return out
+    def stream() -> Any:
+        yield from drafted or ()
+        # Past the draft (or without one): generate reuses the context's matching prefix.
+        yield from llm.generate(ids + list(drafted or ()), temp=0.0, top_k=1)
+
+    out: list[int] = []
+    for t in stream():
+        if len(out) >= n:
+            return out, None
+        if is_eog(int(t)):
+            return out, len(out)
+        out.append(int(t))
+    return out, None
 
 
 def verify_gguf(ref: HFReference, path: Path, quant: str, stops: list[str], lora: Path | None = None,
@@ -314,6 +300,8 @@ def verify_gguf(ref: HFReference, path: Path, quant: str, stops: list[str], lora
         num = den = 0.0
         agree = total = 0
         text_equal = True
+        is_eog = end_of_turn.eog_test(llm)
+        ends: tuple[list[Any], list[Any], list[Any]] = ([], [], [])  # reference at, this file at, margin
         # The file that drafted the reference's greedy has already generated its own from each probe.
         own = list(ref.drafted[2]) if ref.drafted and ref.drafted[:2] == (path, lora) else None
         for ids, hf_logits, cont, hf_full in zip(ref.chat_ids, ref.logits, ref.greedy, ref.teacher):
@@ -331,12 +319,19 @@ def verify_gguf(ref: HFReference, path: Path, quant: str, stops: list[str], lora
                     continue
                 total += 1
                 agree += int(np.argmax(h) == np.argmax(g))
-            free = _free_greedy(llm, ids, len(cont), own.pop(0) if own else None)
-            # Equal tokens, or (rarely) other tokens spelling the same text; llama.cpp's detokeniser
-            # spells both, as the tokenizer check above proved its vocabulary is HF's.
-            text_equal = text_equal and (free == cont or llm.detokenize(free, special=True)
-                                         == llm.detokenize(cont, special=True))
-        stops_ok, stop_detail = _check_stops(llm, stops)
+            # The reference's greedy runs through its end of turn; this file's is run past it by the slack.
+            at = end_of_turn.first_eog(cont, is_eog)
+            free, free_at = _free_greedy(llm, ids, end_of_turn.needed(at, len(cont)), own.pop(0) if own else None)
+            ends[0].append(at)
+            ends[1].append(free_at)
+            ends[2].append(None if at is None else end_of_turn.margin(hf_full[at]))
+            # The text up to each one's end of turn: equal tokens, or (rarely) other tokens spelling
+            # the same text; llama.cpp's detokeniser spells both, as the tokenizer check above proved
+            # its vocabulary is HF's.
+            free, said = free[: len(cont)], cont[:at]
+            text_equal = text_equal and (free == said or llm.detokenize(free, special=True)
+                                         == llm.detokenize(said, special=True))
+        stops_ok, stop_detail = end_of_turn.check_stops(llm, stops)
     finally:
         llm.close()
     nmse = num / max(den, 1e-30)
@@ -353,8 +348,12 @@ def verify_gguf(ref: HFReference, path: Path, quant: str, stops: list[str], lora
         problems.append(f"greedy agreement {greedy:.0%} < {GREEDY_MIN:.0%} at {quant}")
     if not stops_ok:
         problems.append("stop set does not end generation")
+    turn = end_of_turn.judge(*ends[:2], GREEDY_TOKENS, ends[2])
+    if (msg := end_of_turn.problem(quant, turn, quant in EXACT)) is not None:
+        problems.append(msg)
     return FileCheck(str(path.name), quant, not mismatches, mismatches, nmse, _limit(quant), greedy, text_equal,
-                     stops_ok, stop_detail, not problems, problems, str(lora.name) if lora else None, control)
+                     stops_ok, stop_detail, not problems, problems, str(lora.name) if lora else None, control,
+                     ends_turn=turn)
 
 
 def _nmse_only(ref: HFReference, path: Path) -> float:
@@ -402,11 +401,12 @@ def verify_all(hf_dir: Path, files: list[tuple[Path, str]], stops: list[str], ou
 
 def table(checks: list[FileCheck]) -> str:
     """A short fixed-width summary of verify results."""
-    rows = [f"{'file':<28} {'tokens':<7} {'NMSE':>9} {'limit':>7} {'greedy':>7} {'stops':<6} result"
-            "   (limit: required at f16/bf16/f32, a guide for quantised files)"]
+    rows = [f"{'file':<28} {'tokens':<7} {'NMSE':>9} {'limit':>7} {'greedy':>7} {'stops':<6} {'ends':<5} result"
+            "   (limit: required at f16/bf16/f32, a guide for quantised files; ends: ends its turn where"
+            " the reference does, n/a where the reference ran on)"]
     for c in checks:
         name = c.file + (f" + {c.lora}" if c.lora else "")
         rows.append(f"{name[:28]:<28} {'ok' if c.tokenizer_match else 'DIFF':<7} {c.nmse:>9.2e} {c.nmse_limit:>7.0e} "
-                    f"{c.greedy_agree:>7.0%} {'ok' if c.stops_ok else 'FAIL':<6} "
+                    f"{c.greedy_agree:>7.0%} {'ok' if c.stops_ok else 'FAIL':<6} {end_of_turn.cell(c.ends_turn):<5} "
                     f"{'pass' if c.passed else 'FAIL: ' + '; '.join(c.problems)}")
     return "\n".join(rows)
