@@ -42,11 +42,39 @@ def stop_token_ids(tokenizer: Any, template: str) -> list[int]:
     return sorted(ids)
 
 
-def prompt_ids(tokenizer: Any, template: str, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> list[int]:
-    """Token ids of `messages` (+ `tools`) + the assistant header, tokenised as training renders examples."""
-    from qlocal.data.render import generation_ids
+def prompt_ids(tokenizer: Any, template: str, messages: list[dict[str, Any]], tools: list[dict] | None = None,
+               thinking: bool | None = None) -> list[int]:
+    """Token ids of `messages` (+ `tools`) + the assistant header: the messages and tools read and
+    handed to the template as training reads and renders a record (data.render.conversation_inputs),
+    tokenised as training tokenises it. `thinking`: the run's thinking switch (see there)."""
+    from qlocal.data.render import conversation_inputs, generation_ids
 
-    return generation_ids(tokenizer, messages, template, {"tools": tools} if tools else {})
+    msgs, extra = conversation_inputs(messages, tools, template, thinking=thinking)
+    return generation_ids(tokenizer, msgs, template, extra)
+
+
+def gguf_prompt_ids(llm: Any, template: str, messages: list[dict[str, Any]], tools: list[dict] | None = None,
+                    thinking: bool | None = None, prefill: str = "") -> list[int]:
+    """`prompt_ids` for a GGUF opened in llama-cpp-python (no HF tokenizer): the same messages and
+    template variables, transformers' renderer, llama.cpp's tokenizer and the same bos rule.
+    `prefill` is text written after the generation prompt (a forced tool-call tag)."""
+    from qlocal.data.render import conversation_inputs, generation_text
+
+    def text(tok: int) -> str:
+        return llm.detokenize([tok], special=True).decode("utf-8", "replace") if tok >= 0 else ""
+
+    msgs, extra = conversation_inputs(messages, tools, template, thinking=thinking)
+    # Only the tokens the GGUF names: llama.cpp reports a default bos id for a vocabulary without one
+    # (Qwen's), where the HF tokenizer has none and the template renders bos_token as "".
+    meta = llm.metadata
+    bos = llm.token_bos() if "tokenizer.ggml.bos_token_id" in meta else -1
+    named = {"bos_token": bos, "eos_token": llm.token_eos() if "tokenizer.ggml.eos_token_id" in meta else -1}
+    rendered = generation_text(msgs, template, extra, {k: text(t) for k, t in named.items() if t >= 0})
+    ids = list(llm.tokenize((rendered + prefill).encode("utf-8"), add_bos=False, special=True))
+    adds_bos = bos >= 0 and llm.tokenize(b"a", add_bos=True, special=False)[:1] == [bos]  # render.adds_bos
+    if adds_bos and (not ids or ids[0] != bos):  # render's rule: the template's bos, else the tokenizer's
+        ids = [bos] + ids
+    return ids
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,6 +93,8 @@ class HFSource:
     cfg: Config | None = None
     """The run's Config (None for a plain model)."""
     run: Path | None = None
+    thinking: bool | None = None
+    """Whether the run's data reasons (its template's thinking switch as training set it); None: unknown."""
 
 
 def resolve_hf_source(target: str, chat_template: str | None = None) -> HFSource:
@@ -82,7 +112,7 @@ def resolve_hf_source(target: str, chat_template: str | None = None) -> HFSource
         template = (path / "chat_template.jinja").read_text(encoding="utf-8")
         if chat_template:
             raise UserError(f"{path}: a run answers with the template it trained with; drop --chat-template")
-        return HFSource(path.name, base, template, path / "adapter", cfg, path)
+        return HFSource(path.name, base, template, path / "adapter", cfg, path, resolved.get("data_reasoning"))
     from qlocal.data.templates import resolve_chat_template
     from qlocal.models import resolve_model
 
@@ -93,9 +123,9 @@ def resolve_hf_source(target: str, chat_template: str | None = None) -> HFSource
 
 
 def chat_stream(backend: Backend, tokenizer: Any, template: str, messages: list[dict[str, Any]],
-                sampling: Sampling, tools: list[dict] | None = None) -> Iterator[str]:
+                sampling: Sampling, tools: list[dict] | None = None, thinking: bool | None = None) -> Iterator[str]:
     """Stream the assistant reply to `messages` from a backend holding a model (+ adapter)."""
-    return backend.stream(prompt_ids(tokenizer, template, messages, tools), tokenizer,
+    return backend.stream(prompt_ids(tokenizer, template, messages, tools, thinking), tokenizer,
                           stop_token_ids(tokenizer, template), sampling)
 
 
@@ -115,10 +145,11 @@ class BackendGenerator:
         self.backend = backend
         self.tokenizer = load_tokenizer(src.base_path, cfg.model.trust_remote_code, cfg.lora.new_tokens)
         self.template = src.template
+        self.thinking = src.thinking
         backend.load_for_inference(src.base_path, src.adapter, cfg)
 
     def chat(self, messages: list[dict[str, Any]], sampling: Sampling, tools: list[dict] | None = None) -> Iterator[str]:
-        return chat_stream(self.backend, self.tokenizer, self.template, messages, sampling, tools)
+        return chat_stream(self.backend, self.tokenizer, self.template, messages, sampling, tools, self.thinking)
 
 
 def find_gguf(target: Path) -> tuple[Path, Path | None] | None:
@@ -187,14 +218,23 @@ class GGUFGenerator:
             self.llm.chat_format = "chat_template.default"
 
     def chat(self, messages: list[dict[str, Any]], sampling: Sampling, tools: list[dict] | None = None) -> Iterator[str]:
-        # tools reach the template (llama-cpp-python passes them through); calls come back as text,
-        # which qlocal.tool_chat splits with the template's tag
-        stream = self.llm.create_chat_completion(
-            messages=messages, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
-            top_p=sampling.top_p, stream=True, seed=0, tools=tools)
+        # The prompt is rendered as training rendered it (gguf_prompt_ids), not by llama-cpp-python's
+        # chat handler (raw messages, no bos rule, no thinking switch); calls come back as text,
+        # which qlocal.tool_chat splits with the template's tag.
+        if not self.template:
+            stream = self.llm.create_chat_completion(
+                messages=messages, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
+                top_p=sampling.top_p, stream=True, seed=0)
+            pieces = (chunk["choices"][0]["delta"].get("content") for chunk in stream)
+        else:
+            eos = self.llm.detokenize([self.llm.token_eos()], special=True).decode("utf-8", "replace")
+            ids = gguf_prompt_ids(self.llm, self.template, messages, tools)
+            stream = self.llm.create_completion(
+                prompt=ids, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
+                top_p=sampling.top_p, stream=True, seed=0, stop=[eos] if eos else None)
+            pieces = (chunk["choices"][0]["text"] for chunk in stream)
         try:
-            for chunk in stream:
-                piece = chunk["choices"][0]["delta"].get("content")
+            for piece in pieces:
                 if piece:
                     yield piece
         except ValueError as e:

@@ -3,8 +3,8 @@
 llama-cpp-python's server renders a request's `tools` into the template but hands the call text back
 as plain content. A chat completion that brings tools (or a history with calls and results) is
 answered here instead, on the same loaded model and under the server's own lock: the prompt is the
-GGUF's template rendered with the tools (llama-cpp-python's Jinja formatter, as every other request
-is), and the output goes through qlocal.tool_calls with the template's tag, so a client gets OpenAI
+GGUF's template rendered with the tools as training rendered its records (qlocal.infer.gguf_prompt_ids:
+schemas and calls normalised, the bos rule), and the output goes through qlocal.tool_calls with the template's tag, so a client gets OpenAI
 `tool_calls` and `finish_reason: "tool_calls"`, streamed as OpenAI streams them (one delta naming each
 call, then its arguments). Requests without tools go to llama-cpp-python untouched.
 
@@ -93,18 +93,11 @@ class ToolChat:
     """One loaded GGUF (llama_cpp.Llama) answering tool requests with its own chat template."""
 
     def __init__(self, llama: Any) -> None:
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
         self.llama = llama
         self.template = llama.metadata.get("tokenizer.chat_template")
         self.tag = template_tag(self.template)
-
-        def text(tok: int) -> str:
-            return llama.detokenize([tok], special=True).decode("utf-8", "replace") if tok >= 0 else ""
-
-        self.eos = text(llama.token_eos())
-        # the same formatter llama-cpp-python registers as "chat_template.default" for every other request
-        self.formatter = Jinja2ChatFormatter(self.template or "", eos_token=self.eos, bos_token=text(llama.token_bos()))
+        eos = llama.token_eos()
+        self.eos = llama.detokenize([eos], special=True).decode("utf-8", "replace") if eos >= 0 else ""
 
     def prompt(self, req: ToolRequest) -> tuple[list[int], str]:
         """(prompt token ids, the text written for the model after the generation prompt)."""
@@ -113,12 +106,16 @@ class ToolChat:
         if req.parse_calls and not self.tag and (req.tools or req.force):
             raise RequestError("this model's chat template has no tool-call format (it never renders tool_calls); "
                                "export a run trained with a tool-capable template (e.g. Qwen 2.5, Hermes, Llama 3.1)")
+        from qlocal.errors import UserError
+        from qlocal.infer import gguf_prompt_ids
+
+        prefill = self.tag if req.force and self.tag else ""
         try:
-            text = self.formatter(messages=req.messages, tools=req.tools).prompt
+            ids = gguf_prompt_ids(self.llama, self.template, req.messages, req.tools, prefill=prefill)
+        except UserError as e:  # a message the training reader refuses
+            raise RequestError(str(e)) from None
         except Exception as e:  # raise_exception in the template, a message it cannot render
             raise RequestError(f"the chat template cannot render this conversation ({e})") from None
-        prefill = self.tag if req.force and self.tag else ""
-        ids = self.llama.tokenize((text + prefill).encode("utf-8"), add_bos=False, special=True)
         return ids, prefill
 
     def _completion(self, req: ToolRequest, ids: list[int], stream: bool) -> Any:

@@ -89,7 +89,7 @@ def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
         "model_source": model.source, "model_fingerprint": model_id, "chat_template": data.template_name,
         "data_format": data.format, "train_examples": len(data.train), "val_examples": len(data.val),
         "total_steps": total, "packing": packed, "truncated_examples": data.truncated,
-        "dropped_long": data.dropped, **export, **facts,
+        "dropped_long": data.dropped, "data_reasoning": _reasons(loaded.train), **export, **facts,
     }
     if collate is not None:
         preference_run.precompute_reference(backend, cfg, data.train + data.val, collate, quiet or not dist.is_main)
@@ -122,6 +122,12 @@ def train(cfg: Config, resume: Path | None = None, quiet: bool = False) -> Path:
             print(f"stopped after the last step; the run is complete: {run / 'adapter'}", file=sys.stderr)
         raise SystemExit(130)
     return run
+
+
+def _reasons(samples: list[Any]) -> bool:
+    """Whether any training chat reasons: inference sets a template's thinking switch (Qwen3's
+    enable_thinking) as training did, so a run trained without reasoning gets its empty block as prompt."""
+    return any(isinstance(m, dict) and m.get("reasoning_content") for s in samples for m in getattr(s, "messages", None) or [])
 
 
 def _interrupted(run: Path, may_remove: bool, say: bool) -> None:

@@ -87,6 +87,29 @@ def chat_inputs(sample: Sample, template: str) -> tuple[list[dict[str, Any]], di
     return inline, extra
 
 
+def conversation_inputs(messages: list[dict[str, Any]], tools: list[dict] | None, template: str,
+                        where: str = "the conversation", thinking: bool | None = None
+                        ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """`chat_inputs` for a conversation to answer (OpenAI messages and schemas from chat, generate
+    or a server request), read first as training reads a messages record: call arguments as objects
+    in Ollama's key order, schema properties sorted, call ids and result names filled in, <think>
+    blocks as reasoning. So inference renders the prompt training rendered before that turn.
+
+    `thinking` sets a template's thinking switch (`enable_thinking`) the way the run's data set it
+    (a run trained without reasoning renders its empty thinking block as prompt); None: from these
+    messages, as for a training record.
+    """
+    from qlocal.data.formats import parse_turns
+    from qlocal.data.tools import parse_tools
+
+    sample = Sample("chat", messages=parse_turns({"messages": messages}, "messages", where), where=where,
+                    tools=parse_tools(tools, where))
+    msgs, extra = chat_inputs(sample, template)
+    if thinking is not None and "enable_thinking" in extra:
+        extra["enable_thinking"] = thinking
+    return msgs, extra
+
+
 def _rekey(message: dict[str, Any], key: str) -> dict[str, Any]:
     if "reasoning_content" not in message:
         return message
@@ -213,6 +236,20 @@ def generation_ids(tokenizer: Any, messages: list[dict[str, Any]], template: str
     if adds_bos(tokenizer) and (not ids or ids[0] != tokenizer.bos_token_id):
         ids = [tokenizer.bos_token_id] + ids
     return ids
+
+
+def generation_text(messages: list[dict[str, Any]], template: str, extra: dict[str, Any],
+                    special_tokens: dict[str, str]) -> str:
+    """The text `generation_ids` tokenises, for a model without an HF tokenizer (a GGUF):
+    transformers' own Jinja renderer, called as apply_chat_template calls it, with `special_tokens`
+    (bos_token, eos_token) standing in for the tokenizer's special-tokens map."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    kw = {**special_tokens, **extra}
+    tools = kw.pop("tools", None)
+    out, _ = render_jinja_template(conversations=[messages], tools=tools, chat_template=template,
+                                   add_generation_prompt=True, **kw)
+    return out[0]
 
 
 def chat_spans(sample: Sample, tokenizer: Any, template: str,

@@ -104,7 +104,7 @@ def _base_source(t: Target) -> tuple[Any, str | None]:
                             "an export with that run's template, so compare needs the run folder")
     src = resolve_hf_source(str(run))
     # the run's template and settings, without its adapter: what the model answered before training
-    return HFSource(src.base_path.name, src.base_path, src.template, None, src.cfg, src.run), _run_backend(run)
+    return HFSource(src.base_path.name, src.base_path, src.template, None, src.cfg, src.run, src.thinking), _run_backend(run)
 
 
 def _opener(t: Target, side: str) -> tuple[Callable[[], Any], str]:
