@@ -391,6 +391,14 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except RuntimeError as e:
+        from qlocal.distributed import lost_peer
+
+        lost = lost_peer(e)  # a rank that outlived a failed one: one line under the failing rank's own
+        if lost is None:
+            raise
+        click.echo(f"error: {lost}", err=True)
+        sys.exit(1)
     except OSError as e:
         if e.errno not in _DISK_FULL:
             raise

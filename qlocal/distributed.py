@@ -5,11 +5,18 @@ qlocal has no launcher of its own: a launcher sets RANK / WORLD_SIZE / LOCAL_RAN
 MLX_RANK / MLX_HOSTFILE (mlx.launch) and starts one process per device; here we only read them,
 join the process group, and tell the run loop which shard of each batch is this rank's and whether
 this rank writes files.
+
+A rank that fails (its error, exit 2 for a user's) or is killed ends its process; the launcher then
+stops the others (torchrun: SIGTERM, and across nodes through its rendezvous; mlx.launch: SIGTERM),
+and gloo, NCCL and MLX's ring fail a collective whose peer is gone. A rank that learns it that way
+says so in one line (`lost_peer`, exit 1) below the failing rank's own error, and train.py's cleanup
+applies (a fresh run folder without a checkpoint is removed, complete checkpoints stay).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -92,6 +99,33 @@ def init_mlx() -> Dist:
 
 def current() -> Dist:
     return _CURRENT
+
+
+class PeerLost(RuntimeError):
+    """A collective failed because another rank is gone: the CLI prints it as one line, exit 1."""
+
+
+# What gloo, NCCL and MLX's ring raise in a collective whose peer process has gone away.
+_LOST = re.compile(r"closed by peer|reset by peer|broken pipe|connection to a peer was lost|"
+                   r"remote process exited|communicator was aborted", re.I)
+
+
+def lost_peer(e: BaseException) -> PeerLost | None:
+    """`e` as a PeerLost when it is a multi-rank run's "another rank is gone", else None.
+
+    The launcher (torchrun, accelerate, mlx.launch) stops the other ranks when one exits, but a rank
+    blocked in a collective learns it first from the collective's error: that rank's traceback
+    would bury the failing rank's own one-line error, printed above it.
+    """
+    if isinstance(e, PeerLost):
+        return e
+    multi = _CURRENT.enabled or from_env().enabled or launched_by_mlx()
+    if not multi or not isinstance(e, RuntimeError) or not _LOST.search(str(e)):
+        return None
+    rank = _CURRENT.rank if _CURRENT.enabled else from_env().rank
+    why = next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:160]
+    return PeerLost(f"rank {rank}: another rank stopped mid-run (its own error is above, or it was killed), "
+                    f"so this rank stopped too ({why})")
 
 
 def shard(items: Sequence[Any], dist: Dist) -> list[Any]:
