@@ -7,30 +7,31 @@ max_seq_len) and the same summed next-token cross-entropy over target tokens, th
 training backend itself (torch or MLX) with the run's adapter loaded. Perplexity is
 exp(total loss / total target tokens) over the whole file. A GGUF is scored through
 llama-cpp-python's logits (logits_all) on ids from the HF tokenizer the export keeps in fused/.
+Greedy answers also say whether each ended its turn within --max-tokens (`stops`, qlocal.eval_scorers);
+`--compare-quants` runs all this over every GGUF of an export and its run (qlocal.quant_eval).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
-
-import numpy as np
+from typing import Any, Callable
 
 from qlocal import atomic
-from qlocal.backends.base import Backend
 from qlocal.errors import UserError
-from qlocal.infer import GGUFGenerator, HFSource, Sampling, chat_stream, find_gguf, gguf_context_length
+from qlocal.eval_scorers import BackendScorer, GGUFScorer, stop_metrics
+from qlocal.infer import find_gguf, gguf_context_length
 
 LABEL_RULE = ("labels when data.label_map is set, else when there are >= 4 references, each <= 4 tokens, "
               "with 2..min(20, n/2) distinct values")
-METRICS = ("loss", "perplexity", "rouge_l", "bleu", "chrf", "exact_match", "accuracy", "macro_precision",
+METRICS = ("loss", "perplexity", "stops", "answer_tokens", "rouge_l", "bleu", "chrf", "exact_match", "accuracy", "macro_precision",
            "macro_recall", "macro_f1", "tool_valid", "tool_valid_json", "tool_name_accuracy", "tool_arguments_exact")
+STOPS_NOTE = ("stops: share of answers that ended their turn (eos / end-of-turn token; llama.cpp's EOG set for a "
+              "GGUF) within --max-tokens, < 1 means it rambles; answer_tokens: their mean length")
 _TOKENS = {"zh": "characters (CJK)", "ja-mecab": "words (MeCab, Japanese)", "13a": "words"}
 
 
@@ -52,94 +53,6 @@ class EvalOptions:
     batch_size: int = 4
     skip_bad_lines: bool = False
     """Skip malformed records (counted) even when the run did not train with data.skip_bad_lines."""
-
-
-class BackendScorer:
-    """A training backend (torch or MLX) set up as the run was, with the run's adapter loaded."""
-
-    def __init__(self, src: HFSource, backend: Backend) -> None:
-        from qlocal import config as config_mod
-        from qlocal.hf import load_tokenizer
-
-        cfg = copy.deepcopy(src.cfg) if src.cfg is not None else config_mod.Config()
-        cfg.model.name = str(src.base_path)
-        cfg.train.grad_checkpointing = False  # no backward pass here
-        self.backend = backend
-        self.backend_name = backend.name
-        backend.setup(src.base_path, cfg)
-        self.tokenizer = load_tokenizer(src.base_path, cfg.model.trust_remote_code, cfg.lora.new_tokens)
-        self.template = src.template
-        self.has_adapter = src.adapter is not None
-        if src.adapter is not None:
-            backend.load_adapter(src.adapter)
-        # A plain model gets LoRA from setup too (B = 0, so it is the base); keep it switched off.
-        self.set_base(not self.has_adapter)
-
-    def set_base(self, on: bool) -> None:
-        """Switch the adapter off (on=True: the base model) or back on."""
-        self.backend.set_adapter_enabled(not on)
-
-    def loss(self, examples: list[Any], batch_size: int) -> tuple[float, int]:
-        from qlocal.data.batching import collate
-        from qlocal.hf import pad_id
-
-        pad = pad_id(self.tokenizer)
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-        batches = [collate([examples[j] for j in order[i:i + batch_size]], pad) for i in range(0, len(order), batch_size)]
-        return self.backend.eval_loss(batches)
-
-    def chat(self, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[str]:
-        return chat_stream(self.backend, self.tokenizer, self.template, messages, sampling)
-
-    def greedy(self, ids: list[int], max_tokens: int) -> str:
-        """Greedy reply to prompt ids, special tokens kept (tool-call tags can be special tokens)."""
-        from qlocal.infer import stop_token_ids
-
-        stops = stop_token_ids(self.tokenizer, self.template)
-        return "".join(self.backend.stream(ids, self.tokenizer, stops, Sampling(max_tokens, keep_special=True)))
-
-
-class GGUFScorer:
-    """llama-cpp-python: generation with the GGUF's template; loss from logits on HF-tokenised examples."""
-
-    def __init__(self, gguf: Path, lora: Path | None, n_ctx: int) -> None:
-        self.gen = GGUFGenerator(gguf, lora, n_ctx=n_ctx, logits_all=True)
-        self.template = self.gen.llm.metadata.get("tokenizer.chat_template")
-        fused = gguf.parent / "fused"
-        self.tokenizer = None
-        if (fused / "tokenizer_config.json").is_file() and self.template:
-            from qlocal.hf import load_tokenizer
-
-            self.tokenizer = load_tokenizer(fused)
-        self.backend_name = "llama.cpp"
-
-    def set_base(self, on: bool) -> None:
-        if on:
-            raise UserError("--compare-base needs a run folder (its base is known and the adapter can be "
-                            "switched off); for a GGUF, eval the base model separately")
-
-    def loss(self, examples: list[Any], batch_size: int) -> tuple[float, int]:
-        llm, total, count = self.gen.llm, 0.0, 0
-        for ex in examples:
-            llm.reset()
-            llm.eval(ex.input_ids)
-            logits = np.asarray(llm.scores[: len(ex.input_ids)], dtype=np.float64)[:-1]
-            m = logits.max(axis=-1, keepdims=True)
-            logp = logits - (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)))
-            for t in range(len(ex.input_ids) - 1):
-                if ex.loss_mask[t + 1]:
-                    total -= float(logp[t, ex.input_ids[t + 1]])
-                    count += 1
-        return total, count
-
-    def chat(self, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[str]:
-        return self.gen.chat(messages, sampling)
-
-    def greedy(self, ids: list[int], max_tokens: int) -> str:
-        """llama.cpp's greedy reply to prompt ids, special tokens kept, within the context."""
-        from qlocal.tool_eval import llama_greedy
-
-        return llama_greedy(self.gen.llm, max(0, min(max_tokens, self.gen.llm.n_ctx() - len(ids))))(ids)
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,6 +99,7 @@ def open_scorer(target: str, opts: EvalOptions) -> tuple[Any, str, Any]:
     path = Path(target)
     found = find_gguf(path) if path.exists() and not (path / "config.yaml").is_file() else None
     if found is not None:
+        found = found[0], found[1] or export_adapter(found[0])
         cfg = _data_config(path, opts.config_file, None)
         ctx = gguf_context_length(found[0]) or 4096
         return GGUFScorer(found[0], found[1], n_ctx=min(ctx, cfg.data.max_seq_len + opts.max_tokens)), "gguf", cfg
@@ -198,6 +112,17 @@ def open_scorer(target: str, opts: EvalOptions) -> tuple[Any, str, Any]:
     src = resolve_hf_source(target, None if run_cfg is not None else cfg.model.chat_template)
     scorer = BackendScorer(src, open_backend(opts.backend))
     return scorer, "run" if src.adapter is not None else "model", cfg
+
+
+def export_adapter(gguf: Path) -> Path | None:
+    """The adapter.gguf an --adapter-only export applies to `gguf` (one of its base-<quant>.gguf), else None."""
+    summary = gguf.parent / "export.json"
+    if not summary.is_file():
+        return None
+    info = json.loads(summary.read_text(encoding="utf-8"))
+    adapter = (info.get("adapter") or {}).get("file")
+    names = {f.get("file") for f in (info.get("files") or {}).values()}
+    return gguf.parent / adapter if adapter and gguf.name in names and (gguf.parent / adapter).is_file() else None
 
 
 def generation_items(samples: list[Any]) -> list[tuple[Any, list[dict[str, str]], str]]:
@@ -225,9 +150,12 @@ def _score(scorer: Any, examples: list[Any], items: list[Any], opts: EvalOptions
     if items:
         from tqdm import tqdm
 
-        sampling = Sampling(max_tokens=opts.max_tokens, temperature=0.0)
+        finishes = []
         for _, prompt, _ in tqdm(items, desc=f"generate ({what})", unit="rec", disable=quiet, file=sys.stderr):
-            predictions.append("".join(scorer.chat(prompt, sampling)).strip())
+            text, finish = scorer.answer(prompt, opts.max_tokens)
+            predictions.append(text.strip())
+            finishes.append(finish)
+        out.update(stop_metrics(finishes))  # does it end its turn, or ramble to --max-tokens?
         out.update(text_metrics(predictions, [r for _, _, r in items], labels))
     if tool_prompts:  # calling turns of the data: did the model call the same tools, validly?
         from qlocal.tool_eval import eval_metrics
@@ -258,6 +186,7 @@ def evaluate(target: str, opts: EvalOptions, quiet: bool = False) -> dict[str, A
         loaded = load_eval_data(cfg, opts, method)
         scorer, kind, cfg = open_scorer(target, opts)
         report = evaluate_preference(scorer, kind, cfg, opts, method, target, loaded)
+        scorer.close()
         if opts.report is not None:
             write_report(report, opts.report)
         return report
@@ -306,6 +235,7 @@ def evaluate(target: str, opts: EvalOptions, quiet: bool = False) -> dict[str, A
                                             dc.max_seq_len)
         scorer.set_base(False)
     report["metrics"], preds = _score(scorer, examples, items, opts, labels, kind, quiet, tools, dc.max_seq_len)
+    scorer.close()  # freed before the caller loads another (eval --compare-quants)
     if opts.compare_base:
         # Scalars only: per_class and confusion_matrix are shown side by side, not subtracted.
         report["delta"] = {k: report["metrics"][k] - v for k, v in report["base"].items()
@@ -327,7 +257,7 @@ def write_report(report: dict[str, Any], path: Path) -> None:
 def _fmt(key: str, value: float | None) -> str:
     if value is None:
         return "-"
-    return f"{value:.2f}" if key in ("bleu", "chrf", "perplexity") else f"{value:.4f}"
+    return f"{value:.2f}" if key in ("bleu", "chrf", "perplexity", "answer_tokens") else f"{value:.4f}"
 
 
 def _skipped(report: dict[str, Any]) -> str:
@@ -361,6 +291,8 @@ def table(report: dict[str, Any]) -> str:
     for title, col in ([("base", base)] if base is not None else []) + [(name, m)]:
         lines += [""] * bool(col.get("per_class")) + label_table(col, title)
     notes = [report["loss_note"]] if report.get("loss_note") else []
+    if "stops" in m:
+        notes.append(STOPS_NOTE)
     if m.get("tool_calls"):
         notes.append(f"tool_*: {m['tool_calls']['prompts']} calling turns answered greedily, parsed with tag "
                      f"{m['tool_calls']['tag']!r} as Ollama does (qlocal.tool_eval)")
@@ -377,7 +309,7 @@ def default_report_path(target: str, data: str) -> Path:
     return Path(f"eval-{path.stem or 'model'}-{stem}.json")
 
 
-def _check_writable(report: Path) -> None:
+def check_writable(report: Path) -> None:
     """Before any model loads: the report's folder is a folder (or can be made) and takes files."""
     folder = report.parent
     while not folder.exists() and folder != folder.parent:
@@ -390,7 +322,7 @@ def _check_writable(report: Path) -> None:
 def run_eval(target: str, opts: EvalOptions, echo: Callable[[str], None] = print, quiet: bool = False) -> dict[str, Any]:
     """The CLI path: evaluate, write the report (default path when none is given), print the table."""
     opts.report = opts.report or default_report_path(target, opts.data)
-    _check_writable(opts.report)
+    check_writable(opts.report)
     report = evaluate(target, opts, quiet=quiet)
     if report.get("kind") == "run":  # the run's trackers (train.report_to) get the report and its metrics
         from qlocal.tracking import log_eval

@@ -273,8 +273,8 @@ def test_report_and_table_on_a_tiny_run_have_every_metric(run: Path, tmp_path: P
     assert gen["labels"] == ["no", "yes"] and gen["tokens"] == "words"
     assert gen["computed_by"]["bleu"].startswith("sacrebleu nrefs:1|case:mixed|eff:yes|tok:13a|smooth:exp|version:")
     assert gen["computed_by"]["chrf"].startswith("sacrebleu nrefs:1|") and "rouge-score" in gen["computed_by"]["rouge_l"]
-    scalars = {"loss", "perplexity", "rouge_l", "bleu", "chrf", "exact_match", "accuracy", "macro_precision",
-               "macro_recall", "macro_f1"}
+    scalars = {"loss", "perplexity", "stops", "answer_tokens", "rouge_l", "bleu", "chrf", "exact_match", "accuracy",
+               "macro_precision", "macro_recall", "macro_f1"}
     for col in ("base", "metrics"):
         m = report[col]
         assert scalars | {"per_class", "confusion_matrix", "trained_tokens"} == set(m)
@@ -284,7 +284,7 @@ def test_report_and_table_on_a_tiny_run_have_every_metric(run: Path, tmp_path: P
         assert sum(map(sum, cm["matrix"])) == 4 and set(m["per_class"]) == set(cm["labels"])
     assert set(report["delta"]) == scalars  # scalars only: matrices are not subtracted
     out = res.stdout
-    for needle in ("macro_precision", "macro_recall", "chrf", "base: per class", "fine-tuned: per class",
+    for needle in ("macro_precision", "macro_recall", "chrf", "stops", "answer_tokens", "base: per class", "fine-tuned: per class",
                    "base: confusion matrix", "fine-tuned: confusion matrix", "BLEU: sacrebleu nrefs:1",
                    "chrF: sacrebleu nrefs:1"):
         assert needle in out, needle

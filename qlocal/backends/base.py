@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Generator, Protocol
 
 import numpy as np
 
@@ -47,6 +47,16 @@ class Sampling:
     top_p: float = 1.0
     keep_special: bool = False
     """Keep special tokens in the text (a tool-call tag such as Mistral's [TOOL_CALLS] is one)."""
+
+
+@dataclass
+class Finish:
+    """How a streamed reply ended: the generator's return value (StopIteration.value)."""
+
+    tokens: int = 0
+    """Tokens generated, the stop token not counted."""
+    stopped: bool = False
+    """It ended on one of the stop ids within max_tokens (else it ran out of tokens)."""
 
 
 class Backend(Protocol):
@@ -110,9 +120,11 @@ class Backend(Protocol):
         model of preference training) or back on. Nothing is copied or reloaded."""
         ...
 
-    def stream(self, prompt: list[int], tokenizer: Any, stop_ids: list[int], sampling: Sampling) -> Iterator[str]:
+    def stream(self, prompt: list[int], tokenizer: Any, stop_ids: list[int],
+               sampling: Sampling) -> Generator[str, None, Finish]:
         """Generate a reply to the prompt token ids, text piece by piece, ending at any of
-        stop_ids; `tokenizer` (transformers) decodes."""
+        stop_ids; `tokenizer` (transformers) decodes. Returns (as a generator) a `Finish`: how
+        many tokens, and whether a stop id ended it (eval's stops rate)."""
         ...
 
     def save_state(self, path: Path) -> None:

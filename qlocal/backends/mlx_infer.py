@@ -6,10 +6,10 @@ streamed generation. Training (mlx_backend.py) loads its model through load_mlx_
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Generator, Iterator
 
 from qlocal import adapters
-from qlocal.backends.base import Sampling
+from qlocal.backends.base import Finish, Sampling
 from qlocal.errors import UserError, missing_extra
 
 GROUP_SIZE = 64  # affine quantisation group, mlx-lm's default
@@ -163,8 +163,9 @@ def set_lora_scales(model: Any, scales: dict[str, float]) -> None:
         modules[path].scale = scale
 
 
-def stream(model: Any, tokenizer: Any, prompt: list[int], stop_ids: list[int], sampling: Sampling) -> Iterator[str]:
-    """Stream a reply from an mlx-lm model with mlx-lm's stream_generate."""
+def stream(model: Any, tokenizer: Any, prompt: list[int], stop_ids: list[int],
+           sampling: Sampling) -> Generator[str, None, Finish]:
+    """Stream a reply from an mlx-lm model with mlx-lm's stream_generate; returns how it ended."""
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
     from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -173,20 +174,25 @@ def stream(model: Any, tokenizer: Any, prompt: list[int], stop_ids: list[int], s
     wrapper = TokenizerWrapper(tokenizer, eos_token_ids=stop_ids)
     # mlx-lm reads top_p 0 or 1 as "off"; temp 0 is greedy.
     sampler = make_sampler(temp=sampling.temperature, top_p=sampling.top_p if sampling.top_p < 1 else 0.0)
+    finish = Finish()
     yield from text_deltas(_generated_ids(stream_generate(model, wrapper, prompt, max_tokens=sampling.max_tokens,
-                                                          sampler=sampler)),
+                                                          sampler=sampler), finish),
                            tokenizer, keep_special=sampling.keep_special)
+    return finish
 
 
-def _generated_ids(responses: Iterator[Any]) -> Iterator[int]:
-    """The token ids of mlx-lm's stream_generate responses.
+def _generated_ids(responses: Iterator[Any], finish: Finish) -> Iterator[int]:
+    """The token ids of mlx-lm's stream_generate responses, counted into `finish`.
 
     Its last response repeats the final token: an end-of-turn one when it stopped (never shown),
     the last generated one when max_tokens ran out (not yielded before).
     """
     for resp in responses:
         if resp.finish_reason is None or resp.finish_reason == "length":
+            finish.tokens += 1
             yield int(resp.token)
+        else:  # "stop": a stop id within max_tokens
+            finish.stopped = True
 
 
 def text_deltas(ids: Iterator[int], tokenizer: Any, keep_special: bool = False) -> Iterator[str]:

@@ -4,9 +4,9 @@ adapter weights loaded into a set-up model, the adapter switch, and streamed gen
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Generator
 
-from qlocal.backends.base import Sampling
+from qlocal.backends.base import Finish, Sampling
 from qlocal.errors import UserError, missing_extra
 from qlocal.hf import pad_id
 
@@ -59,8 +59,10 @@ def set_adapter_enabled(model: Any, enabled: bool) -> None:
         model.base_model.disable_adapter_layers()
 
 
-def stream(model: Any, tokenizer: Any, prompt: list[int], stop_ids: list[int], sampling: Sampling) -> Iterator[str]:
-    """Stream a reply from a transformers (or PEFT) model; generation runs in a thread."""
+def stream(model: Any, tokenizer: Any, prompt: list[int], stop_ids: list[int],
+           sampling: Sampling) -> Generator[str, None, Finish]:
+    """Stream a reply from a transformers (or PEFT) model; generation runs in a thread. Returns
+    how it ended: generate counts the stop token within max_new_tokens, as mlx-lm and llama.cpp do."""
     from threading import Thread
 
     import torch
@@ -78,11 +80,14 @@ def stream(model: Any, tokenizer: Any, prompt: list[int], stop_ids: list[int], s
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     errors: list[BaseException] = []
+    finish = Finish()
 
     def run() -> None:
         try:
             with torch.no_grad():
-                model.generate(**kwargs)
+                new = model.generate(**kwargs)[0, len(prompt):].tolist()
+            finish.stopped = bool(new) and new[-1] in stop_ids
+            finish.tokens = len(new) - finish.stopped
         except BaseException as e:  # surfaced below, after the streamer ends
             errors.append(e)
             streamer.end()
@@ -93,3 +98,4 @@ def stream(model: Any, tokenizer: Any, prompt: list[int], stop_ids: list[int], s
     thread.join()
     if errors:
         raise errors[0]
+    return finish
