@@ -268,16 +268,19 @@ def chat(target: str, system: str | None, tools_file: str | None, max_tokens: in
 @_opt("--data", "-d", required=True, help="Test data in any supported format (the run's field mapping applies).")
 @_opt("--generate/--no-generate", default=True, show_default=True, help="Also generate answers and score ROUGE-L, BLEU, exact match (and accuracy/F1 for labels).")
 @_opt("--max-tokens", type=int, default=128, show_default=True, help="Most tokens per generated answer.")
-@_opt("--limit", type=int, default=100, show_default=True, help="Generate for at most N records (loss covers all).")
+@_opt("--limit", type=int, help="Generate for at most N records (loss covers all). [default: 100; 50 with --compare-quants]")
 @_opt("--compare-base", is_flag=True, default=False, help="Evaluate the run's base model too: columns base / fine-tuned / delta.")
+@_opt("--compare-quants", is_flag=True, default=False, help="TARGET is an export folder: evaluate its run and every GGUF in it "
+      "(one at a time) on the same records, one row each, and recommend the smallest file whose loss is within 0.05 "
+      "nats/token of the run's and whose stops rate is >= the run's - 0.05.")
 @_opt("--report", type=click.Path(dir_okay=False), help="JSON report path. [default: <run>/eval-<data>.json]")
 @_opt("--backend", "-b", type=click.Choice(["auto", "torch", "mlx"]), default="auto", show_default=True, help="For runs and HF models.")
 @_opt("--config", "config_file", type=click.Path(dir_okay=False), help="For an HF model or GGUF: a config whose chat template and data mapping apply.")
 @_opt("--split", default="test", show_default=True, help="Split of a hub or saved dataset.")
 @_opt("--skip-bad-lines", is_flag=True, default=False, help="Skip malformed records (counted) instead of stopping.")
 @_opt("--quiet", is_flag=True, default=False, help="No progress bar.")
-def eval_cmd(target: str, data: str, generate: bool, max_tokens: int, limit: int, compare_base: bool,
-             report: str | None, backend: str, config_file: str | None, split: str, skip_bad_lines: bool,
+def eval_cmd(target: str, data: str, generate: bool, max_tokens: int, limit: int | None, compare_base: bool,
+             compare_quants: bool, report: str | None, backend: str, config_file: str | None, split: str, skip_bad_lines: bool,
              quiet: bool) -> None:
     """Loss, perplexity and generation metrics of a run, an HF model or a GGUF on a test file; on
     preference pairs (or KTO answers), a run's reward accuracy, margins and its method's loss.
@@ -285,15 +288,25 @@ def eval_cmd(target: str, data: str, generate: bool, max_tokens: int, limit: int
     \b
       qlocal eval outputs/<run> --data test.jsonl --compare-base
       qlocal eval export/<run> --data test.jsonl --no-generate
+      qlocal eval export/<run> --data test.jsonl --compare-quants   (which quant to ship)
       qlocal eval outputs/<dpo-run> --data held_out_pairs.jsonl --compare-base
     """
     from qlocal.evaluate import EvalOptions, run_eval
 
+    if limit is None:
+        from qlocal.quant_eval import DEFAULT_LIMIT
+
+        limit = DEFAULT_LIMIT if compare_quants else 100
     if limit < 0 or max_tokens <= 0:
         raise UserError("--limit must be >= 0 and --max-tokens > 0")
     opts = EvalOptions(data=data, generate=generate, max_tokens=max_tokens, limit=limit, compare_base=compare_base,
                        report=Path(report) if report else None, backend=backend, config_file=config_file, split=split,
                        skip_bad_lines=skip_bad_lines)
+    if compare_quants:
+        from qlocal.quant_eval import run_compare
+
+        run_compare(target, opts, echo=click.echo, quiet=quiet)
+        return
     run_eval(target, opts, echo=click.echo, quiet=quiet)
 
 
