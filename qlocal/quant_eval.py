@@ -79,8 +79,16 @@ def export_files(target: str) -> ExportFiles:
     if adapter_bytes:
         notes.append(f"--adapter-only export: each base GGUF is evaluated with {adapter} applied; sizes include it")
     run = Path(info.get("run") or "")
-    if not (run / "config.yaml").is_file():
-        notes.append(f"the run {run} is gone: the reference is the largest GGUF, {ggufs[0][1].name}")
+    why = None if (run / "config.yaml").is_file() else f"the run {run} is gone"
+    if why is None:
+        from qlocal.infer import check_target
+
+        try:
+            check_target(str(run))  # its base model still there, training finished
+        except UserError as e:
+            why = str(e)
+    if why is not None:
+        notes.append(f"{why}: the reference is the largest GGUF, {ggufs[0][1].name}")
         return ExportFiles(None, ggufs, adapter_bytes, notes)
     return ExportFiles(run, ggufs, adapter_bytes, notes)
 

@@ -194,6 +194,19 @@ def test_bad_export_folders_are_one_line(trained, qlocal_cli, tmp_path: Path) ->
     (empty / "export.json").write_text(json.dumps({"run": str(tmp_path / "deleted"), "files": {"q8_0": {"file": "m.gguf"}}}))
     found = export_files(str(empty))
     assert found.run is None and found.ggufs == [("q8_0", empty / "m.gguf")] and "is gone" in found.notes[0]
+    # So does a run whose base model is gone (it cannot be loaded): the run's own line says why.
+    import shutil
+
+    import yaml
+
+    orphan = shutil.copytree(trained["run"], tmp_path / "orphan")
+    doc = yaml.safe_load((orphan / "config.yaml").read_text())
+    doc["resolved"]["model_path"] = str(tmp_path / "deleted-base")
+    (orphan / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    (empty / "export.json").write_text(json.dumps({"run": str(orphan), "files": {"q8_0": {"file": "m.gguf"}}}))
+    found = export_files(str(empty))
+    assert found.run is None and found.notes == [f"{orphan}: its base model {tmp_path / 'deleted-base'} is gone; restore "
+                                                 "it or retrain: the reference is the largest GGUF, m.gguf"]
 
 
 def test_help_states_the_tolerances_the_code_uses() -> None:
