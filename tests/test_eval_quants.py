@@ -81,6 +81,19 @@ def test_stops_is_one_for_a_model_that_ends_its_turn_and_zero_within_too_few_tok
     assert "stops" in out.split("answer_tokens")[0] and "stops: share of answers that ended their turn" in out
 
 
+def test_gguf_stops_agree_with_llama_cpp_pythons_own_chat_completion(trained) -> None:
+    """llama-cpp-python's own chat completion (its template handler, sampler and stop rule) gives
+    the same answers, ending ("stop") or running out ("length") where eval says they do."""
+    from infer_helpers import greedy_answer
+
+    gguf = trained["export"] / "model-q8_0.gguf"
+    for budget in (max(trained["lengths"]) + 1, min(trained["lengths"])):
+        report = _eval(gguf, trained["data"], budget)
+        theirs = [greedy_answer(gguf, q, budget) for q, _ in QA]
+        assert [s["prediction"] for s in report["samples"]] == [c["message"]["content"].strip() for c in theirs]
+        assert report["metrics"]["stops"] == sum(c["finish_reason"] == "stop" for c in theirs) / len(QA)
+
+
 def test_stops_on_mlx_equal_torch(trained) -> None:
     pytest.importorskip("mlx.core")
     pytest.importorskip("mlx_lm")
