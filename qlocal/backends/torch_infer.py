@@ -85,7 +85,9 @@ def stream(model: Any, tokenizer: Any, prompt: list[int], stop_ids: list[int],
     def run() -> None:
         try:
             with torch.no_grad():
-                new = model.generate(**kwargs)[0, len(prompt):].tolist()
+                out = model.generate(**kwargs)
+            # a generation_config with return_dict_in_generate hands back an output object
+            new = getattr(out, "sequences", out)[0, len(prompt):].tolist()
             finish.stopped = bool(new) and new[-1] in stop_ids
             finish.tokens = len(new) - finish.stopped
         except BaseException as e:  # surfaced below, after the streamer ends
