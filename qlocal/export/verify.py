@@ -277,12 +277,12 @@ def _free_greedy(llm: Any, ids: list[int], n: int, drafted: list[int] | None = N
         yield from llm.generate(ids + list(drafted or ()), temp=0.0, top_k=1)
 
     out: list[int] = []
-    for t in stream():
-        if len(out) >= n:
-            return out, None
-        if is_eog(int(t)):
+    tokens = stream()
+    while len(out) < n:  # checked before each token: llama.cpp evaluates none past the n-th
+        t = int(next(tokens))
+        if is_eog(t):
             return out, len(out)
-        out.append(int(t))
+        out.append(t)
     return out, None
 
 
