@@ -192,3 +192,39 @@ def test_full_disk_is_one_line_and_leaves_nothing(qwen_run: Path, tmp_path: Path
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(err) == 1 and "no space left on the device" in err[0] and "--out" in err[0]
     assert not out.exists() and not list(tmp_path.glob(".x*"))
+
+
+def test_converter_write_on_a_full_disk_is_enospc(tmp_path: Path) -> None:
+    """The converter's tensor writes on a really full device (/dev/full): OSError(ENOSPC) naming the
+    file, which the CLI turns into its one line (numpy's tofile raised one with no errno)."""
+    import errno
+
+    import numpy as np
+
+    from qlocal.export import gguf
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this system")
+    with open("/dev/full", "wb", buffering=0) as f, pytest.raises(OSError) as err:
+        gguf._write_bytes(f, np.zeros((64, 32), np.float16))
+    assert err.value.errno == errno.ENOSPC and err.value.filename == "/dev/full"
+
+
+def test_quantise_on_a_full_disk_is_one_line(qwen_run: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """llama.cpp's quantiser fails on a full disk with status 1 and no message we capture: with less
+    room left than the F16 file, export says the disk is full (one line, exit 2), leaving nothing."""
+    import shutil as sh
+
+    import llama_cpp
+
+    from qlocal import cli
+
+    monkeypatch.setattr(llama_cpp, "llama_model_quantize", lambda src, dst, params: 1)
+    real = sh.disk_usage
+    monkeypatch.setattr(sh, "disk_usage", lambda p: real(p)._replace(free=0))
+    out = tmp_path / "x"
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["export", str(qwen_run), "--quant", "q4_k_m", "--out", str(out), "--no-verify"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and "no space left on the device" in err[0], err
+    assert not out.exists() and not list(tmp_path.glob(".x*"))

@@ -100,11 +100,23 @@ def quantize_gguf(src: Path, out: Path, quant: str, nthread: int = 0) -> QuantRe
         with _captured_output() as log:
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
         if rc != 0 or not tmp.is_file():
+            _raise_if_disk_full(src, tmp)
             tail = " | ".join(log().strip().splitlines()[-3:])
             raise UserError(f"{src}: llama.cpp could not quantise it to {quant} (status {rc}: {tail})")
     types = tensor_types(out)
     return QuantReport(quant, str(out), out.stat().st_size, round(time.perf_counter() - t0, 2), types,
                        fallback_count(out, quant))
+
+
+def _raise_if_disk_full(src: Path, tmp: Path) -> None:
+    """llama.cpp reports a full disk as status 1 and logs nothing we capture; with less room left
+    than the F16 source takes (a quantised file is smaller), that is what happened: say so, as every
+    other full-disk write does (cli: one line, exit 2)."""
+    import errno
+    import shutil
+
+    if shutil.disk_usage(tmp.parent).free < src.stat().st_size:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
 
 
 @contextlib.contextmanager
