@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>[1-9][0-9]*)$")
 # Temps this process is writing now. A temp carrying our own pid but not listed here was left by an
@@ -41,6 +41,20 @@ def write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temp file and a rename."""
     with writing(path) as tmp:
         tmp.write_bytes(data)
+
+
+def write_array(f: Any, array: Any) -> None:
+    """A C-contiguous array's bytes into open file `f`. A full disk is then OSError(ENOSPC) naming
+    the file, which the CLI reports in one line (numpy's tofile raises one with no errno)."""
+    view = memoryview(array)
+    if not view.nbytes:
+        return  # (a zero-size view cannot be cast to bytes)
+    try:
+        f.write(view.cast("B"))
+    except OSError as e:
+        if e.filename or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(getattr(f, "name", ""))) from e
 
 
 def write_text(path: Path, text: str) -> None:

@@ -194,19 +194,20 @@ def test_full_disk_is_one_line_and_leaves_nothing(qwen_run: Path, tmp_path: Path
     assert not out.exists() and not list(tmp_path.glob(".x*"))
 
 
-def test_converter_write_on_a_full_disk_is_enospc(tmp_path: Path) -> None:
-    """The converter's tensor writes on a really full device (/dev/full): OSError(ENOSPC) naming the
-    file, which the CLI turns into its one line (numpy's tofile raised one with no errno)."""
+def test_tensor_writes_on_a_full_disk_are_enospc(tmp_path: Path) -> None:
+    """The converter's and the fused folder's tensor writes (atomic.write_array) on a really full
+    device (/dev/full): OSError(ENOSPC) naming the file, which the CLI turns into its one line
+    (numpy's tofile raised one with no errno)."""
     import errno
 
     import numpy as np
 
-    from qlocal.export import gguf
+    from qlocal import atomic
 
     if not Path("/dev/full").exists():
         pytest.skip("no /dev/full on this system")
     with open("/dev/full", "wb", buffering=0) as f, pytest.raises(OSError) as err:
-        gguf._write_bytes(f, np.zeros((64, 32), np.float16))
+        atomic.write_array(f, np.zeros((64, 32), np.float16))
     assert err.value.errno == errno.ENOSPC and err.value.filename == "/dev/full"
 
 

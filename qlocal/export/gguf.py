@@ -277,21 +277,10 @@ def _write_tensors(writer: Any, plan: list[PlannedTensor]) -> None:
                 _end_tensor(writer, current, written)
             current, written = t, 0
             writer.write_padding(fout, fout.tell())
-        _write_bytes(fout, enc)
+        atomic.write_array(fout, np.ascontiguousarray(enc))
         written += enc.nbytes
     if current is not None:
         _end_tensor(writer, current, written)
-
-
-def _write_bytes(fout: Any, enc: np.ndarray) -> None:
-    """`enc`'s bytes, through the file object: a full disk is then OSError(ENOSPC) naming the file
-    (numpy's tofile raises one without an errno, which would reach the user as a traceback)."""
-    try:
-        fout.write(np.ascontiguousarray(enc).data.cast("B"))
-    except OSError as e:
-        if e.filename or e.errno is None:
-            raise
-        raise OSError(e.errno, e.strerror, str(getattr(fout, "name", ""))) from e
 
 
 def _end_tensor(writer: Any, t: PlannedTensor, written: int) -> None:

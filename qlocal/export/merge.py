@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from qlocal import atomic
 from qlocal.errors import UserError
 
 FUSED_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -231,7 +232,7 @@ def write_safetensors(tensors: dict[str, Any], base_path: Path, out_dir: Path, d
             f.write(raw)
             for name in names:
                 for chunk in row_chunks(tensors[name], pool):
-                    encode(chunk, dtype).tofile(f)
+                    atomic.write_array(f, encode(chunk, dtype))
         total += offset
     index = base_path / "model.safetensors.index.json"
     if index.is_file():
