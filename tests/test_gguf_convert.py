@@ -396,7 +396,7 @@ def test_f16_cast_through_torch_is_numpys_bit_for_bit() -> None:
     round-to-nearest-even cast, subnormals, overflow to inf, signed zero and NaN included."""
     import warnings
 
-    from qlocal.export.gguf import _to_f16
+    from qlocal.export.casts import to_f16 as _to_f16
 
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.standard_normal(1 << 16).astype(np.float32) * s for s in (1e-8, 1e-5, 1.0, 7e4)]

@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import struct
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,18 +120,10 @@ def _encode(data: np.ndarray, qtype: Any) -> np.ndarray:
     if qtype == Q.F32:
         return data.astype(np.float32, copy=False)
     if qtype == Q.F16:
-        return _to_f16(data)
+        from qlocal.export.casts import to_f16
+
+        return to_f16(data)
     return quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
-
-
-def _to_f16(data: np.ndarray) -> np.ndarray:
-    """float32 -> float16, round to nearest even either way. numpy's cast is scalar (~4 ns an element
-    here); torch's is vectorised and ~5x faster, used when an export has already imported it (a bare
-    conversion does not pay torch's ~2 s import for it)."""
-    torch = sys.modules.get("torch")
-    if torch is None or not data.flags.c_contiguous:
-        return data.astype(np.float16)
-    return torch.from_numpy(data).to(torch.float16).numpy()
 
 
 def plan_tensors(hf_dir: Path, hp: dict[str, Any], family: Any, outtype: str,

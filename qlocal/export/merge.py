@@ -184,23 +184,13 @@ def row_chunks(t: Any, pool: Any = None) -> Iterator[np.ndarray]:
 
 def encode(x: np.ndarray, dtype: str) -> np.ndarray:
     """float32 -> the bytes of `dtype` (bfloat16 rounded to nearest even, NaN kept a NaN)."""
+    from qlocal.export.casts import to_bf16_bits, to_f16
+
     if dtype == "float32":
         return np.ascontiguousarray(x, dtype=np.float32)
     if dtype == "float16":
-        return x.astype(np.float16)
-    n = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    # In place on one temporary (the fused folder writes every weight through here): n + 0x7FFF +
-    # (bit 16 of n), shifted down. Only NaNs can wrap; they are set apart below.
-    r = n >> np.uint32(16)
-    r &= np.uint32(1)
-    r += np.uint32(0x7FFF)
-    r += n
-    r >>= np.uint32(16)
-    out = r.astype(np.uint16)
-    nan = np.isnan(n.view(np.float32))
-    if nan.any():
-        out[nan] = ((n[nan] >> np.uint32(16)) | np.uint32(64)).astype(np.uint16)
-    return out
+        return to_f16(x)
+    return to_bf16_bits(x)
 
 
 def write_safetensors(tensors: dict[str, Any], base_path: Path, out_dir: Path, dtype: str) -> int:
